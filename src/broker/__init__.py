@@ -1,0 +1,1 @@
+"""blockbroker broker package."""

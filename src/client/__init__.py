@@ -1,0 +1,1 @@
+"""blockbroker client package."""

@@ -1,0 +1,1 @@
+"""blockbroker policyd package."""
