@@ -1,0 +1,70 @@
+"""Kernel ABI the broker uses: ioctl numbers, flags and ctypes structs, with the headers' names.
+
+TRUST LEVEL: constants only, no I/O; imported by the broker (root). tests/broker/test_kernel.py
+compiles a C program against <linux/loop.h>, <linux/fs.h> and <linux/openat2.h> and asserts every
+number and struct size here equals the real header's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+# <linux/loop.h>
+LOOP_CONFIGURE = 0x4C0A
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
+LO_NAME_SIZE = 64
+LO_KEY_SIZE = 32
+LOOP_MAJOR = 7  # <linux/major.h>
+
+# <linux/fs.h>: _IOR(0x12, 114, size_t) and _IOR(0x12, 128, __u64)
+BLKGETSIZE64 = 0x80081272
+BLKGETDISKSEQ = 0x80081280
+
+# <linux/openat2.h>
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+SYS_openat2 = 437  # same number on every architecture (asm-generic unified table)
+
+# Every ioctl request number the broker issues; the seccomp filter allows exactly these.
+IOCTLS_USED = (LOOP_CONFIGURE, LOOP_GET_STATUS64, LOOP_CTL_GET_FREE, BLKGETSIZE64, BLKGETDISKSEQ)
+
+
+class loop_info64(ctypes.Structure):  # struct loop_info64, <linux/loop.h>
+    _fields_ = (
+        ("lo_device", ctypes.c_uint64),
+        ("lo_inode", ctypes.c_uint64),
+        ("lo_rdevice", ctypes.c_uint64),
+        ("lo_offset", ctypes.c_uint64),
+        ("lo_sizelimit", ctypes.c_uint64),
+        ("lo_number", ctypes.c_uint32),
+        ("lo_encrypt_type", ctypes.c_uint32),
+        ("lo_encrypt_key_size", ctypes.c_uint32),
+        ("lo_flags", ctypes.c_uint32),
+        ("lo_file_name", ctypes.c_uint8 * LO_NAME_SIZE),
+        ("lo_crypt_name", ctypes.c_uint8 * LO_NAME_SIZE),
+        ("lo_encrypt_key", ctypes.c_uint8 * LO_KEY_SIZE),
+        ("lo_init", ctypes.c_uint64 * 2),
+    )
+
+
+class loop_config(ctypes.Structure):  # struct loop_config, <linux/loop.h>
+    _fields_ = (
+        ("fd", ctypes.c_uint32),
+        ("block_size", ctypes.c_uint32),
+        ("info", loop_info64),
+        ("__reserved", ctypes.c_uint64 * 8),
+    )
+
+
+class open_how(ctypes.Structure):  # struct open_how, <linux/openat2.h>
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )

@@ -1,0 +1,206 @@
+"""Wire format between policyd and the broker: fixed-layout binary frames on SOCK_SEQPACKET.
+
+TRUST LEVEL: pure code, no privileges and no I/O. The broker (root) parses requests with it and
+policyd's client (unprivileged) parses replies with it; in both directions the input is untrusted
+and anything that is not exactly a valid frame raises FrameError and nothing else.
+
+One datagram is one frame. A request is REQUEST_HEADER followed by exactly `path_len` path bytes;
+a reply is REPLY_HEADER followed by exactly `message_len` message bytes. Fields a request kind does
+not use must be zero. docs/protocol.md is the reference for every field and rule.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+MAX_PATH = 4095  # PATH_MAX minus the NUL the kernel adds
+MAX_MESSAGE = 255
+
+#   version u8, kind u8, flags u16, block_size u32, expect_major u32, expect_minor u32,
+#   expect_diskseq u64, path_len u16, reserved u16  (little endian, no padding)
+REQUEST_HEADER = struct.Struct("<BBHIIIQHH")
+#   version u8, kind u8, code u16, errno i32, major u32, minor u32, diskseq u64, size u64,
+#   backing_dev u64, backing_ino u64, message_len u16, reserved u16
+REPLY_HEADER = struct.Struct("<BBHiIIQQQQHH")
+MAX_REQUEST = REQUEST_HEADER.size + MAX_PATH
+MAX_REPLY = REPLY_HEADER.size + MAX_MESSAGE
+
+
+class FrameError(ValueError):
+    """The bytes are not a valid frame; the receiver ends the connection."""
+
+
+class RequestKind(enum.IntEnum):
+    OPEN_BLOCK = 1
+    LOOP_FILE = 2
+    IDENTIFY = 3
+
+
+class ReplyKind(enum.IntEnum):
+    OK = 0x81
+    ERROR = 0x82
+
+
+class RequestFlag(enum.IntFlag):
+    WRITABLE = 0x1
+    EXPECT_DEV = 0x2  # OPEN_BLOCK: expect_major/expect_minor are set
+    EXPECT_DISKSEQ = 0x4  # OPEN_BLOCK: expect_diskseq is set
+    DIRECT_IO = 0x8  # LOOP_FILE
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable error codes of an ERROR reply (and of BrokerError on the client side)."""
+
+    OK = 0
+    BAD_PATH = 1  # not absolute, not UTF-8, NUL, '..' or '.' component, empty component
+    NOT_FOUND = 2
+    NOT_BLOCK_DEVICE = 3
+    MAJOR_NOT_ALLOWED = 4
+    ROOT_DISK = 5  # the dom0 root filesystem's disk or one of its partitions
+    IDENTITY_MISMATCH = 6  # expected major:minor or diskseq differs
+    OUTSIDE_ROOTS = 7
+    SYMLINK = 8
+    NOT_REGULAR_FILE = 9
+    OPEN_FAILED = 10  # the kernel refused the open (errno says why)
+    BAD_ARGUMENT = 11  # e.g. an invalid block size
+    LOOP_FAILED = 12  # allocation or LOOP_CONFIGURE failed
+    LOOP_BUSY = 13  # bounded retry exhausted
+    VERIFY_FAILED = 14  # the bound device is not what was asked for; it was released
+    INTERNAL = 15
+    PROTOCOL = 16  # client side only: the reply broke the protocol
+    UNAVAILABLE = 17  # client side only: the broker cannot be reached
+
+
+ALLOWED_FLAGS = {
+    RequestKind.OPEN_BLOCK: RequestFlag.WRITABLE
+    | RequestFlag.EXPECT_DEV
+    | RequestFlag.EXPECT_DISKSEQ,
+    RequestKind.LOOP_FILE: RequestFlag.WRITABLE | RequestFlag.DIRECT_IO,
+    RequestKind.IDENTIFY: RequestFlag(0),
+}
+
+
+NO_FLAGS = RequestFlag(0)
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: RequestKind
+    flags: RequestFlag = NO_FLAGS
+    path: bytes = b""
+    block_size: int = 0
+    expect_major: int = 0
+    expect_minor: int = 0
+    expect_diskseq: int = 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    kind: ReplyKind
+    code: ErrorCode = ErrorCode.OK
+    errno: int = 0
+    major: int = 0
+    minor: int = 0
+    diskseq: int = 0
+    size: int = 0
+    backing_dev: int = 0
+    backing_ino: int = 0
+    message: str = ""
+
+
+def encode_request(request: Request) -> bytes:
+    frame = REQUEST_HEADER.pack(
+        PROTOCOL_VERSION,
+        request.kind,
+        request.flags,
+        request.block_size,
+        request.expect_major,
+        request.expect_minor,
+        request.expect_diskseq,
+        len(request.path),
+        0,
+    ) + bytes(request.path)
+    parse_request(frame)  # what we send obeys the same rules as what we accept
+    return frame
+
+
+def parse_request(untrusted_frame: bytes) -> Request:
+    if not REQUEST_HEADER.size <= len(untrusted_frame) <= MAX_REQUEST:
+        raise FrameError(f"request length {len(untrusted_frame)} out of range")
+    version, kind, flags, block_size, major, minor, diskseq, path_len, reserved = (
+        REQUEST_HEADER.unpack_from(untrusted_frame)
+    )
+    if version != PROTOCOL_VERSION:
+        raise FrameError(f"protocol version {version} unsupported")
+    if kind not in RequestKind.__members__.values():
+        raise FrameError(f"unknown request kind {kind}")
+    kind = RequestKind(kind)
+    if reserved != 0 or flags & ~ALLOWED_FLAGS[kind]:
+        raise FrameError("reserved bits set")
+    if path_len != len(untrusted_frame) - REQUEST_HEADER.size:
+        raise FrameError("path length does not match the frame length")
+    flags = RequestFlag(flags)
+    path = bytes(untrusted_frame[REQUEST_HEADER.size :])
+    if kind == RequestKind.IDENTIFY:
+        if path or block_size or major or minor or diskseq:
+            raise FrameError("IDENTIFY takes no fields")
+    elif not path:
+        raise FrameError("empty path")
+    if kind != RequestKind.LOOP_FILE and block_size:
+        raise FrameError("block_size is for LOOP_FILE only")
+    if (major or minor) and not flags & RequestFlag.EXPECT_DEV:
+        raise FrameError("expected major:minor given without EXPECT_DEV")
+    if diskseq and not flags & RequestFlag.EXPECT_DISKSEQ:
+        raise FrameError("expected diskseq given without EXPECT_DISKSEQ")
+    return Request(kind, flags, path, block_size, major, minor, diskseq)
+
+
+def encode_reply(reply: Reply) -> bytes:
+    message = reply.message.encode("utf-8", "replace")[:MAX_MESSAGE]
+    message = message.decode("utf-8", "ignore").encode()  # never cut inside a character
+    return (
+        REPLY_HEADER.pack(
+            PROTOCOL_VERSION,
+            reply.kind,
+            reply.code,
+            reply.errno,
+            reply.major,
+            reply.minor,
+            reply.diskseq,
+            reply.size,
+            reply.backing_dev,
+            reply.backing_ino,
+            len(message),
+            0,
+        )
+        + message
+    )
+
+
+def parse_reply(untrusted_frame: bytes) -> Reply:
+    if not REPLY_HEADER.size <= len(untrusted_frame) <= MAX_REPLY:
+        raise FrameError(f"reply length {len(untrusted_frame)} out of range")
+    fields = REPLY_HEADER.unpack_from(untrusted_frame)
+    version, kind, code, errno, major, minor, diskseq, size, dev, ino, message_len, reserved = (
+        fields
+    )
+    if version != PROTOCOL_VERSION or reserved != 0:
+        raise FrameError("bad reply header")
+    if kind not in ReplyKind.__members__.values():
+        raise FrameError(f"unknown reply kind {kind}")
+    if code not in ErrorCode.__members__.values():
+        raise FrameError(f"unknown error code {code}")
+    if (kind == ReplyKind.OK) != (code == ErrorCode.OK):
+        raise FrameError("reply kind and code disagree")
+    if message_len != len(untrusted_frame) - REPLY_HEADER.size:
+        raise FrameError("message length does not match the frame length")
+    try:
+        message = bytes(untrusted_frame[REPLY_HEADER.size :]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FrameError("message is not UTF-8") from e
+    return Reply(
+        ReplyKind(kind), ErrorCode(code), errno, major, minor, diskseq, size, dev, ino, message
+    )

@@ -1,0 +1,103 @@
+"""The broker's sandbox: rlimits, no capabilities, no_new_privs, and a seccomp allowlist.
+
+TRUST LEVEL: runs as root once, after every import and all start-up opens, before the first
+request. After enter() the process can only do what ALLOWED_SYSCALLS lists (default: kill the
+whole process), holds no capability, and cannot fork, exec, create files or gain privileges.
+docs/broker.md explains every entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import stat
+
+import prctl
+import pyseccomp as seccomp
+
+from broker import kernel
+
+# One line per syscall, with why the serve loop needs it.
+ALLOWED_SYSCALLS = (
+    "read",  # sysfs files (partition check)
+    "write",  # log lines to stderr
+    "close",  # every fd it opens or receives
+    "openat2",  # LOOP_FILE: resolve below a root, O_PATH, no symlinks
+    "newfstatat",  # fstat (glibc 2.33+): type and identity checks; os.path helpers
+    "readlink",  # realpath of /sys/dev/block/M:m (partition check)
+    "flock",  # the /dev/loop-control lock around allocation
+    "poll",  # serve loop: listener + connection
+    "accept4",  # a new connection
+    "getsockopt",  # SO_PEERCRED of that connection
+    "getsockname",  # CPython wraps an accepted fd in a socket object
+    "recvmsg",  # requests (and fds for IDENTIFY)
+    "sendmsg",  # replies (and the fd)
+    "clock_nanosleep",  # jitter between loop allocation retries
+    "clock_gettime",  # time.sleep bookkeeping
+    "getpid",  # logging
+    "brk",  # memory allocation
+    "mmap",
+    "munmap",
+    "mremap",
+    "madvise",
+    "futex",  # CPython's internal locks
+    "rt_sigreturn",  # return from the SIGINT handler
+    "exit",  # main() ends with os._exit: no interpreter teardown under the filter
+    "exit_group",
+)
+
+# openat without these flags: the broker opens, but never creates, truncates or makes tmpfiles.
+O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
+OPEN_FORBIDDEN_FLAGS = os.O_CREAT | os.O_TRUNC | O_TMPFILE_BIT
+# Probes that must fail without killing the broker.
+EACCES_PROBES = ("openat",)  # with OPEN_FORBIDDEN_FLAGS; see build_filter
+
+
+def build_filter() -> seccomp.SyscallFilter:
+    f = seccomp.SyscallFilter(defaction=seccomp.KILL_PROCESS)
+    for name in ALLOWED_SYSCALLS:
+        f.add_rule(seccomp.ALLOW, name)
+    # os.open, /proc/self/fd reopen, /dev/loopN and sysfs reads: never creating anything.
+    f.add_rule(seccomp.ALLOW, "openat", seccomp.Arg(2, seccomp.MASKED_EQ, OPEN_FORBIDDEN_FLAGS, 0))
+    for flag in (os.O_CREAT, os.O_TRUNC, O_TMPFILE_BIT):
+        f.add_rule(
+            seccomp.ERRNO(errno.EACCES), "openat", seccomp.Arg(2, seccomp.MASKED_EQ, flag, flag)
+        )
+    # ioctl only for the request numbers kernel.IOCTLS_USED names (cmd is an unsigned int).
+    for request in kernel.IOCTLS_USED:
+        f.add_rule(seccomp.ALLOW, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
+    return f
+
+
+def drop_capabilities() -> None:
+    """Empty bounding, ambient, inheritable, permitted and effective sets; lock the securebits
+    so that uid 0 never regains capabilities (no execve is possible anyway)."""
+    prctl.securebits.noroot = True
+    prctl.securebits.noroot_locked = True
+    prctl.securebits.no_setuid_fixup = True
+    prctl.securebits.no_setuid_fixup_locked = True
+    prctl.securebits.keep_caps_locked = True
+    for cap in range(64):
+        try:
+            prctl.capbset_drop(cap)
+        except (OSError, ValueError):
+            break  # beyond the kernel's last capability
+    prctl.cap_inheritable.limit()
+    prctl.cap_effective.limit()
+    prctl.cap_permitted.limit()
+
+
+def set_rlimits() -> None:
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no fork (uid 0 is exempt; seccomp is not)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of a root process
+    if not stat.S_ISREG(os.fstat(2).st_mode):
+        # FSIZE=0 would turn every log line into SIGXFSZ when stderr is a file.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+
+def enter() -> None:
+    set_rlimits()
+    drop_capabilities()
+    prctl.set_no_new_privs(1)
+    build_filter().load()

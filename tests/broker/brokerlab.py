@@ -1,0 +1,137 @@
+"""Helpers for the broker tests: the real broker as a subprocess, with its own config and root.
+
+Leak checks are scoped to this test's own files (other engineers run loop-device tests on the same
+machine): a loop device counts as leaked only if its backing file lies under the test's root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from policyd.brokerclient import BrokerClient
+
+BROKER_BIN = Path(sys.executable).with_name("blockbroker-broker")
+
+
+def bound_loops(root: Path) -> list[str]:
+    """Loop devices whose backing file lies under `root`."""
+    found = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        with contextlib.suppress(OSError), open(backing) as f:
+            if f.read().strip().startswith(f"{root}/"):
+                found.append(backing.split("/")[3])
+    return found
+
+
+def wait_no_loops(root: Path, timeout: float = 5.0) -> list[str]:
+    """Waits (bounded) for AUTOCLEAR to release every loop device backed below `root`."""
+    deadline = time.monotonic() + timeout
+    while (left := bound_loops(root)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def write_config(path: Path, client_user: str | int, roots: list[Path], majors: list[int]) -> Path:
+    user = f'"{client_user}"' if isinstance(client_user, str) else str(client_user)
+    path.write_text(
+        f"client_user = {user}\n"
+        f"file_roots = [{', '.join(repr(str(r)) for r in roots)}]\n"
+        f"block_majors = [{', '.join(map(str, majors))}]\n".replace("'", '"')
+    )
+    path.chmod(0o644)
+    return path
+
+
+@dataclass
+class Broker:
+    proc: subprocess.Popen[bytes]
+    socket_path: Path
+    root: Path
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def status(self, key: str) -> str:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+        raise KeyError(key)
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(str(self.socket_path))
+
+    def raw(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(5)
+        sock.connect(str(self.socket_path))
+        return sock
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def assert_serves(self) -> None:
+        """The broker is alive and answers a real request on a new connection."""
+        assert self.alive(), f"broker died: {self.proc.returncode}; log: {self.log_lines[-5:]}"
+        client = self.client()
+        try:
+            image = self.root / "serves-probe.img"
+            if not image.exists():
+                image.write_bytes(b"\0" * 65536)
+            fd, _ = client.loop_file(str(image), writable=False)
+            os.close(fd)
+        finally:
+            client.close()
+
+
+def start_broker(config: Path, socket_path: Path, root: Path) -> Broker:
+    proc = subprocess.Popen(
+        [str(BROKER_BIN), "--config", str(config), "--socket", str(socket_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    broker = Broker(proc, socket_path, root)
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    def drain() -> None:
+        for line in stderr:
+            broker.log_lines.append(line.decode(errors="replace").rstrip())
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited {proc.returncode}: {broker.log_lines}")
+        if any(line.startswith("event=ready") for line in broker.log_lines):
+            return broker
+        time.sleep(0.01)
+    proc.kill()
+    raise RuntimeError("broker did not become ready")
+
+
+def stop_broker(broker: Broker) -> None:
+    if broker.alive():
+        broker.proc.terminate()
+    broker.proc.wait(timeout=10)
+
+
+def make_image(path: Path, size: int = 1 << 20, fill: bytes = b"\0") -> Path:
+    with open(path, "wb") as f:
+        f.write(fill * size if len(fill) == 1 else fill)
+        f.truncate(size)
+    return path
