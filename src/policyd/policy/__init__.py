@@ -1,0 +1,50 @@
+"""blockbroker's policy engine: text policy files, first match wins, no match denies.
+
+Trust level: unprivileged; policy files are trusted (root-owned), request fields are untrusted.
+
+    from policyd.policy import Policy, PolicyWatcher, Request, FileTagProvider
+
+    watcher = PolicyWatcher("/etc/blockbroker/policy.d", tags=FileTagProvider(path))
+    decision = watcher.evaluate(Request("request-export", "loop0", "sys-usb", "work", "ro"))
+    decision.action, decision.location, decision.reason
+
+See docs/policy.md for the file format and the API.
+"""
+
+from .engine import DEFAULT_POLICY_DIR, Decision, Policy, PolicyWatcher, Request
+from .errors import (
+    AccessDenied,
+    InvalidRequest,
+    PolicyError,
+    PolicySyntaxError,
+    TagLookupError,
+    TagsSyntaxError,
+)
+from .parser import Rule, RuleParams, ValidatingParser
+from .tags import FileTagProvider, StaticTagProvider, TagProvider, no_tags
+from .tokens import ADMIN_DOMAIN, OPERATIONS, Action, Mode
+
+__all__ = [
+    "ADMIN_DOMAIN",
+    "DEFAULT_POLICY_DIR",
+    "OPERATIONS",
+    "AccessDenied",
+    "Action",
+    "Decision",
+    "FileTagProvider",
+    "InvalidRequest",
+    "Mode",
+    "Policy",
+    "PolicyError",
+    "PolicySyntaxError",
+    "PolicyWatcher",
+    "Request",
+    "Rule",
+    "RuleParams",
+    "StaticTagProvider",
+    "TagLookupError",
+    "TagProvider",
+    "TagsSyntaxError",
+    "ValidatingParser",
+    "no_tags",
+]
