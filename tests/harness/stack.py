@@ -1,0 +1,360 @@
+"""The host stack: real oxenstored, a private system bus, the broker, policyd, optionally polkitd.
+
+Test harness, runs as root. `Stack(StackConfig(...))` is a context manager; `start()` brings the
+daemons up in dependency order, `stop()` tears them down in reverse and reports leaks (daemon
+processes left behind, loop devices still bound to files under the stack's dirs). The same code
+serves scripts/devstack and the pytest fixtures in harness.fixtures.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pwd
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from pyxs import Client
+
+from harness import loops, ns, xenstore
+from harness.bus import BusDaemon, BusProbe
+from harness.procs import Daemon, StackError, log, tail
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE_USER = "blockbroker"
+BUS_NAME = "org.qubes.BlockBroker1"
+POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
+POLKITD = Path("/usr/lib/polkit-1/polkitd")
+POLKIT_USER = "polkitd"
+POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
+POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
+DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+@dataclass
+class StackConfig:
+    """What to start. Paths given here are used as they are; the stack's own live in stack_dir."""
+
+    domains: dict[str, int] = field(default_factory=dict)
+    allow_roots: list[Path] = field(default_factory=list)
+    broker: bool = True
+    policyd: bool = True
+    polkit_rules: Path | None = None
+    stack_dir: Path | None = None  # default: a fresh dir under $TMPDIR
+    keep_stack_dir: bool = False  # default: removed after a clean teardown, kept after a failure
+    venv: Path = field(
+        default_factory=lambda: Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
+    )
+    project_bus_policy_dir: Path = REPO / "dbus"
+    project_polkit_actions_dir: Path = REPO / "policy"
+    start_timeout_s: float = field(
+        default_factory=lambda: _env_float("BLOCKBROKER_STACK_TIMEOUT", 20.0)
+    )
+    stop_timeout_s: float = 5.0
+    loop_settle_s: float = 2.0
+
+
+class Stack:
+    """A running (or stopped) host stack; attributes name everything a client needs."""
+
+    def __init__(self, config: StackConfig | None = None) -> None:
+        self.config = config or StackConfig()
+        for name, domid in self.config.domains.items():
+            if not 0 < domid < 0x7FF0 or not name or "/" in name:
+                raise StackError(f"bad --domain {name}={domid}: need NAME=DOMID, 0 < DOMID < 32752")
+        self.domains: dict[str, int] = {"Domain-0": 0, **self.config.domains}
+        self._own_dir = self.config.stack_dir is None
+        base = self.config.stack_dir or Path(tempfile.mkdtemp(prefix="blockbroker-stack-"))
+        base.mkdir(parents=True, exist_ok=True)
+        # The broker refuses file roots containing symlinks, so name everything by its real path.
+        self.stack_dir = Path(os.path.realpath(base))
+        self.stack_dir.chmod(0o755)
+        self.image_dir = self.stack_dir / "images"
+        self.sysfs_root = self.stack_dir / "sysfs"
+        self.xenstored_dir = self.stack_dir / "xenstored"
+        self.xenstored_run_dir = self.xenstored_dir / "run"
+        self.xenstore_path = self.xenstored_run_dir / "socket"
+        self.bus_dir = self.stack_dir / "bus"
+        self.broker_config = self.stack_dir / "broker.toml"
+        self.broker_socket = self.stack_dir / "broker.sock"
+        self.polkit_dir = self.stack_dir / "polkit"
+        self.polkit_rules_dir = self.polkit_dir / "rules.d"
+        self.allow_roots = [Path(os.path.realpath(root)) for root in self.config.allow_roots]
+        self.bus_address = ""
+        self.timings_ms: dict[str, float] = {}
+        self.daemons: dict[str, Daemon] = {}
+        self._xs: Client | None = None
+        self._probe: BusProbe | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        problems = self.stop()
+        if problems and exc is None:
+            raise StackError("teardown found problems:\n  " + "\n  ".join(problems))
+
+    def start(self) -> None:
+        """Start every daemon; on failure stop what did start and raise StackError."""
+        started = time.monotonic()
+        try:
+            for directory in (self.image_dir, self.sysfs_root / "bus/xen-backend/devices"):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._start_xenstore()
+            self._start_bus()
+            if self.config.broker:
+                self._start_broker()
+            if self.config.polkit_rules is not None:
+                self._start_polkit(self.config.polkit_rules)
+            if self.config.policyd:
+                self.start_policyd()
+        except BaseException:
+            for problem in self.stop(failed=True):
+                log("teardown_problem", problem=problem)
+            raise
+        self.timings_ms["total"] = (time.monotonic() - started) * 1e3
+        log(
+            "stack_ready",
+            stack_dir=self.stack_dir,
+            **{f"{k}_ms": f"{v:.1f}" for k, v in self.timings_ms.items()},
+        )
+
+    def stop(self, failed: bool = False) -> list[str]:
+        """Stop all daemons in reverse start order, then look for leaks. Returns the problems."""
+        problems: list[str] = []
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if self._xs is not None:
+            self._xs.close()
+            self._xs = None
+        for name in reversed(list(self.daemons)):
+            problems.extend(self.daemons.pop(name).stop(self.config.stop_timeout_s))
+        for loop in loops.leaked_loops(self.leak_roots(), self.config.loop_settle_s):
+            problems.append(f"loop device {loop.path} still bound to {loop.backing_file}")
+            if error := loops.detach(loop):
+                problems.append(f"could not detach {loop.path}: {error}")
+        keep = self.config.keep_stack_dir or failed or bool(problems)
+        if self._own_dir and not keep:
+            shutil.rmtree(self.stack_dir, ignore_errors=True)
+        elif keep:
+            log("stack_dir_kept", stack_dir=self.stack_dir)
+        return problems
+
+    def leak_roots(self) -> list[Path]:
+        return [self.stack_dir, *self.allow_roots]
+
+    # ---- daemons ---------------------------------------------------------------------------
+
+    def _launch(self, daemon: Daemon, ready: Callable[[], bool], what: str) -> None:
+        """Start `daemon` and wait until `ready`; records the time from spawn to ready."""
+        started = time.monotonic()
+        self.daemons[daemon.name] = daemon
+        daemon.start()
+        daemon.wait_ready(ready, what, self.config.start_timeout_s)
+        self.timings_ms[daemon.name] = (time.monotonic() - started) * 1e3
+
+    def _start_xenstore(self) -> None:
+        self.xenstored_run_dir.mkdir(parents=True, exist_ok=True)
+        daemon = xenstore.oxenstored_daemon(
+            self.xenstored_dir, self.xenstored_run_dir, self.stack_dir / "oxenstored.log"
+        )
+        self._launch(daemon, lambda: xenstore.answers(self.xenstore_path), "its socket to answer")
+        xenstore.share_socket(self.xenstored_run_dir, SERVICE_USER)
+        client = self.xs
+        xenstore.register_dom0(client)
+        for name, domid in self.config.domains.items():
+            xenstore.register_domain(client, name, domid)
+
+    def _start_bus(self) -> None:
+        self.bus_dir.mkdir(exist_ok=True)
+        daemon = BusDaemon(
+            self.bus_dir, self.config.project_bus_policy_dir, self.stack_dir / "dbus.log"
+        )
+        self._launch(daemon, daemon.address_printed, "its address on the pipe")
+        self.bus_address = daemon.address
+        self._probe = BusProbe(self.bus_address)
+
+    def _write_broker_config(self) -> None:
+        roots = [*self.allow_roots, self.image_dir]
+        text = (
+            f"client_user = {json.dumps(SERVICE_USER)}\n"
+            f"file_roots = [{', '.join(json.dumps(str(root)) for root in roots)}]\n"
+            "block_majors = [7]\n"
+        )
+        self.broker_config.write_text(text)
+        os.chown(self.broker_config, 0, 0)
+        self.broker_config.chmod(0o644)
+
+    def _start_broker(self) -> None:
+        self._write_broker_config()
+        daemon = Daemon(
+            name="broker",
+            argv=[
+                str(self.config.venv / "bin/blockbroker-broker"),
+                "--config",
+                str(self.broker_config),
+                "--socket",
+                str(self.broker_socket),
+            ],
+            log_path=self.stack_dir / "broker.log",
+            env={"PATH": DAEMON_PATH},
+        )
+        self._launch(daemon, self._broker_accepts, "its socket to accept a connection")
+
+    def _broker_accepts(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                probe.connect(str(self.broker_socket))
+        except OSError:
+            return False
+        return True
+
+    def _start_polkit(self, rules: Path) -> None:
+        polkit = pwd.getpwnam(POLKIT_USER)
+        actions = self.polkit_dir / "actions"
+        for directory in (self.polkit_rules_dir, actions):
+            directory.mkdir(parents=True, exist_ok=True)
+        for policy in sorted(self.config.project_polkit_actions_dir.glob("*.policy")):
+            shutil.copy(policy, actions / policy.name)
+        for rule in sorted(Path(rules).glob("*.rules")):
+            shutil.copy(rule, self.polkit_rules_dir / rule.name)
+        # polkitd (as user polkitd) refuses to read a rules dir it does not own.
+        for path in [self.polkit_rules_dir, *self.polkit_rules_dir.iterdir()]:
+            os.chown(path, polkit.pw_uid, polkit.pw_gid)
+        self.polkit_rules_dir.chmod(0o700)
+        daemon = Daemon(
+            name="polkitd",
+            argv=[str(POLKITD), "--no-debug"],
+            log_path=self.stack_dir / "polkitd.log",
+            env={"PATH": DAEMON_PATH, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address},
+            preexec=functools.partial(
+                ns.private_binds,
+                [(self.polkit_rules_dir, POLKIT_RULES_DIR), (actions, POLKIT_ACTIONS_DIR)],
+            ),
+        )
+        self._launch(
+            daemon, lambda: self.has_owner(POLKIT_BUS_NAME), f"{POLKIT_BUS_NAME} on the bus"
+        )
+
+    def start_policyd(self) -> None:
+        """Start policyd as user blockbroker; ready once it owns org.qubes.BlockBroker1."""
+        if "policyd" in self.daemons:
+            raise StackError("policyd is already running")
+        daemon = Daemon(
+            name="policyd",
+            argv=[
+                str(self.config.venv / "bin/blockbroker-policyd"),
+                "--broker-socket",
+                str(self.broker_socket),
+                "--xenstore-path",
+                str(self.xenstore_path),
+                "--sysfs-root",
+                str(self.sysfs_root),
+                "--bus-address",
+                self.bus_address,
+            ],
+            log_path=self.stack_dir / "policyd.log",
+            env={"PATH": DAEMON_PATH, "PYTHONUNBUFFERED": "1"},
+            user=SERVICE_USER,
+        )
+        self._launch(daemon, lambda: self.has_owner(BUS_NAME), f"{BUS_NAME} on the bus")
+
+    def stop_policyd(self) -> list[str]:
+        """Stop policyd (SIGTERM, bounded wait, SIGKILL); returns problems found."""
+        daemon = self.daemons.pop("policyd", None)
+        return [] if daemon is None else daemon.stop(self.config.stop_timeout_s)
+
+    def restart_policyd(self) -> None:
+        problems = self.stop_policyd()
+        if problems:
+            raise StackError("stopping policyd: " + "; ".join(problems))
+        self.start_policyd()
+
+    # ---- clients ---------------------------------------------------------------------------
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for a client of the stack: `blockbroker`, busctl, xenstore-* reach it."""
+        env = dict(os.environ if base is None else base)
+        env.update(
+            DBUS_SYSTEM_BUS_ADDRESS=self.bus_address,
+            XENSTORED_PATH=str(self.xenstore_path),
+            BLOCKBROKER_STACK_DIR=str(self.stack_dir),
+            BLOCKBROKER_IMAGE_DIR=str(self.image_dir),
+            BLOCKBROKER_BROKER_SOCKET=str(self.broker_socket),
+            PATH=f"{self.config.venv / 'bin'}:{env.get('PATH', DAEMON_PATH)}",
+        )
+        return env
+
+    def has_owner(self, name: str) -> bool:
+        if self._probe is None:
+            raise StackError("the bus is not running")
+        return self._probe.has_owner(name)
+
+    def log_path(self, daemon: str) -> Path:
+        """Log file of a daemon: oxenstored, dbus, broker, policyd, polkitd."""
+        return self.stack_dir / f"{daemon}.log"
+
+    def log_tail(self, daemon: str, lines: int = 30) -> str:
+        return tail(self.log_path(daemon), lines)
+
+    def leaked_loops(self) -> list[loops.LoopDevice]:
+        """Loop devices currently bound to files under the stack's dirs and allowed roots."""
+        return loops.loops_under(self.leak_roots())
+
+    def make_image(self, name: str, size: int = 1 << 20, content: bytes = b"") -> Path:
+        """A sparse image file in the stack's image dir (an allowed broker root)."""
+        path = self.image_dir / name
+        with open(path, "wb") as f:
+            f.write(content)
+            f.truncate(max(size, len(content)))
+        return path
+
+    # XenStore, as dom0 (every socket client of this oxenstored is privileged).
+
+    @property
+    def xs(self) -> Client:
+        if self._xs is None:
+            self._xs = Client(unix_socket_path=str(self.xenstore_path))
+            self._xs.connect()
+        return self._xs
+
+    def xs_read(self, path: str) -> str | None:
+        return None if not self.xs_exists(path) else bytes(self.xs.read(path.encode())).decode()
+
+    def xs_exists(self, path: str) -> bool:
+        return bool(self.xs.exists(path.encode()))
+
+    def xs_write(self, path: str, value: str) -> None:
+        self.xs.write(path.encode(), value.encode())
+
+    def xs_rm(self, path: str) -> None:
+        self.xs.delete(path.encode())
+
+    def xs_ls(self, path: str) -> list[str]:
+        return [bytes(child).decode() for child in self.xs.list(path.encode())]
+
+    def xs_perms(self, path: str) -> list[str]:
+        return [bytes(p).decode() for p in self.xs.get_perms(path.encode()) if p]
+
+    def xs_set_perms(self, path: str, perms: list[str]) -> None:
+        self.xs.set_perms(path.encode(), [p.encode() for p in perms])

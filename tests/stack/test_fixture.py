@@ -1,0 +1,148 @@
+"""The pytest fixtures other test lanes use: XenStore helpers, the bus policy, the broker.
+
+Test harness tests, run as root against real oxenstored, dbus-daemon, broker and polkitd.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from harness.stack import BUS_NAME, POLKIT_BUS_NAME, SERVICE_USER, Stack, StackConfig
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def stack_config() -> StackConfig:
+    return StackConfig(domains={"work": 1, "untrusted": 2}, policyd=False)
+
+
+def request_name(stack: Stack, name: str, *setpriv: str) -> subprocess.CompletedProcess[str]:
+    """RequestName from a dbus-send connection running under `setpriv` options."""
+    return subprocess.run(
+        [
+            "setpriv",
+            *setpriv,
+            "--clear-groups",
+            "dbus-send",
+            f"--bus={stack.bus_address}",
+            "--print-reply",
+            "--dest=org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.RequestName",
+            f"string:{name}",
+            "uint32:0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_domains_are_registered_like_a_toolstack_does(stack: Stack) -> None:
+    assert stack.domains == {"Domain-0": 0, "work": 1, "untrusted": 2}
+    assert stack.xs_read("/local/domain/0/name") == "Domain-0"
+    assert stack.xs_read("/local/domain/1/name") == "work"
+    assert stack.xs_read("/local/domain/2/domid") == "2"
+    assert stack.xs_perms("/local/domain/1") == ["n0", "r1"]
+    assert stack.xs_perms("/local/domain/1/device") == ["n0", "r1"]
+    assert stack.xs_perms("/local/domain/2/data") == ["n2"]
+    assert stack.xs_perms("/local/domain/0/backend/vbd") == ["n0"]
+    vm = stack.xs_read("/local/domain/1/vm")
+    assert vm is not None and stack.xs_read(f"{vm}/name") == "work"
+
+
+def test_xs_helpers_round_trip(stack: Stack) -> None:
+    stack.xs_write("/local/domain/0/backend/vbd/1/51712/params", "/tmp/x.img")
+    stack.xs_set_perms("/local/domain/0/backend/vbd/1", ["n0", "r1"])
+    assert stack.xs_read("/local/domain/0/backend/vbd/1/51712/params") == "/tmp/x.img"
+    assert stack.xs_ls("/local/domain/0/backend/vbd/1") == ["51712"]
+    assert stack.xs_perms("/local/domain/0/backend/vbd/1") == ["n0", "r1"]
+    stack.xs_rm("/local/domain/0/backend/vbd/1")
+    assert stack.xs_read("/local/domain/0/backend/vbd/1/51712/params") is None
+
+
+def test_env_reaches_the_stack(stack: Stack) -> None:
+    result = subprocess.run(
+        ["xenstore-read", "/local/domain/2/name"],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "untrusted"
+    env = stack.env()
+    assert env["BLOCKBROKER_IMAGE_DIR"] == str(stack.image_dir)
+    assert env["DBUS_SYSTEM_BUS_ADDRESS"] == stack.bus_address
+
+
+def test_xenstore_socket_is_reachable_by_the_service_user(stack: Stack) -> None:
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={SERVICE_USER}",
+            f"--regid={SERVICE_USER}",
+            "--clear-groups",
+            "xenstore-read",
+            "/local/domain/1/name",
+        ],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (result.returncode, result.stdout.strip()) == (0, "work"), result.stderr
+
+
+def test_broker_runs_with_a_root_owned_config(stack: Stack) -> None:
+    config = stack.broker_config.stat()
+    assert (config.st_uid, stat.S_IMODE(config.st_mode)) == (0, 0o644)
+    text = stack.broker_config.read_text()
+    assert 'client_user = "blockbroker"' in text
+    assert f'"{stack.image_dir}"' in text
+    assert stat.S_ISSOCK(stack.broker_socket.stat().st_mode)
+    assert "event=ready" in stack.log_tail("broker")
+
+
+def test_bus_policy_only_the_service_user_owns_the_name(stack: Stack) -> None:
+    denied = request_name(stack, BUS_NAME, f"--reuid={NOBODY}", f"--regid={NOBODY}")
+    assert denied.returncode != 0
+    assert "AccessDenied" in denied.stderr
+    allowed = request_name(stack, BUS_NAME, f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "uint32 1" in allowed.stdout  # DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER
+
+
+def test_bus_default_policy_denies_owning_other_names(stack: Stack) -> None:
+    denied = request_name(stack, "org.example.Anything", f"--reuid={NOBODY}", f"--regid={NOBODY}")
+    assert "AccessDenied" in denied.stderr
+
+
+def test_make_image_lands_in_an_allowed_root_without_loops(stack: Stack) -> None:
+    image = stack.make_image("probe.img", size=1 << 20, content=b"hello")
+    assert image.parent == stack.image_dir
+    assert image.stat().st_size == 1 << 20
+    assert stack.leaked_loops() == []
+    image.unlink()
+
+
+def test_polkitd_takes_its_name_on_the_private_bus(
+    stack_factory: Callable[[StackConfig], Stack], tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules.d"
+    rules.mkdir()
+    (rules / "10-test.rules").write_text(
+        'polkit.addRule(function(action, subject) { polkit.log("devstack test rule"); });\n'
+    )
+    polkit_stack = stack_factory(StackConfig(broker=False, policyd=False, polkit_rules=rules))
+    assert polkit_stack.has_owner(POLKIT_BUS_NAME)
+    assert (polkit_stack.polkit_rules_dir / "10-test.rules").exists()
+    assert polkit_stack.polkit_rules_dir.stat().st_mode & 0o777 == 0o700
+    assert os.path.exists(polkit_stack.log_path("polkitd"))
