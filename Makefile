@@ -9,7 +9,7 @@ PREFIX ?= /opt/blockbroker
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 # Debian packages the project needs; tests and the lab use the real daemons these ship.
-APT_PACKAGES := python3 python3-venv python3-dev gcc libcap-dev libseccomp2 libseccomp-dev \
+APT_PACKAGES := python3 python3-venv python3-dev gcc linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux \
 	qemu-system-x86 busybox-static cpio kmod
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml
