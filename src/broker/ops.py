@@ -167,7 +167,7 @@ class Operations:
         else:
             raise OpError(ErrorCode.OUTSIDE_ROOTS, "path is not below a configured root")
         how = kernel.open_how(
-            flags=os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW,
+            flags=os.O_PATH | os.O_CLOEXEC,  # not O_NOFOLLOW: that would return the link itself
             resolve=kernel.RESOLVE_BENEATH
             | kernel.RESOLVE_NO_SYMLINKS
             | kernel.RESOLVE_NO_MAGICLINKS,

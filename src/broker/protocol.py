@@ -138,7 +138,7 @@ def parse_request(untrusted_frame: bytes) -> Request:
     if kind not in RequestKind.__members__.values():
         raise FrameError(f"unknown request kind {kind}")
     kind = RequestKind(kind)
-    if reserved != 0 or flags & ~ALLOWED_FLAGS[kind]:
+    if reserved != 0 or flags & ~int(ALLOWED_FLAGS[kind]):  # int: ~IntFlag keeps known bits only
         raise FrameError("reserved bits set")
     if path_len != len(untrusted_frame) - REQUEST_HEADER.size:
         raise FrameError("path length does not match the frame length")

@@ -6,6 +6,7 @@ machine): a loop device counts as leaked only if its backing file lies under the
 
 from __future__ import annotations
 
+import array
 import contextlib
 import glob
 import os
@@ -80,6 +81,15 @@ class Broker:
         sock.connect(str(self.socket_path))
         return sock
 
+    def wait_log(self, fragment: str, timeout: float = 5.0) -> bool:
+        """True once a log line containing `fragment` has arrived (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(fragment in line for line in list(self.log_lines)):
+                return True
+            time.sleep(0.01)
+        return False
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -135,3 +145,28 @@ def make_image(path: Path, size: int = 1 << 20, fill: bytes = b"\0") -> Path:
         f.write(fill * size if len(fill) == 1 else fill)
         f.truncate(size)
     return path
+
+
+def settled_fd_count(broker: Broker, expected: int, timeout: float = 5.0) -> int:
+    """The broker's fd count once it equals `expected` (or the last count after `timeout`):
+    the broker closes a sent fd just after the reply, so the count settles a moment later."""
+    deadline = time.monotonic() + timeout
+    while (count := broker.fd_count()) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count
+
+
+def exchange_raw(broker: Broker, frame: bytes, fds: list[int] | None = None) -> bytes:
+    """Sends one raw frame (with fds) on a new connection; returns the reply, b"" on EOF."""
+    sock = broker.raw()
+    try:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        sock.sendmsg([frame], ancillary)
+        data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+        for level, kind, payload in ancdata:  # never keep an fd from a reply here
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                    os.close(fd)
+        return data
+    finally:
+        sock.close()
