@@ -5,7 +5,6 @@ Test harness tests, run as root against real oxenstored, dbus-daemon, broker and
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 from collections.abc import Callable
@@ -133,16 +132,91 @@ def test_make_image_lands_in_an_allowed_root_without_loops(stack: Stack) -> None
     image.unlink()
 
 
-def test_polkitd_takes_its_name_on_the_private_bus(
+PROBE_ACTION = "org.example.devstack.probe"
+PROBE_POLICY = """<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE policyconfig PUBLIC "-//freedesktop//DTD PolicyKit Policy Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/PolicyKit/1/policyconfig.dtd">
+<policyconfig>
+  <action id="org.example.devstack.probe">
+    <description>devstack test action</description>
+    <message>devstack test action</message>
+    <defaults><allow_any>no</allow_any><allow_inactive>no</allow_inactive>
+      <allow_active>no</allow_active></defaults>
+  </action>
+</policyconfig>
+"""
+PROBE_RULE = """polkit.addRule(function(action, subject) {
+    if (action.id == "org.example.devstack.probe" && subject.user == "blockbroker")
+        return polkit.Result.YES;
+});
+"""
+
+
+def check_authorization(stack: Stack, pid: int, uid: int) -> str:
+    """polkit's verdict for a unix-process subject, asked as root over the stack's bus."""
+    start_time = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    result = subprocess.run(
+        [
+            "busctl",
+            f"--address={stack.bus_address}",
+            "call",
+            POLKIT_BUS_NAME,
+            "/org/freedesktop/PolicyKit1/Authority",
+            "org.freedesktop.PolicyKit1.Authority",
+            "CheckAuthorization",
+            "(sa{sv})sa{ss}us",
+            "unix-process",
+            "3",
+            "pid",
+            "u",
+            str(pid),
+            "start-time",
+            "t",
+            start_time,
+            "uid",
+            "i",
+            str(uid),
+            PROBE_ACTION,
+            "0",
+            "0",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def test_polkitd_decides_with_the_given_rules_and_actions(
     stack_factory: Callable[[StackConfig], Stack], tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules.d"
+    rules, actions = tmp_path / "rules.d", tmp_path / "actions"
     rules.mkdir()
-    (rules / "10-test.rules").write_text(
-        'polkit.addRule(function(action, subject) { polkit.log("devstack test rule"); });\n'
+    actions.mkdir()
+    (rules / "10-probe.rules").write_text(PROBE_RULE)
+    (actions / "org.example.devstack.policy").write_text(PROBE_POLICY)
+    config = StackConfig(
+        broker=False, policyd=False, polkit_rules=rules, project_polkit_actions_dir=actions
     )
-    polkit_stack = stack_factory(StackConfig(broker=False, policyd=False, polkit_rules=rules))
+    polkit_stack = stack_factory(config)
     assert polkit_stack.has_owner(POLKIT_BUS_NAME)
-    assert (polkit_stack.polkit_rules_dir / "10-test.rules").exists()
     assert polkit_stack.polkit_rules_dir.stat().st_mode & 0o777 == 0o700
-    assert os.path.exists(polkit_stack.log_path("polkitd"))
+    verdicts = {}
+    for user in (SERVICE_USER, str(NOBODY)):
+        # The subject reports in once setpriv has switched to `user`, then keeps its pid.
+        sleeper = subprocess.Popen(
+            ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+             "sh", "-c", "echo switched; exec sleep 60"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            assert sleeper.stdout is not None and sleeper.stdout.readline() == "switched\n"
+            uid = int(Path(f"/proc/{sleeper.pid}/status").read_text().split("Uid:")[1].split()[0])
+            verdicts[user] = check_authorization(polkit_stack, sleeper.pid, uid)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    assert verdicts[SERVICE_USER].startswith("(bba{ss}) true false")
+    assert verdicts[str(NOBODY)].startswith("(bba{ss}) false false")
