@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux \
 	qemu-system-x86 busybox-static cpio kmod
-SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml
+SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml src/client/blockbroker-block
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv install lint test test-unit test-host bench demo clean
@@ -46,6 +46,10 @@ $(VENV)/.install-stamp: $(VENV)/.venv-stamp $(SOURCES)
 	flock $(PREFIX)/.install-lock sh -c 'rm -rf build src/*.egg-info && \
 		$(PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall . && \
 		rm -rf build src/*.egg-info && chmod -R a+rX $(PREFIX)'
+	# blockbroker-block (libxl hotplug script, POSIX sh): on PATH and where libxl's script= looks.
+	install -m 0755 src/client/blockbroker-block $(VENV)/bin/blockbroker-block
+	mkdir -p /etc/xen/scripts && ln -sfn $(VENV)/bin/blockbroker-block /etc/xen/scripts/blockbroker-block
+	ln -sfn $(VENV)/bin/blockbroker-block /usr/local/bin/blockbroker-block
 	touch $@
 
 install: $(VENV)/.install-stamp

@@ -1,0 +1,156 @@
+"""Plain data the client hands to callers: exports, service status, change events.
+
+Runs in the calling user's process; no I/O here. Values come from policyd's D-Bus properties
+(trusted service, but parsed defensively: a missing property gets a neutral default, so an older
+or newer policyd does not break listing). Field names are the snake_case of the D-Bus property
+names; `to_json` gives the CLI's --json object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+BUS_NAME: Final = "org.qubes.BlockBroker1"
+MANAGER_PATH: Final = "/org/qubes/BlockBroker1"
+MANAGER_IFACE: Final = "org.qubes.BlockBroker1.Manager"
+EXPORT_IFACE: Final = "org.qubes.BlockBroker1.Export"
+EXPORT_PATH_PREFIX: Final = MANAGER_PATH + "/export/"
+
+
+def _get(props: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = props.get(key, default)
+    return value if isinstance(value, kind) else default
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """One export: a loop device (or block device) given to a frontend domain."""
+
+    export: str  # object path /org/qubes/BlockBroker1/export/<n>
+    source: str = ""
+    source_kind: str = ""
+    backend_domain: str = ""
+    backend_domid: int = 0
+    frontend_domain: str = ""
+    frontend_domid: int = 0
+    devid: int = 0
+    backend_path: str = ""
+    loop_device: str = ""
+    major: int = 0
+    minor: int = 0
+    diskseq: int = 0
+    mode: str = ""
+    state: str = ""
+    since: int = 0  # unix microseconds
+
+    @property
+    def id(self) -> str:
+        """The short id (the last element of the object path), accepted by `blockbroker detach`."""
+        return self.export.rsplit("/", 1)[-1]
+
+    @classmethod
+    def from_properties(cls, export: str, props: Mapping[str, Any]) -> ExportInfo:
+        return cls(
+            export=export,
+            source=_get(props, "Source", str, ""),
+            source_kind=_get(props, "SourceKind", str, ""),
+            backend_domain=_get(props, "BackendDomain", str, ""),
+            backend_domid=_get(props, "BackendDomid", int, 0),
+            frontend_domain=_get(props, "FrontendDomain", str, ""),
+            frontend_domid=_get(props, "FrontendDomid", int, 0),
+            devid=_get(props, "Devid", int, 0),
+            backend_path=_get(props, "BackendPath", str, ""),
+            loop_device=_get(props, "LoopDevice", str, ""),
+            major=_get(props, "Major", int, 0),
+            minor=_get(props, "Minor", int, 0),
+            diskseq=_get(props, "Diskseq", int, 0),
+            mode=_get(props, "Mode", str, ""),
+            state=_get(props, "State", str, ""),
+            since=_get(props, "Since", int, 0),
+        )
+
+    def updated(self, changed: Mapping[str, Any]) -> ExportInfo:
+        """A copy with the changed D-Bus properties applied (from PropertiesChanged)."""
+        merged = {**self.to_properties(), **changed}
+        return ExportInfo.from_properties(self.export, merged)
+
+    def to_properties(self) -> dict[str, Any]:
+        return {
+            _PROPERTY_NAMES[f.name]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "export"
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, **dataclasses.asdict(self)}
+
+
+_PROPERTY_NAMES: Final = {
+    "source": "Source",
+    "source_kind": "SourceKind",
+    "backend_domain": "BackendDomain",
+    "backend_domid": "BackendDomid",
+    "frontend_domain": "FrontendDomain",
+    "frontend_domid": "FrontendDomid",
+    "devid": "Devid",
+    "backend_path": "BackendPath",
+    "loop_device": "LoopDevice",
+    "major": "Major",
+    "minor": "Minor",
+    "diskseq": "Diskseq",
+    "mode": "Mode",
+    "state": "State",
+    "since": "Since",
+}
+
+
+@dataclass(frozen=True)
+class Status:
+    """The service's Manager properties."""
+
+    version: str = ""
+    export_count: int = 0
+    broker_connected: bool = False
+    xenstore_connected: bool = False
+
+    @classmethod
+    def from_properties(cls, props: Mapping[str, Any]) -> Status:
+        return cls(
+            version=_get(props, "Version", str, ""),
+            export_count=_get(props, "ExportCount", int, 0),
+            broker_connected=_get(props, "BrokerConnected", bool, False),
+            xenstore_connected=_get(props, "XenStoreConnected", bool, False),
+        )
+
+    def updated(self, changed: Mapping[str, Any]) -> Status:
+        current = {
+            "Version": self.version,
+            "ExportCount": self.export_count,
+            "BrokerConnected": self.broker_connected,
+            "XenStoreConnected": self.xenstore_connected,
+        }
+        return Status.from_properties({**current, **changed})
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A change seen on the bus.
+
+    kind is "added" (a new export; `export` set), "removed" (`path` gone; `export` is the last
+    known state if this client saw it), "changed" (`export` is the new state, `changed` the
+    properties that changed), "status" (`status` set), or "service" (the service appeared,
+    `online` True, or vanished, `online` False).
+    """
+
+    kind: str
+    path: str = ""
+    export: ExportInfo | None = None
+    changed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    status: Status | None = None
+    online: bool | None = None
