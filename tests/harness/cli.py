@@ -62,6 +62,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="DIR",
         help="start polkitd with these *.rules and the project's policy/*.policy actions",
     )
+    parser.add_argument(
+        "--sysfs-blkback",
+        action="store_true",
+        help="give policyd a stand-in blkback sysfs (STACKDIR/sysfs/bus/xen-backend/devices)",
+    )
     parser.add_argument("--stack-dir", type=Path, metavar="DIR", help="use DIR (kept afterwards)")
     parser.add_argument("--keep", action="store_true", help="keep the stack dir after teardown")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="command to run (after --)")
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         broker=not args.no_broker,
         policyd=not args.no_policyd and not args.no_broker,
         polkit_rules=args.polkit_rules,
+        sysfs_blkback=args.sysfs_blkback,
         stack_dir=args.stack_dir,
         keep_stack_dir=args.keep,
     )

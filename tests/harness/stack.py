@@ -51,6 +51,9 @@ class StackConfig:
     broker: bool = True
     policyd: bool = True
     polkit_rules: Path | None = None
+    # A stand-in for xen-blkback's sysfs: with it policyd waits for `physical_device`, which
+    # tests write with Stack.blkback_open(); without it the host has no blkback, as here.
+    sysfs_blkback: bool = False
     stack_dir: Path | None = None  # default: a fresh dir under $TMPDIR
     keep_stack_dir: bool = False  # default: removed after a clean teardown, kept after a failure
     venv: Path = field(
@@ -82,6 +85,7 @@ class Stack:
         self.stack_dir.chmod(0o755)
         self.image_dir = self.stack_dir / "images"
         self.sysfs_root = self.stack_dir / "sysfs"
+        self.blkback_devices_dir = self.sysfs_root / "bus/xen-backend/devices"
         self.xenstored_dir = self.stack_dir / "xenstored"
         self.xenstored_run_dir = self.xenstored_dir / "run"
         self.xenstore_path = self.xenstored_run_dir / "socket"
@@ -117,8 +121,10 @@ class Stack:
         """Start every daemon; on failure stop what did start and raise StackError."""
         started = time.monotonic()
         try:
-            for directory in (self.image_dir, self.sysfs_root / "bus/xen-backend/devices"):
-                directory.mkdir(parents=True, exist_ok=True)
+            self.image_dir.mkdir(exist_ok=True)
+            self.sysfs_root.mkdir(exist_ok=True)
+            if self.config.sysfs_blkback:
+                self.blkback_devices_dir.mkdir(parents=True, exist_ok=True)
             self._start_xenstore()
             self._start_bus()
             if self.config.broker:
@@ -328,6 +334,22 @@ class Stack:
             f.write(content)
             f.truncate(max(size, len(content)))
         return path
+
+    def blkback_open(self, frontend_domid: int, devid: int, major: int, minor: int) -> Path:
+        """Play xen-blkback having opened major:minor for vbd-FE-DEVID (needs sysfs_blkback):
+        the kernel shows it as `physical_device` = "%x:%x" in the backend device's sysfs dir."""
+        if not self.config.sysfs_blkback:
+            raise StackError("blkback_open needs StackConfig(sysfs_blkback=True)")
+        device = self.blkback_devices_dir / f"vbd-{frontend_domid}-{devid}"
+        device.mkdir(exist_ok=True)
+        (device / "physical_device").write_text(f"{major:x}:{minor:x}\n")
+        return device
+
+    def blkback_close(self, frontend_domid: int, devid: int) -> None:
+        """Play xen-blkback having released the device: its sysfs dir disappears."""
+        shutil.rmtree(
+            self.blkback_devices_dir / f"vbd-{frontend_domid}-{devid}", ignore_errors=True
+        )
 
     # XenStore, as dom0 (every socket client of this oxenstored is privileged).
 

@@ -220,3 +220,26 @@ def test_polkitd_decides_with_the_given_rules_and_actions(
             sleeper.wait()
     assert verdicts[SERVICE_USER].startswith("(bba{ss}) true false")
     assert verdicts[str(NOBODY)].startswith("(bba{ss}) false false")
+
+
+def test_blkback_sysfs_stand_in_is_readable_by_policyd_user(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    bare = stack_factory(StackConfig(broker=False, policyd=False, sysfs_blkback=True))
+    node = bare.blkback_open(frontend_domid=3, devid=51712, major=7, minor=10) / "physical_device"
+    assert node == bare.sysfs_root / "bus/xen-backend/devices/vbd-3-51712/physical_device"
+    result = subprocess.run(
+        ["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}", "--clear-groups",
+         "cat", str(node)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, "7:a\n"), result.stderr
+    bare.blkback_close(3, 51712)
+    assert not node.exists()
+
+
+def test_without_blkback_sysfs_the_host_has_no_xen_backend_bus(stack: Stack) -> None:
+    assert stack.sysfs_root.is_dir()
+    assert not (stack.sysfs_root / "bus").exists()
