@@ -8,7 +8,7 @@ honoured). It has no privilege of its own: policyd and the bus policy decide.
     blockbroker list [--json]
     blockbroker status [--json]
     blockbroker watch [--json]           (prints changes as they happen; Ctrl-C ends)
-    blockbroker policy ...               (when the policy tools are installed)
+    blockbroker policy lint|explain ...  (reads the policy files; see client/policycmd.py)
 
 Exit statuses: 0 ok; 1 the service answered with an error (its D-Bus name is printed);
 2 usage error; 3 the service (or its broker) is not reachable; 4 access denied (by policyd,
@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from client import output
+from client import output, policycmd
 from client.api import BACKEND_PATH_PREFIX, DEFAULT_TIMEOUT, AsyncClient, export_path
 from client.errors import EXIT_OK, EXIT_USAGE, BlockBrokerError, UsageError
 
@@ -141,11 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_policy_commands(sub: Any) -> None:
-    """Hook for `blockbroker policy lint|explain`, owned by the policy engine.
+    """`blockbroker policy lint|explain`, owned by the policy engine (client/policycmd.py).
 
-    When src/client/policycmd.py lands, this becomes `policycmd.register(sub)`: it adds its own
-    parser and sets `policy_handler(args) -> int`, which `main` runs without a bus connection.
+    Its parsers set `func(args) -> int`, which `main` runs without a bus connection: the
+    policy tools read the policy files themselves and work while policyd is down.
     """
+    policycmd.register(sub)
 
 
 def _detach_target(text: str) -> str:
@@ -179,8 +180,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "policy_handler", None) is not None:
-        status: int = args.policy_handler(args)
+    if getattr(args, "func", None) is not None:  # `policy ...`: no bus needed
+        status: int = args.func(args)
         return status
     try:
         return asyncio.run(run(args))

@@ -60,3 +60,12 @@ def test_unreachable_bus_exits_3(tmp_path: Path) -> None:
     assert result.stdout == ""
     assert result.stderr.startswith("blockbroker: cannot connect to unix:path=")
     assert "is policyd running?" in result.stderr
+
+
+def test_policy_commands_are_wired_in(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["policy", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "lint" in out
+    assert "explain" in out
