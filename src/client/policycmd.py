@@ -9,10 +9,11 @@ root-owned) directly, without policyd, so it works while the daemon is down.
 
 lint prints one `file:line: message` per error and exits 1 if there was any (0 otherwise).
 explain prints the decision, the deciding rule with its `file:line`, and the reason; it exits
-0 for allow, 1 for deny, 3 for ask (2 is argparse's usage error).
+0 for allow, 4 for deny (the `blockbroker` CLI's "access denied"), 5 for ask; 2 is a usage error.
 
-The CLI engineer hooks this in with `register(subparsers)`; the parsers it adds set
-`func=<callable(args) -> int>`. `main(argv)` runs it standalone.
+`blockbroker` hooks this in with `register(subparsers)`; the parsers it adds set
+`policy_handler=<callable(args) -> int>`, which the CLI runs without a bus connection.
+`main(argv)` runs it standalone (`python -m client.policycmd`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from policyd.policy.parser import list_policy_files
 
 EXIT_OK = 0
 EXIT_ERRORS = 1
-EXIT_DENY = 1
-EXIT_ASK = 3
+EXIT_DENY = 4
+EXIT_ASK = 5
 _EXIT_FOR_ACTION = {Action.ALLOW: EXIT_OK, Action.DENY: EXIT_DENY, Action.ASK: EXIT_ASK}
 
 
@@ -94,7 +95,7 @@ def _add_subcommands(policy_parser: argparse.ArgumentParser) -> None:
     )
     lint_parser.add_argument("--policy-dir", default=str(DEFAULT_POLICY_DIR), metavar="DIR")
     lint_parser.add_argument("--tags-file", metavar="FILE", help="also check this tags file")
-    lint_parser.set_defaults(func=run_lint)
+    lint_parser.set_defaults(policy_handler=run_lint)
 
     explain_parser = commands.add_parser(
         "explain", help="show which rule decides a request, and why"
@@ -106,7 +107,7 @@ def _add_subcommands(policy_parser: argparse.ArgumentParser) -> None:
     explain_parser.add_argument("--mode", choices=("ro", "rw"), default="rw")
     explain_parser.add_argument("--policy-dir", default=str(DEFAULT_POLICY_DIR), metavar="DIR")
     explain_parser.add_argument("--tags-file", metavar="FILE")
-    explain_parser.set_defaults(func=run_explain)
+    explain_parser.set_defaults(policy_handler=run_explain)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    result: int = args.policy_handler(args)
     return result
 
 

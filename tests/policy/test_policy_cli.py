@@ -80,15 +80,15 @@ def test_explain_allow(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_explain_mode_cap(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["explain", "export", "loop3", "dom0", "work", "--policy-dir", str(policy_dir)]
     code, out, _ = run(argv, capsys)
-    assert code == 1 and "at most mode=ro" in out and "10-a.policy:1" in out
+    assert code == 4 and "at most mode=ro" in out and "10-a.policy:1" in out
 
 
 def test_explain_ask_and_no_match(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--policy-dir", str(policy_dir)]
     code, out, _ = run(["explain", "request-export", "sdb", "sys-usb", "work", *base], capsys)
-    assert code == 3 and out.splitlines()[0] == "decision: ask" and "20-b.policy:2" in out
+    assert code == 5 and out.splitlines()[0] == "decision: ask" and "20-b.policy:2" in out
     code, out, _ = run(["explain", "attach", "sdb", "dom0", "work", *base], capsys)
-    assert code == 1
+    assert code == 4
     assert out.splitlines() == ["decision: deny", "reason: no rule matched: deny"]
 
 
@@ -99,14 +99,14 @@ def test_explain_broken_policy_warns_and_names_error(
     argv = ["explain", "export", "loop3", "dom0", "work", "--policy-dir", str(policy_dir)]
     code, out, err = run(argv, capsys)
     location = f"{policy_dir}/05-broken.policy:1"
-    assert code == 1 and f"at: {location}" in out
+    assert code == 4 and f"at: {location}" in out
     assert err.startswith(f"warning: policy is broken from here on: {location}: ")
 
 
 def test_explain_invalid_request(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["explain", "export", "/dev/sda", "dom0", "work", "--policy-dir", str(policy_dir)]
     code, out, _ = run(argv, capsys)
-    assert code == 1 and "reason: invalid request: invalid block device name" in out
+    assert code == 4 and "reason: invalid request: invalid block device name" in out
 
 
 def test_explain_with_tags_file(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,14 +116,14 @@ def test_explain_with_tags_file(policy_dir: Path, capsys: pytest.CaptureFixture[
     argv = ["explain", "export", "loop3", "dom0", "work", "--mode", "ro"]
     argv += ["--policy-dir", str(policy_dir), "--tags-file", str(tags)]
     code, out, _ = run(argv, capsys)
-    assert code == 1 and "00-tags.policy:1" in out
+    assert code == 4 and "00-tags.policy:1" in out
 
 
 def test_register_on_a_parent_parser(policy_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="blockbroker")
     policycmd.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["policy", "lint", "--policy-dir", str(policy_dir)])
-    assert args.func(args) == 0
+    assert args.policy_handler(args) == 0
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["policy", "explain", "export"])
     assert exc.value.code == 2
