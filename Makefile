@@ -10,7 +10,7 @@ VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 # Debian packages the project needs; tests and the lab use the real daemons these ship.
 APT_PACKAGES := python3 python3-venv python3-dev gcc linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
-	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux \
+	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux mount systemd \
 	qemu-system-x86 busybox-static cpio kmod
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml src/client/blockbroker-block
 PYTEST_ARGS ?=
