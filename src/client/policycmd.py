@@ -7,7 +7,9 @@ root-owned) directly, without policyd, so it works while the daemon is down.
     blockbroker policy explain OP DEVICE SOURCE TARGET [--mode ro|rw]
                                 [--policy-dir DIR] [--tags-file FILE]
 
-lint prints one `file:line: message` per error and exits 1 if there was any (0 otherwise).
+lint prints one `file:line: message` per error and exits 1 if there was any (0 otherwise);
+rules that can never match (an earlier rule covers them) are printed as
+`file:line: warning: ...` and do not change the exit status.
 explain prints the decision, the deciding rule with its `file:line`, and the reason; it exits
 0 for allow, 4 for deny (the `blockbroker` CLI's "access denied"), 5 for ask; 2 is a usage error.
 
@@ -34,6 +36,7 @@ from policyd.policy import (
     ValidatingParser,
     no_tags,
 )
+from policyd.policy.lint import Shadowed, find_shadowed
 from policyd.policy.parser import list_policy_files
 
 EXIT_OK = 0
@@ -43,8 +46,11 @@ EXIT_ASK = 5
 _EXIT_FOR_ACTION = {Action.ALLOW: EXIT_OK, Action.DENY: EXIT_DENY, Action.ASK: EXIT_ASK}
 
 
-def lint(paths: Sequence[str], tags_file: str | None = None) -> list[PolicySyntaxError]:
-    """Every error in the given policy files (a directory means its *.policy files)."""
+def lint(
+    paths: Sequence[str], tags_file: str | None = None
+) -> tuple[list[PolicySyntaxError], list[Shadowed]]:
+    """Every error in the given policy files (a directory means its *.policy files), and the
+    rules that can never match (warnings), with the files taken in the order given."""
     parser = ValidatingParser()
     for name in paths:
         path = Path(name)
@@ -61,14 +67,16 @@ def lint(paths: Sequence[str], tags_file: str | None = None) -> list[PolicySynta
     errors: list[PolicySyntaxError] = list(parser.errors)
     if tags_file is not None:
         errors.extend(FileTagProvider(tags_file).errors())
-    return errors
+    return errors, find_shadowed(parser.rules)
 
 
 def run_lint(args: argparse.Namespace) -> int:
     paths: list[str] = args.files or [str(args.policy_dir)]
-    errors = lint(paths, args.tags_file)
+    errors, warnings = lint(paths, args.tags_file)
     for error in errors:
         print(error)
+    for warning in warnings:
+        print(warning)
     return EXIT_ERRORS if errors else EXIT_OK
 
 

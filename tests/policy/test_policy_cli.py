@@ -142,3 +142,36 @@ def test_runs_as_a_process(policy_dir: Path) -> None:
         proc.stdout == f"{policy_dir}/30.policy:1: too few fields (1; expected OPERATION"
         " DEVICE SOURCE TARGET ACTION [PARAM=VALUE ...])\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later", "shadowed"),
+    [
+        ("export * dom0 @anyvm allow", "export loop0 dom0 work deny", True),
+        ("* loop* * * deny", "attach loop1 dom0 @anyvm allow", True),
+        ("export loop* dom0 work allow", "export lo* dom0 work deny", False),
+        ("export file:/srv/* dom0 work allow", "export file:/srv/a/b.img dom0 work deny", True),
+        ("export file:/srv/* dom0 work allow", "export loop0 dom0 work deny", False),
+        ("export * dom0 @anyvm allow", "export * dom0 dom0 deny", False),
+        ("export * @tag:a work allow", "export * @tag:a work deny", True),
+        ("export * @tag:a work allow", "export * sys-usb work deny", False),
+        ("attach * dom0 work allow", "export * dom0 work allow", False),
+        ("export * dom0 work allow mode=ro", "export * dom0 work allow mode=rw", True),
+    ],
+)
+def test_lint_warns_about_shadowed_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], earlier: str, later: str, shadowed: bool
+) -> None:
+    (tmp_path / "10.policy").write_text(f"{earlier}\n")
+    (tmp_path / "20.policy").write_text(f"# c\n{later}\n")
+    code, out, _ = run(["lint", str(tmp_path)], capsys)
+    assert code == 0
+    expected = (
+        [
+            f"{tmp_path}/20.policy:2: warning: rule never matches: every request it covers is"
+            f" decided earlier by {tmp_path}/10.policy:1"
+        ]
+        if shadowed
+        else []
+    )
+    assert out.splitlines() == expected
