@@ -1,0 +1,112 @@
+#!/bin/bash
+# xenlab/run.sh: boot the real-Xen lab once under QEMU (TCG) and run dom0 scenarios in it.
+#
+# usage: xenlab/run.sh [-t SECONDS] [-d RUN_DIR] SCENARIO[=SECONDS]...
+#   SCENARIO is a script xenlab/scenarios/SCENARIO.sh, run in dom0 in the order given, each with
+#   its own time limit (default 300 s); -t bounds the whole QEMU run (default: sum + 120 s).
+#   -d keeps the run directory at RUN_DIR (default: a new one under $XENLAB_CACHE/runs).
+# Prints the result lines (XENLAB CHECK/BENCH/TIMELINE/SCENARIO) as they come and exits 0 only
+# when dom0 reached its end marker, every scenario exited 0 and no check failed.
+# Environment: XENLAB_CACHE (default /var/cache/blockbroker/xenlab), XENLAB_MEM (QEMU MiB, 2048),
+# XENLAB_DOM0_MEM (MiB, 1024), XENLAB_SHELL=1 (leave a dom0 shell on the serial port at the end).
+set -uo pipefail
+
+LAB_SRC=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$LAB_SRC/.." && pwd)
+CACHE=${XENLAB_CACHE:-/var/cache/blockbroker/xenlab}
+IMAGES=$CACHE/images
+
+die() { echo "XENLAB FATAL $*"; exit 2; }
+
+total_limit=""; run_dir=""
+while getopts "t:d:" opt; do
+  case $opt in
+    t) total_limit=$OPTARG ;;
+    d) run_dir=$OPTARG ;;
+    *) die "usage: $0 [-t SECONDS] [-d RUN_DIR] SCENARIO[=SECONDS]..." ;;
+  esac
+done
+shift $((OPTIND - 1))
+[ $# -gt 0 ] || die "usage: $0 [-t SECONDS] [-d RUN_DIR] SCENARIO[=SECONDS]..."
+
+[ "$(id -u)" = 0 ] || die "the Xen lab needs root (loop devices, 9p export of /)"
+command -v qemu-system-x86_64 >/dev/null ||
+  die "qemu-system-x86_64 is missing: the Xen lab cannot run (install qemu-system-x86: make install)"
+"$LAB_SRC/build.sh" || die "building the Xen lab images failed (see above)"
+
+if [ -z "$run_dir" ]; then
+  mkdir -p "$CACHE/runs"
+  # keep the last few runs for post-mortems
+  ls -1dt "$CACHE"/runs/* 2>/dev/null | tail -n +8 | xargs -r rm -rf
+  run_dir=$(mktemp -d "$CACHE/runs/$(date +%Y%m%d-%H%M%S).XXXX")
+else
+  rm -rf "$run_dir"; mkdir -p "$run_dir"
+fi
+chmod 0755 "$run_dir"
+mkdir -p "$run_dir/scenarios" "$run_dir/dbus"
+cp "$LAB_SRC"/scenarios/*.sh "$run_dir/scenarios/"
+cp "$REPO"/dbus/*.conf "$run_dir/dbus/" 2>/dev/null
+: >"$run_dir/results"
+sum=0
+for item in "$@"; do
+  name=${item%%=*}; limit=300
+  [ "$item" != "$name" ] && limit=${item#*=}
+  [ -f "$LAB_SRC/scenarios/$name.sh" ] || die "no scenario xenlab/scenarios/$name.sh"
+  echo "$name" >>"$run_dir/plan"
+  echo "$limit" >"$run_dir/timeout.$name"
+  sum=$((sum + limit))
+done
+total_limit=${total_limit:-$((sum + 120))}
+
+dom0_mem=${XENLAB_DOM0_MEM:-1024}
+xen_args="console=com1 com1=115200,8n1 dom0_mem=${dom0_mem}M,max:${dom0_mem}M dom0_max_vcpus=2"
+xen_args+=" bootscrub=false loglvl=warning guest_loglvl=warning"
+dom0_args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4"
+[ -n "${XENLAB_SHELL:-}" ] && dom0_args+=" xenlab.shell"
+p9="security_model=none,multidevs=remap"
+qemu=(qemu-system-x86_64
+  # TCG only: this host's /dev/kvm cannot run Xen. qemu64 (+svm as Xen's CI) because -cpu max
+  # crashes dom0 early; +rdrand, else the dom0 crng starves and xl create stalls ~3 s.
+  -accel tcg,thread=multi -cpu qemu64,+svm,+rdrand -m "${XENLAB_MEM:-2048}" -smp 2
+  -nographic -no-reboot -monitor none -serial stdio -nodefaults -vga none
+  -virtfs "local,path=$run_dir,mount_tag=xenlab,$p9,id=xenlab"
+  -virtfs "local,path=/,mount_tag=hostroot,$p9,readonly=on,id=hostroot"
+  -kernel "$IMAGES/xen" -append "$xen_args"
+  -initrd "$IMAGES/vmlinux $dom0_args,$IMAGES/dom0.cpio")
+
+echo "XENLAB RUN dir=$run_dir scenarios=$* limit=${total_limit}s"
+started=$EPOCHREALTIME
+stamp() { awk -v a="$EPOCHREALTIME" -v b="$started" 'BEGIN {printf "%7.2f", a - b}'; }
+# the serial console, time-stamped, into console.log; result lines also to stdout as they come
+timeout --foreground -k 5 "$total_limit" "${qemu[@]}" </dev/null 2>&1 |
+  while IFS= read -r line; do
+    line=${line%$'\r'}
+    printf '[%s] %s\n' "$(stamp)" "$line" >>"$run_dir/console.log"
+    case $line in
+      "XENLAB CHECK "* | "XENLAB BENCH "* | "XENLAB SCENARIO "* | "XENLAB FATAL "* | "XENLAB END"* | "XENLAB T+"*)
+        echo "$line" ;;
+    esac
+  done
+qemu_rc=${PIPESTATUS[0]}
+wall=$(stamp)
+echo "XENLAB QEMU rc=$qemu_rc wall=${wall// /}s console=$run_dir/console.log"
+
+status=0
+if ! grep -q "XENLAB END" "$run_dir/console.log" 2>/dev/null; then
+  [ "$qemu_rc" = 124 ] && echo "XENLAB FATAL the lab ran out of time (${total_limit}s)"
+  echo "XENLAB FATAL dom0 never reached its end marker (boot failed or timed out)"
+  status=1
+fi
+grep -q "^XENLAB FATAL" "$run_dir/results" && status=1
+grep -q "^XENLAB CHECK [^ ]* FAIL" "$run_dir/results" && status=1
+for item in "$@"; do
+  name=${item%%=*}
+  grep -q "^XENLAB SCENARIO $name rc=0$" "$run_dir/results" || {
+    echo "XENLAB FATAL scenario $name did not finish cleanly: $(grep "^XENLAB SCENARIO $name " "$run_dir/results")"
+    status=1
+  }
+done
+passed=$(grep -c "^XENLAB CHECK [^ ]* PASS" "$run_dir/results")
+failed=$(grep -c "^XENLAB CHECK [^ ]* FAIL" "$run_dir/results")
+echo "XENLAB SUMMARY passed=$passed failed=$failed status=$status results=$run_dir/results"
+exit $status
