@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_policy_commands(sub: Any) -> None:
     """`blockbroker policy lint|explain`, owned by the policy engine (client/policycmd.py).
 
-    Its parsers set `func(args) -> int`, which `main` runs without a bus connection: the
+    Its parsers set `policy_handler(args) -> int`, which `main` runs without a bus connection: the
     policy tools read the policy files themselves and work while policyd is down.
     """
     policycmd.register(sub)
@@ -180,8 +180,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "func", None) is not None:  # `policy ...`: no bus needed
-        status: int = args.func(args)
+    if getattr(args, "policy_handler", None) is not None:  # `policy ...`: no bus needed
+        status: int = args.policy_handler(args)
         return status
     try:
         return asyncio.run(run(args))

@@ -69,3 +69,11 @@ def test_policy_commands_are_wired_in(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "lint" in out
     assert "explain" in out
+
+
+def test_policy_lint_runs_without_a_bus(tmp_path: Path) -> None:
+    (tmp_path / "50-test.policy").write_text("this is not a rule\n")
+    env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={tmp_path}/no-such-socket")
+    result = run_cli("policy", "lint", str(tmp_path), env=env)
+    assert result.returncode == 1
+    assert "50-test.policy:1:" in result.stdout + result.stderr
