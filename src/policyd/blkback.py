@@ -1,0 +1,91 @@
+"""Detects that xen-blkback has opened an export's device (its sysfs `physical_device`).
+
+Unprivileged policyd code; reads sysfs only. The sysfs root is a setting, so the host lane and the
+Xen lane run the same code. There is no uevent for this, so the watcher polls, with a bounded
+interval, and only while some export is still waiting. Without `<root>/bus/xen-backend` (a host
+without blkback) exports are "no-blkback" at once instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+
+from policyd import logfmt
+from policyd.registry import STATE_CONNECTED, STATE_NO_BLKBACK, STATE_WAITING, ExportRecord
+
+POLL_INTERVAL_S = 0.1
+MAX_SYSFS_BYTES = 64
+
+
+class BlkbackWatcher:
+    def __init__(self, sysfs_root: str, changed: Callable[[ExportRecord], None]) -> None:
+        self.sysfs_root = sysfs_root
+        self._changed = changed
+        self._waiting: dict[int, ExportRecord] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def present(self) -> bool:
+        return os.path.isdir(os.path.join(self.sysfs_root, "bus", "xen-backend"))
+
+    def initial_state(self) -> str:
+        return STATE_WAITING if self.present else STATE_NO_BLKBACK
+
+    def node(self, record: ExportRecord) -> str:
+        return os.path.join(
+            self.sysfs_root,
+            "bus",
+            "xen-backend",
+            "devices",
+            f"vbd-{record.frontend_domid}-{record.devid}",
+            "physical_device",
+        )
+
+    def watch(self, record: ExportRecord) -> None:
+        if record.state != STATE_WAITING:
+            return
+        self._waiting[record.number] = record
+        self._check(record)
+        if self._waiting and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    def forget(self, record: ExportRecord) -> None:
+        self._waiting.pop(record.number, None)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            for record in list(self._waiting.values()):
+                self._check(record)
+
+    def _check(self, record: ExportRecord) -> None:
+        try:
+            with open(self.node(record), "rb") as f:
+                untrusted = f.read(MAX_SYSFS_BYTES)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            logfmt.warning("cannot read blkback state", path=self.node(record), error=e)
+            return
+        ident = record.backing.identity
+        expected = f"{ident.major:x}:{ident.minor:x}"
+        if untrusted.strip() != expected.encode():
+            with contextlib.suppress(UnicodeDecodeError):
+                logfmt.warning(
+                    "blkback opened another device than exported",
+                    export=record.object_path,
+                    expected=expected,
+                    found=untrusted.strip().decode("ascii"),
+                )
+            return
+        self._waiting.pop(record.number, None)
+        record.state = STATE_CONNECTED
+        logfmt.info("blkback opened the device", export=record.object_path)
+        self._changed(record)

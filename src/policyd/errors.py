@@ -1,0 +1,96 @@
+"""Named errors of the D-Bus API (org.qubes.BlockBroker1.Error.*).
+
+Unprivileged policyd code; no I/O. Every failure a caller can see is one of these classes; the
+message says what happened and what to do. Anything else that escapes a handler is logged and
+answered as a bare Error.Internal (no traceback on the wire).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+ERROR_PREFIX = "org.qubes.BlockBroker1.Error."
+
+
+class PolicydError(Exception):
+    """Base class: `name` is the last part of the D-Bus error name."""
+
+    name: ClassVar[str] = "Internal"
+
+    @property
+    def dbus_name(self) -> str:
+        return ERROR_PREFIX + self.name
+
+    @property
+    def text(self) -> str:
+        return str(self) or self.name
+
+
+class AccessDenied(PolicydError):
+    name = "AccessDenied"
+
+
+class UnknownDomain(PolicydError):
+    name = "UnknownDomain"
+
+
+class NotFound(PolicydError):
+    name = "NotFound"
+
+
+class InvalidArgument(PolicydError):
+    name = "InvalidArgument"
+
+
+class Refused(PolicydError):
+    """The broker refused the path (outside its roots, symlink, major not allowed, ...)."""
+
+    name = "Refused"
+
+
+class Busy(PolicydError):
+    """A devid is in use, or a read-write/read-only conflict on the same backing."""
+
+    name = "Busy"
+
+
+class DeviceChanged(PolicydError):
+    """Identity (major:minor, diskseq, backing file) is not the one expected."""
+
+    name = "DeviceChanged"
+
+
+class XenStoreError(PolicydError):
+    name = "XenStore"
+
+
+class BrokerUnavailable(PolicydError):
+    name = "BrokerUnavailable"
+
+
+class PolicyDenied(PolicydError):
+    name = "PolicyDenied"
+
+
+class Expired(PolicydError):
+    name = "Expired"
+
+
+class Internal(PolicydError):
+    name = "Internal"
+
+
+ALL_ERRORS: tuple[type[PolicydError], ...] = (
+    AccessDenied,
+    UnknownDomain,
+    NotFound,
+    InvalidArgument,
+    Refused,
+    Busy,
+    DeviceChanged,
+    XenStoreError,
+    BrokerUnavailable,
+    PolicyDenied,
+    Expired,
+    Internal,
+)

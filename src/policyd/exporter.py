@@ -1,0 +1,445 @@
+"""Export, attach and detach: broker fds, XenStore nodes and the registry, kept consistent.
+
+Unprivileged policyd code; arguments arrive already validated by policyd.service, and XenStore
+content is validated by policyd.xenstore. The broker decides what may be opened at all; this
+module decides sharing, writes the nodes and holds the fds. Every operation runs under one
+asyncio lock, so registry checks and the XenStore/broker steps that follow cannot interleave.
+Blocking calls run on two single-thread executors (XenStore, broker). A failed operation undoes
+what it did (ExitStack, handed over with pop_all() only on success): no fd, node or loop device
+is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+from broker.protocol import ErrorCode
+from policyd import brokerclient, errors, logfmt, validate
+from policyd.blkback import BlkbackWatcher
+from policyd.brokerclient import BrokerClient, BrokerError, Identity
+from policyd.registry import Backing, BackingKey, ExportRecord, Registry, block_key, file_key
+from policyd.xenstore import XENBUS_STATE_CLOSED, PhysicalDevice, VbdSpec, XenStore
+
+T = TypeVar("T")
+LOOP_MAJOR = 7
+CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
+CLOSE_POLL_S = 0.05
+
+BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
+    ErrorCode.BAD_PATH: errors.InvalidArgument,
+    ErrorCode.BAD_ARGUMENT: errors.InvalidArgument,
+    ErrorCode.NOT_FOUND: errors.NotFound,
+    ErrorCode.NOT_BLOCK_DEVICE: errors.InvalidArgument,
+    ErrorCode.NOT_REGULAR_FILE: errors.InvalidArgument,
+    ErrorCode.IDENTITY_MISMATCH: errors.DeviceChanged,
+    ErrorCode.VERIFY_FAILED: errors.DeviceChanged,
+    ErrorCode.LOOP_BUSY: errors.Busy,
+    ErrorCode.UNAVAILABLE: errors.BrokerUnavailable,
+    ErrorCode.PROTOCOL: errors.BrokerUnavailable,
+    ErrorCode.INTERNAL: errors.Internal,
+}
+
+
+class Listener(Protocol):
+    """What the D-Bus layer does when the registry changes."""
+
+    def export_added(self, record: ExportRecord) -> None: ...
+    def export_removed(self, record: ExportRecord) -> None: ...
+    def export_changed(self, record: ExportRecord, names: list[str]) -> None: ...
+    def manager_changed(self, names: list[str]) -> None: ...
+
+
+def broker_error(e: BrokerError, what: str) -> errors.PolicydError:
+    cls = BROKER_ERRORS.get(e.code, errors.Refused)
+    if cls is errors.BrokerUnavailable:
+        return cls(f"the broker is unavailable ({e}); check blockbroker-broker.service")
+    return cls(f"broker refused {what}: {e}")
+
+
+class Exporter:
+    def __init__(
+        self,
+        broker: BrokerClient,
+        xenstore: XenStore,
+        *,
+        backend_domid: int,
+        sysfs_root: str,
+        listener: Listener,
+    ) -> None:
+        self.broker = broker
+        self.xenstore = xenstore
+        self.backend_domid = backend_domid
+        self.registry = Registry()
+        self.listener = listener
+        self.broker_connected = False
+        self.blkback = BlkbackWatcher(sysfs_root, self._state_changed)
+        self._lock = asyncio.Lock()
+        self._xs_thread = ThreadPoolExecutor(1, thread_name_prefix="xenstore")
+        self._broker_thread = ThreadPoolExecutor(1, thread_name_prefix="broker")
+
+    def shutdown(self) -> None:
+        self.blkback.stop()
+        self._xs_thread.shutdown(wait=True)
+        self._broker_thread.shutdown(wait=True)
+        self.xenstore.close()
+        self.broker.close()
+
+    # -- blocking work on the worker threads ---------------------------------------------------
+
+    async def _xs(self, fn: Callable[..., T], *args: object) -> T:
+        was = self.xenstore.connected
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._xs_thread, fn, *args)
+        finally:
+            if self.xenstore.connected != was:
+                self.listener.manager_changed(["XenStoreConnected"])
+
+    async def _broker(self, what: str, call: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._broker_thread, call)
+        except BrokerError as e:
+            self._set_broker_connected(not isinstance(e, brokerclient.BrokerUnavailable))
+            raise broker_error(e, what) from None
+        self._set_broker_connected(True)
+        return result
+
+    def _set_broker_connected(self, connected: bool) -> None:
+        if connected != self.broker_connected:
+            self.broker_connected = connected
+            self.listener.manager_changed(["BrokerConnected"])
+
+    async def probe(self) -> None:
+        """Start-up: connect to XenStore (read the backend domain's name); errors are logged."""
+        with contextlib.suppress(errors.PolicydError):
+            await self._xs(self.xenstore.domain_name, self.backend_domid)
+
+    # -- opening sources through the broker ----------------------------------------------------
+
+    async def _open_path(
+        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
+    ) -> Backing:
+        """The backing to use for `path`: a shared held one, or a fresh one from the broker.
+
+        policyd never opens the path itself: an lstat (which may be denied) finds a sharing
+        candidate, and the broker's answer (backing dev/inode, or major:minor) is checked
+        against it. A fresh fd is closed by `undo` unless the caller keeps it.
+        """
+        try:
+            st: os.stat_result | None = os.lstat(path)
+        except FileNotFoundError:
+            raise errors.NotFound(f"{path} does not exist") from None
+        except PermissionError:
+            st = None  # not visible to policyd; the broker decides
+        except OSError as e:
+            raise errors.InvalidArgument(f"{path}: {e.strerror}") from None
+        if st is None:
+            return await self._open_unseen(path, writable, direct_io, undo)
+        if stat.S_ISLNK(st.st_mode):
+            raise errors.Refused(f"{path} is a symlink; symlinks are not followed: pass the target")
+        if stat.S_ISBLK(st.st_mode):
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            shared = self.registry.shareable(block_key(*dev), writable)
+            if shared is not None:
+                return shared
+            fd, ident = await self._broker(
+                path, lambda: self.broker.open_block(path, writable=writable, expect_dev=dev)
+            )
+            return self._fresh_or_shared(block_key(*dev), fd, ident, "block", writable, undo)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.InvalidArgument(f"{path} is neither a regular file nor a block device")
+        key = file_key(st.st_dev, st.st_ino)
+        shared = self.registry.shareable(key, writable)
+        if shared is not None:
+            return shared
+        fd, ident = await self._broker(
+            path,
+            lambda: self.broker.loop_file(path, writable=writable, direct_io=direct_io),
+        )
+        if file_key(ident.backing_dev, ident.backing_ino) != key:
+            os.close(fd)
+            raise errors.DeviceChanged(f"{path} was replaced while it was being opened; retry")
+        return self._fresh_or_shared(key, fd, ident, "file", writable, undo)
+
+    async def _open_unseen(
+        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
+    ) -> Backing:
+        """A path policyd may not stat: try it as a file, then as a block device."""
+        try:
+            fd, ident = await self._broker(
+                path,
+                lambda: self.broker.loop_file(path, writable=writable, direct_io=direct_io),
+            )
+        except errors.InvalidArgument:
+            fd, ident = await self._broker(
+                path, lambda: self.broker.open_block(path, writable=writable)
+            )
+            key = block_key(ident.major, ident.minor)
+            return self._fresh_or_shared(key, fd, ident, "block", writable, undo)
+        key = file_key(ident.backing_dev, ident.backing_ino)
+        return self._fresh_or_shared(key, fd, ident, "file", writable, undo)
+
+    def _fresh_or_shared(
+        self,
+        key: BackingKey,
+        fd: int,
+        ident: Identity,
+        kind: str,
+        writable: bool,
+        undo: contextlib.ExitStack,
+    ) -> Backing:
+        """Takes ownership of the fresh `fd`: closed at once if an existing backing is shared
+        (or the sharing rules refuse), else by `undo` unless the operation succeeds."""
+        try:
+            shared = self.registry.shareable(key, writable)
+        except BaseException:
+            os.close(fd)
+            raise
+        if shared is not None:
+            os.close(fd)
+            return shared
+        undo.callback(os.close, fd)
+        return self.registry.new_backing(key, fd, ident, kind, writable)
+
+    async def _adopt_fd(self, fd: int, writable: bool) -> Backing:
+        """A caller-supplied fd, re-verified by the broker. The caller owns (and closes) fd
+        unless the returned backing holds it."""
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise errors.InvalidArgument(
+                "the fd is not a block device; pass an open block device, or a path to Export"
+            )
+        if writable and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise errors.InvalidArgument(
+                "a read-write export needs an fd opened O_RDWR; set read-only or reopen"
+            )
+        ident = await self._broker("the fd", lambda: self.broker.identify(fd))
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if (ident.major, ident.minor) != dev:
+            raise errors.DeviceChanged(
+                f"the broker identifies the fd as {ident.major}:{ident.minor}, not {dev}"
+            )
+        shared = self.registry.shareable(block_key(*dev), writable)
+        if shared is not None:
+            return shared
+        return self.registry.new_backing(block_key(*dev), fd, ident, "block", writable)
+
+    # -- operations ---------------------------------------------------------------------------
+
+    async def export_path(
+        self, path: str, frontend: str, opts: validate.ExportOptions
+    ) -> ExportRecord:
+        async with self._lock:
+            fe_domid = await self._xs(self.xenstore.find_domain, frontend)
+            with contextlib.ExitStack() as undo:
+                backing = await self._open_path(path, not opts.read_only, opts.direct_io, undo)
+                record = await self._export(path, backing, fe_domid, frontend, opts)
+                undo.pop_all()
+            return record
+
+    async def export_fd(self, fd: int, frontend: str, opts: validate.ExportOptions) -> ExportRecord:
+        async with self._lock:
+            with contextlib.ExitStack() as undo:
+                undo.callback(os.close, fd)  # ours from here on; closed unless held
+                fe_domid = await self._xs(self.xenstore.find_domain, frontend)
+                backing = await self._adopt_fd(fd, not opts.read_only)
+                source = f"fd:{backing.identity.major}:{backing.identity.minor}"
+                record = await self._export(source, backing, fe_domid, frontend, opts)
+                if backing.fd == fd:
+                    undo.pop_all()
+            return record
+
+    async def _export(
+        self,
+        source: str,
+        backing: Backing,
+        fe_domid: int,
+        frontend: str,
+        opts: validate.ExportOptions,
+    ) -> ExportRecord:
+        mode = "r" if opts.read_only else "w"
+        be_name = await self._xs(self.xenstore.domain_name, self.backend_domid)
+        spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing))
+        devid = await self._xs(self.xenstore.add_vbd, spec, opts.devid)
+        record = self._record(
+            source,
+            backing,
+            fe_domid,
+            frontend,
+            devid,
+            spec.backend_dir(devid),
+            mode,
+            be_name,
+            wrote_vbd=True,
+        )
+        self._register(record)
+        return record
+
+    async def attach(self, untrusted_path: str) -> ExportRecord:
+        be = validate.backend_path(untrusted_path)
+        if be.backend_domid != self.backend_domid:
+            raise errors.InvalidArgument(
+                f"{be.path} belongs to backend domain {be.backend_domid}; this policyd serves "
+                f"backend domain {self.backend_domid}"
+            )
+        async with self._lock:
+            existing = self.registry.by_backend_path(be.path)
+            if existing is not None:
+                return existing
+            nodes = await self._xs(self.xenstore.read_backend, be)
+            with contextlib.ExitStack() as undo:
+                fe_name = await self._xs(self.xenstore.domain_name, be.frontend_domid)
+                be_name = await self._xs(self.xenstore.domain_name, be.backend_domid)
+                backing = await self._open_path(nodes.params, nodes.mode == "w", False, undo)
+                # the last step that can fail: once the trio is written, the fd is held
+                await self._xs(self.xenstore.write_physical_device, be.path, physical(backing))
+                record = self._record(
+                    nodes.params,
+                    backing,
+                    be.frontend_domid,
+                    fe_name,
+                    be.devid,
+                    be.path,
+                    nodes.mode,
+                    be_name,
+                    wrote_vbd=False,
+                )
+                self._register(record)
+                undo.pop_all()
+            return record
+
+    async def detach_backend(self, untrusted_path: str) -> None:
+        be = validate.backend_path(untrusted_path)
+        record = self.registry.by_backend_path(be.path)
+        if record is None:
+            raise errors.NotFound(f"no export for {be.path}")
+        await self.detach(record)
+
+    async def detach(self, record: ExportRecord) -> None:
+        async with self._lock:
+            if self.registry.get(record.number) is not record:
+                raise errors.NotFound(f"{record.object_path} is already detached")
+            spec = VbdSpec(
+                record.backend_domid,
+                record.frontend_domid,
+                "",
+                record.mode,
+                physical(record.backing),
+            )
+            if record.wrote_vbd:
+                if record.state == "connected":
+                    await self._wait_closed(record.backend_path)
+                await self._xs(self.xenstore.remove_vbd, spec, record.devid)
+            else:
+                try:
+                    await self._xs(self.xenstore.remove_physical_device, record.backend_path)
+                except errors.XenStoreError as e:
+                    # libxl removes the backend dir itself; a failure here leaves nothing of ours
+                    logfmt.warning(
+                        "could not remove physical-device nodes",
+                        path=record.backend_path,
+                        error=e,
+                    )
+            self.blkback.forget(record)
+            fd = self.registry.remove(record)
+            if fd is not None:
+                os.close(fd)
+            logfmt.info(
+                "detached",
+                export=record.object_path,
+                backend=record.backend_path,
+                released=fd is not None,
+            )
+            self.listener.export_removed(record)
+            self.listener.manager_changed(["ExportCount"])
+
+    async def _wait_closed(self, be_path: str) -> None:
+        await self._xs(self.xenstore.set_backend_closing, be_path)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while time.monotonic() < deadline:
+            state = await self._xs(self.xenstore.read_one, f"{be_path}/state")
+            if state is None or state == str(XENBUS_STATE_CLOSED):
+                return
+            await asyncio.sleep(CLOSE_POLL_S)
+        logfmt.warning("backend did not reach Closed; removing its nodes anyway", path=be_path)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _record(
+        self,
+        source: str,
+        backing: Backing,
+        fe_domid: int,
+        fe_name: str,
+        devid: int,
+        be_path: str,
+        mode: str,
+        be_name: str,
+        *,
+        wrote_vbd: bool,
+    ) -> ExportRecord:
+        return ExportRecord(
+            number=self.registry.next_number(),
+            source=source,
+            backing=backing,
+            backend_domid=self.backend_domid,
+            backend_domain=be_name,
+            frontend_domid=fe_domid,
+            frontend_domain=fe_name,
+            devid=devid,
+            backend_path=be_path,
+            mode=mode,
+            since_us=time.time_ns() // 1000,
+            wrote_vbd=wrote_vbd,
+        )
+
+    def _register(self, record: ExportRecord) -> None:
+        self.registry.add(record)
+        record.state = self.blkback.initial_state()
+        ident = record.backing.identity
+        logfmt.info(
+            "exported",
+            export=record.object_path,
+            source=record.source,
+            backend=record.backend_path,
+            device=f"{ident.major}:{ident.minor}",
+            diskseq=ident.diskseq,
+            mode=record.mode,
+            shared=len(record.backing.users) > 1,
+        )
+        self.listener.export_added(record)
+        self.listener.manager_changed(["ExportCount"])
+        self.blkback.watch(record)
+
+    def _state_changed(self, record: ExportRecord) -> None:
+        if self.registry.get(record.number) is record:
+            self.listener.export_changed(record, ["State"])
+
+
+def physical(backing: Backing) -> PhysicalDevice:
+    ident = backing.identity
+    return PhysicalDevice(ident.major, ident.minor, device_path(backing), ident.diskseq)
+
+
+def device_path(backing: Backing) -> str:
+    """/dev/loopN for a loop device (N from sysfs, since max_part changes the minor), else
+    /dev/block/MAJ:MIN's target name."""
+    ident = backing.identity
+    try:
+        target = os.readlink(f"/sys/dev/block/{ident.major}:{ident.minor}")
+        return "/dev/" + os.path.basename(target)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    if ident.major == LOOP_MAJOR:
+        return f"/dev/loop{ident.minor}"
+    return f"/dev/block/{ident.major}:{ident.minor}"

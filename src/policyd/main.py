@@ -1,0 +1,113 @@
+"""blockbroker-policyd: command line, start-up and shutdown.
+
+Unprivileged: runs as user blockbroker with no capabilities; needs the bus, the XenStore socket
+and the broker's socket. Ready = it owns org.qubes.BlockBroker1 on the bus.
+
+    blockbroker-policyd --broker-socket PATH [--xenstore-path PATH] [--sysfs-root DIR]
+                        [--bus-address ADDR] [--backend-domid 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import os
+import signal
+import sys
+
+from dbus_fast import BusType, RequestNameReply
+from dbus_fast.constants import NameFlag
+
+from policyd import authz, logfmt, validate
+from policyd.brokerclient import BrokerClient
+from policyd.interfaces import BUS_NAME
+from policyd.service import PolicydBus, Service
+from policyd.xenstore import XenStore
+
+DEFAULT_XENSTORE = "/run/xenstored/socket"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="blockbroker-policyd", description=__doc__.split("\n")[0])
+    p.add_argument("--broker-socket", required=True, help="the broker's SOCK_SEQPACKET socket")
+    p.add_argument(
+        "--xenstore-path",
+        default=os.environ.get("XENSTORED_PATH", DEFAULT_XENSTORE),
+        help="xenstored's unix socket (default: $XENSTORED_PATH or %(default)s)",
+    )
+    p.add_argument("--sysfs-root", default="/sys", help="where sysfs is mounted (default /sys)")
+    p.add_argument("--bus-address", default=None, help="D-Bus address (default: the system bus)")
+    p.add_argument("--backend-domid", default="0", help="the backend domain's id (default 0)")
+    args = p.parse_args(argv)
+    try:
+        args.backend_domid = validate.domid(args.backend_domid)
+    except Exception:
+        p.error("--backend-domid must be a domain id (0-32751)")
+    return args
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("blockbroker")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+async def run(args: argparse.Namespace) -> int:
+    bus = await PolicydBus(
+        bus_address=args.bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True
+    ).connect()
+    service = Service(
+        bus,
+        version=version(),
+        broker=BrokerClient(args.broker_socket),
+        xenstore=XenStore(args.xenstore_path),
+        backend_domid=args.backend_domid,
+        sysfs_root=args.sysfs_root,
+    )
+    service.start()
+    await service.exporter.probe()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply != RequestNameReply.PRIMARY_OWNER:
+        logfmt.error("cannot own the bus name", name=BUS_NAME, reply=reply)
+        return 1
+    logfmt.info(
+        "ready",
+        name=BUS_NAME,
+        uid=os.getuid(),
+        broker=args.broker_socket,
+        xenstore=args.xenstore_path,
+        sysfs=args.sysfs_root,
+        backend_domid=args.backend_domid,
+    )
+    disconnected = loop.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    logfmt.info("stopping", exports=len(service.exporter.registry), bus_lost=disconnected.done())
+    for task in (disconnected, stopped):
+        task.cancel()
+    bus.disconnect()
+    service.exporter.shutdown()
+    return 0 if stopped.done() and not disconnected.done() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logfmt.setup()
+    try:
+        return asyncio.run(run(args))
+    except authz.StartupError as e:
+        logfmt.error("refusing to start", error=e)
+        return 2
+    except Exception as e:
+        logfmt.error("start-up failed", error=f"{type(e).__name__}: {e}", exc=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

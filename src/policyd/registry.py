@@ -1,0 +1,150 @@
+"""The export registry: held fds, read-only sharing and read-write exclusion.
+
+Unprivileged policyd code; pure bookkeeping, no I/O except closing fds it owns. Everything in
+here was validated before it arrived. Rules:
+  - a backing (one file by (st_dev, st_ino), or one block device by major:minor) has one held
+    fd; read-only exports of it share that fd (and so one loop device), refcounted;
+  - a read-write export is never shared, and a backing is never exported read-write while any
+    other export of it exists (Busy);
+  - removing the last export of a backing hands its fd back to the caller to close, so
+    AUTOCLEAR frees a loop device once blkback has let go too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from policyd.brokerclient import Identity
+from policyd.errors import Busy
+
+BackingKey = tuple[str, int, int]  # ("file", st_dev, st_ino) or ("block", major, minor)
+
+STATE_WAITING = "waiting-for-blkback"
+STATE_CONNECTED = "connected"
+STATE_NO_BLKBACK = "no-blkback"
+
+
+def file_key(st_dev: int, st_ino: int) -> BackingKey:
+    return ("file", st_dev, st_ino)
+
+
+def block_key(major: int, minor: int) -> BackingKey:
+    return ("block", major, minor)
+
+
+@dataclass(eq=False)
+class Backing:
+    key: BackingKey
+    fd: int
+    identity: Identity
+    kind: str  # "file" (a loop device over a file) or "block"
+    writable: bool
+    users: set[int] = field(default_factory=set)
+
+    @property
+    def loop_device(self) -> str:
+        return f"/dev/loop{self.identity.minor}" if self.kind == "file" else ""
+
+
+@dataclass(eq=False)
+class ExportRecord:
+    """One export: what the D-Bus Export object shows, plus what Detach must undo."""
+
+    number: int
+    source: str
+    backing: Backing
+    backend_domid: int
+    backend_domain: str
+    frontend_domid: int
+    frontend_domain: str
+    devid: int
+    backend_path: str
+    mode: str
+    since_us: int
+    wrote_vbd: bool  # Export/ExportFd wrote the FE+BE nodes; Attach wrote only the trio
+    state: str = STATE_WAITING
+
+    @property
+    def object_path(self) -> str:
+        return f"/org/qubes/BlockBroker1/export/{self.number}"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._exports: dict[int, ExportRecord] = {}
+        self._backings: dict[BackingKey, Backing] = {}
+        self._by_backend_path: dict[str, int] = {}
+        self._next_number = 1
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    def __iter__(self) -> Iterator[ExportRecord]:
+        return iter(list(self._exports.values()))
+
+    def get(self, number: int) -> ExportRecord | None:
+        return self._exports.get(number)
+
+    def by_backend_path(self, path: str) -> ExportRecord | None:
+        number = self._by_backend_path.get(path)
+        return None if number is None else self._exports[number]
+
+    def shareable(self, key: BackingKey, writable: bool) -> Backing | None:
+        """The held backing a new export of `key` must reuse, None for a fresh one, or Busy."""
+        backing = self._backings.get(key)
+        if backing is None:
+            return None
+        if writable:
+            raise Busy(
+                f"{describe(key)} is already exported ({len(backing.users)} export(s)); "
+                "a read-write export needs it exclusively: detach the others first"
+            )
+        if backing.writable:
+            raise Busy(
+                f"{describe(key)} is exported read-write; detach that export before "
+                "exporting it again"
+            )
+        return backing
+
+    def new_backing(
+        self, key: BackingKey, fd: int, identity: Identity, kind: str, writable: bool
+    ) -> Backing:
+        if key in self._backings:
+            raise AssertionError(f"backing {key} is already registered")
+        return Backing(key, fd, identity, kind, writable)
+
+    def next_number(self) -> int:
+        number = self._next_number
+        self._next_number += 1
+        return number
+
+    def add(self, record: ExportRecord) -> None:
+        backing = record.backing
+        if self._backings.setdefault(backing.key, backing) is not backing:
+            raise AssertionError(f"backing {backing.key} registered twice")
+        backing.users.add(record.number)
+        self._exports[record.number] = record
+        self._by_backend_path[record.backend_path] = record.number
+
+    def remove(self, record: ExportRecord) -> int | None:
+        """Forget the export; returns the backing's fd if this was its last user."""
+        del self._exports[record.number]
+        self._by_backend_path.pop(record.backend_path, None)
+        backing = record.backing
+        backing.users.discard(record.number)
+        if backing.users:
+            return None
+        del self._backings[backing.key]
+        return backing.fd
+
+    def held_fds(self) -> list[int]:
+        return [b.fd for b in self._backings.values()]
+
+
+def describe(key: BackingKey) -> str:
+    kind, a, b = key
+    if kind == "file":
+        return f"file (dev {os.major(a)}:{os.minor(a)}, inode {b})"
+    return f"block device {a}:{b}"

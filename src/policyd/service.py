@@ -1,0 +1,275 @@
+"""The D-Bus service: dispatches method calls, authorizes callers, publishes export objects.
+
+Unprivileged policyd code; input from the bus is validated here (arguments through
+policyd.validate) before policyd.exporter acts on it. Every method call on the Manager and
+Export interfaces goes through one message handler, because authorization needs the caller's
+unique name (msg.sender), which dbus-fast's decorated methods do not expose. Routing is data
+(ROUTES); policyd.authz checks at start-up that every declared method is routed and has an
+authorization entry. Received fds are owned here: each is either handed to the exporter or
+closed when the call ends, whatever the message was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
+
+from policyd import authz, errors, logfmt, validate
+from policyd.brokerclient import BrokerClient
+from policyd.exporter import Exporter
+from policyd.interfaces import (
+    EXPORT_IFACE,
+    EXPORT_PATH_PREFIX,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    OBJECT_MANAGER_IFACE,
+    ExportInterface,
+    ManagerInterface,
+    ManagerState,
+    export_values,
+    export_variants,
+)
+from policyd.registry import ExportRecord
+from policyd.xenstore import XenStore
+
+EXPORT_PATH_RE = re.compile(re.escape(EXPORT_PATH_PREFIX) + r"([1-9][0-9]{0,9})")
+
+
+class PolicydBus(MessageBus):
+    """A MessageBus whose ObjectManager signals come from the manager's path.
+
+    dbus-fast sends InterfacesAdded/Removed from the exported object's own path; the D-Bus
+    specification (and GDBus/sd-bus clients) expect them from the ObjectManager's path.
+    """
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if isinstance(interface, ExportInterface) and not self._disconnected:
+            self.send(
+                Message.new_signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER_IFACE,
+                    "InterfacesAdded",
+                    "oa{sa{sv}}",
+                    [path, {interface.name: export_variants(interface.record)}],
+                )
+            )
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if path.startswith(EXPORT_PATH_PREFIX) and not self._disconnected:
+            self.send(
+                Message.new_signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER_IFACE,
+                    "InterfacesRemoved",
+                    "oas",
+                    [path, removed_interfaces],
+                )
+            )
+
+
+class ReceivedFds:
+    """The fds that came with one message; whatever is not taken is closed at the end."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self._fds: list[int | None] = list(fds)
+
+    def take(self, untrusted_index: object) -> int:
+        if (
+            not isinstance(untrusted_index, int)
+            or not 0 <= untrusted_index < len(self._fds)
+            or self._fds[untrusted_index] is None
+        ):
+            raise errors.InvalidArgument(
+                "the fd did not arrive with the call; the client must negotiate unix fd "
+                "passing (dbus-fast: negotiate_unix_fd=True)"
+            )
+        fd = self._fds[untrusted_index]
+        self._fds[untrusted_index] = None
+        assert fd is not None
+        return fd
+
+    def close_rest(self) -> None:
+        for fd in self._fds:
+            if fd is not None:
+                os.close(fd)
+        self._fds = []
+
+
+Handler = Callable[[list[Any], ReceivedFds], Awaitable[list[Any]]]
+
+
+@dataclass(frozen=True)
+class Route:
+    in_signature: str
+    out_signature: str
+    handler: Handler
+
+
+class Service:
+    def __init__(
+        self,
+        bus: MessageBus,
+        *,
+        version: str,
+        broker: BrokerClient,
+        xenstore: XenStore,
+        backend_domid: int,
+        sysfs_root: str,
+    ) -> None:
+        self.bus = bus
+        self.state = ManagerState(version)
+        self.manager = ManagerInterface(self.state)
+        self.exporter = Exporter(
+            broker, xenstore, backend_domid=backend_domid, sysfs_root=sysfs_root, listener=self
+        )
+        self._objects: dict[int, ExportInterface] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.routes: dict[tuple[str, str], Route] = {
+            (MANAGER_IFACE, "Attach"): Route("s", "o", self._attach),
+            (MANAGER_IFACE, "Detach"): Route("s", "", self._detach_backend),
+            (MANAGER_IFACE, "Export"): Route("ssa{sv}", "o", self._export),
+            (MANAGER_IFACE, "ExportFd"): Route("hsa{sv}", "o", self._export_fd),
+            (MANAGER_IFACE, "DetachExport"): Route("o", "", self._detach_export),
+            (EXPORT_IFACE, "Detach"): Route("", "", self._detach_self),
+        }
+
+    def start(self) -> None:
+        """Check the tables, export the manager and take over method dispatch."""
+        declared = self._declared_methods()
+        authz.check_table(declared)
+        unrouted = declared - set(self.routes)
+        if unrouted or set(self.routes) - declared:
+            raise authz.StartupError(f"routing table does not match the interfaces: {unrouted}")
+        self.bus.export(MANAGER_PATH, self.manager)
+        self.bus.add_message_handler(self._on_message)
+
+    def _declared_methods(self) -> set[tuple[str, str]]:
+        probe = ExportInterface.__new__(ExportInterface)
+        ServiceInterface.__init__(probe, EXPORT_IFACE)
+        declared = set()
+        for iface in (self.manager, probe):
+            for method in iface.introspect().methods:
+                declared.add((iface.name, method.name))
+        return declared
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _on_message(self, msg: Message) -> bool:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            ReceivedFds(msg.unix_fds).close_rest()
+            return False
+        key = self._route_key(msg)
+        if key is None:
+            ReceivedFds(msg.unix_fds).close_rest()  # nothing else takes fds
+            return False
+        task = asyncio.get_running_loop().create_task(self._run(msg, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _route_key(self, msg: Message) -> tuple[str, str] | None:
+        if msg.path == MANAGER_PATH:
+            iface = MANAGER_IFACE
+        elif msg.path is not None and msg.path.startswith(EXPORT_PATH_PREFIX):
+            iface = EXPORT_IFACE
+        else:
+            return None
+        if msg.interface not in (None, iface):
+            return None
+        key = (iface, msg.member)
+        return key if key in self.routes else None
+
+    async def _run(self, msg: Message, key: tuple[str, str]) -> None:
+        fds = ReceivedFds(msg.unix_fds)
+        route = self.routes[key]
+        uid: int | None = None
+        try:
+            uid = await authz.authorize(self.bus, msg.sender, *key)
+            if msg.signature != route.in_signature:
+                raise errors.InvalidArgument(
+                    f"{key[1]} takes ({route.in_signature}), not ({msg.signature})"
+                )
+            body = await route.handler([msg.path, *msg.body], fds)
+            reply = Message.new_method_return(msg, route.out_signature, body)
+        except errors.PolicydError as e:
+            logfmt.info("call refused", method=key[1], uid=uid, error=e.name, detail=e.text)
+            reply = Message.new_error(msg, e.dbus_name, e.text)
+        except Exception:
+            logfmt.error("call failed", method=key[1], uid=uid, exc=True)
+            reply = Message.new_error(
+                msg, errors.Internal().dbus_name, "internal error in policyd; see its log"
+            )
+        finally:
+            fds.close_rest()
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self.bus.send(reply)
+
+    # -- handlers: args = [object path, *body] --------------------------------------------------
+
+    async def _attach(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        record = await self.exporter.attach(args[1])
+        return [record.object_path]
+
+    async def _detach_backend(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        await self.exporter.detach_backend(args[1])
+        return []
+
+    async def _export(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        path = validate.source_path(args[1])
+        frontend = validate.domain_name(args[2])
+        opts = validate.export_options(args[3])
+        record = await self.exporter.export_path(path, frontend, opts)
+        return [record.object_path]
+
+    async def _export_fd(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        frontend = validate.domain_name(args[2])
+        opts = validate.export_options(args[3])
+        fd = fds.take(args[1])
+        record = await self.exporter.export_fd(fd, frontend, opts)
+        return [record.object_path]
+
+    async def _detach_export(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        await self.exporter.detach(self._record_at(args[1]))
+        return []
+
+    async def _detach_self(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        await self.exporter.detach(self._record_at(args[0]))
+        return []
+
+    def _record_at(self, untrusted_path: object) -> ExportRecord:
+        m = EXPORT_PATH_RE.fullmatch(untrusted_path) if isinstance(untrusted_path, str) else None
+        record = self.exporter.registry.get(int(m[1])) if m else None
+        if record is None:
+            raise errors.NotFound(f"no export at {untrusted_path!s:.200}")
+        return record
+
+    # -- exporter.Listener ------------------------------------------------------------------------
+
+    def export_added(self, record: ExportRecord) -> None:
+        iface = ExportInterface(record)
+        self._objects[record.number] = iface
+        self.bus.export(record.object_path, iface)
+
+    def export_removed(self, record: ExportRecord) -> None:
+        if self._objects.pop(record.number, None) is not None:
+            self.bus.unexport(record.object_path)
+
+    def export_changed(self, record: ExportRecord, names: list[str]) -> None:
+        iface = self._objects.get(record.number)
+        if iface is not None:
+            values = export_values(record)
+            iface.emit_properties_changed({name: values[name] for name in names})
+
+    def manager_changed(self, names: list[str]) -> None:
+        self.state.export_count = len(self.exporter.registry)
+        self.state.broker_connected = self.exporter.broker_connected
+        self.state.xenstore_connected = self.exporter.xenstore.connected
+        self.manager.emit_properties_changed(self.manager.values(names))

@@ -1,0 +1,185 @@
+"""Export, list and detach over D-Bus, checked against XenStore, sysfs and policyd's fds.
+
+Runs as root against the real stack; policyd runs as user blockbroker.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from harness.stack import Stack
+from policydlab import (
+    EXPORT_IFACE,
+    MANAGER,
+    MANAGER_IFACE,
+    OM_IFACE,
+    XVDB,
+    XVDC,
+    Api,
+    assert_clean,
+    held_block_fds,
+    loops_of,
+    ro,
+    u32,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+
+
+def sysfs(loop: str, attr: str) -> str:
+    return Path(f"/sys/block/{loop}/{attr}").read_text().strip()
+
+
+def test_export_writes_vbd_nodes_and_holds_a_loop(stack: Stack, api: Api) -> None:
+    image = stack.make_image("export-basic.img", content=b"DISK-A")
+    export = api.export(image)
+    props = api.props(export)
+    loop = props["LoopDevice"].removeprefix("/dev/")
+    assert loops_of(image) == [loop]
+    assert sysfs(loop, "loop/backing_file") == str(image)
+    assert sysfs(loop, "loop/autoclear") == "1"
+    assert sysfs(loop, "ro") == "1"
+    assert int(sysfs(loop, "diskseq")) == props["Diskseq"]
+    assert sysfs(loop, "dev") == f"{props['Major']}:{props['Minor']}"
+    assert props["Source"] == str(image)
+    assert props["SourceKind"] == "file"
+    assert props["FrontendDomain"] == "work" and props["FrontendDomid"] == 1
+    assert props["BackendDomain"] == "Domain-0" and props["BackendDomid"] == 0
+    assert props["Devid"] == XVDB
+    assert props["Mode"] == "r"
+    assert props["State"] == "no-blkback"  # this host has no xen-backend bus
+    assert props["Since"] > 0
+
+    be = f"/local/domain/0/backend/vbd/1/{XVDB}"
+    fe = f"/local/domain/1/device/vbd/{XVDB}"
+    assert props["BackendPath"] == be
+    expected_be = {
+        "frontend": fe,
+        "frontend-id": "1",
+        "params": str(image),
+        "online": "1",
+        "removable": "0",
+        "bootable": "1",
+        "state": "1",
+        "dev": "xvdb",
+        "type": "phy",
+        "mode": "r",
+        "device-type": "disk",
+        "discard-enable": "0",
+        "physical-device": f"{props['Major']:x}:{props['Minor']:x}",
+        "physical-device-path": props["LoopDevice"],
+        "diskseq": f"{props['Diskseq']:x}",
+    }
+    assert {n: stack.xs_read(f"{be}/{n}") for n in stack.xs_ls(be)} == expected_be
+    expected_fe = {
+        "backend": be,
+        "backend-id": "0",
+        "state": "1",
+        "virtual-device": str(XVDB),
+        "device-type": "disk",
+    }
+    assert {n: stack.xs_read(f"{fe}/{n}") for n in stack.xs_ls(fe)} == expected_fe
+    # blkfront must be able to write its nodes, blkback to read them (lab recipe)
+    assert stack.xs_perms("/local/domain/0/backend/vbd/1") == ["n0", "r1"]
+    assert stack.xs_perms(be) == ["n0", "r1"]
+    assert stack.xs_perms("/local/domain/1/device/vbd") == ["n1", "r0"]
+    assert stack.xs_perms(fe) == ["n1", "r0"]
+    assert held_block_fds(stack) == [(props["Major"], props["Minor"])]
+
+    assert api.managed() == {export: props}
+    assert api.props(MANAGER, MANAGER_IFACE)["ExportCount"] == 1
+
+    api.detach(export)
+    assert api.managed() == {}
+    assert api.props(MANAGER, MANAGER_IFACE)["ExportCount"] == 0
+    assert_clean(stack, image)
+    stack.xs_rm("/local/domain/0/backend/vbd/1")
+    stack.xs_rm("/local/domain/1/device/vbd")
+
+
+def test_object_manager_signals_come_from_the_manager_path(stack: Stack, api: Api) -> None:
+    image = stack.make_image("export-signals.img")
+    export = api.export(image)
+    api.ok("DetachExport", "o", [export])
+    api.pump()
+    om = [(s.member, s.path, s.body[0]) for s in api.signals if s.interface == OM_IFACE]
+    assert om == [("InterfacesAdded", MANAGER, export), ("InterfacesRemoved", MANAGER, export)]
+    added = next(s for s in api.signals if s.member == "InterfacesAdded")
+    assert added.body[1][EXPORT_IFACE]["Source"].value == str(image)
+    counts = [
+        s.body[1]["ExportCount"].value
+        for s in api.signals
+        if s.member == "PropertiesChanged" and "ExportCount" in s.body[1]
+    ]
+    assert counts == [1, 0]
+    assert_clean(stack, image)
+
+
+def test_devids_are_allocated_from_xvdb_and_can_be_chosen(stack: Stack, api: Api) -> None:
+    a = stack.make_image("devid-a.img")
+    b = stack.make_image("devid-b.img")
+    c = stack.make_image("devid-c.img")
+    first = api.export(a)
+    second = api.export(b, "untrusted")
+    chosen = api.export(c, **{"devid": u32(XVDC + 16)})
+    assert api.props(first)["Devid"] == XVDB
+    assert api.props(second)["Devid"] == XVDB  # another domain: its own numbering
+    assert api.props(chosen)["Devid"] == XVDC + 16
+    assert api.props(chosen)["BackendPath"].endswith(f"/1/{XVDC + 16}")
+    assert api.export_err(a, "work", devid=u32(XVDC + 16)) == "Busy"
+    third = api.export(stack.make_image("devid-d.img"))
+    assert api.props(third)["Devid"] == XVDC  # the first free one
+    for export in (first, second, chosen, third):
+        api.detach(export)
+    assert_clean(stack, a, b, c)
+
+
+def test_read_write_export(stack: Stack, api: Api) -> None:
+    image = stack.make_image("export-rw.img")
+    export = api.export(image, **{"read-only": ro(False)})
+    props = api.props(export)
+    loop = props["LoopDevice"].removeprefix("/dev/")
+    assert props["Mode"] == "w"
+    assert sysfs(loop, "ro") == "0"
+    assert stack.xs_read(f"{props['BackendPath']}/mode") == "w"
+    api.detach(export)
+    assert_clean(stack, image)
+
+
+def test_export_fd_of_a_block_device(stack: Stack, api: Api) -> None:
+    image = stack.make_image("export-fd.img")
+    holder = api.export(image)  # a loop device to pass by fd (block majors allow 7 here)
+    loop_path = api.props(holder)["LoopDevice"]
+    fd = os.open(loop_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        export = str(api.ok("ExportFd", "hsa{sv}", [0, "untrusted", {}], fds=[fd]))
+    finally:
+        os.close(fd)
+    props = api.props(export)
+    assert props["SourceKind"] == "block"
+    assert props["LoopDevice"] == ""
+    assert props["Source"] == f"fd:{props['Major']}:{props['Minor']}"
+    assert (props["Major"], props["Minor"]) == (
+        api.props(holder)["Major"],
+        api.props(holder)["Minor"],
+    )
+    assert stack.xs_read(f"{props['BackendPath']}/physical-device") == (
+        f"{props['Major']:x}:{props['Minor']:x}"
+    )
+    assert len(held_block_fds(stack)) == 2  # the loop fd and the caller's fd
+    api.detach(export)
+    api.detach(holder)
+    assert_clean(stack, image)
+
+
+def test_detach_twice_and_unknown_objects(stack: Stack, api: Api) -> None:
+    image = stack.make_image("detach-twice.img")
+    export = api.export(image)
+    api.detach(export)
+    assert api.err("Detach", path=export, iface=EXPORT_IFACE) == "NotFound"
+    assert api.err("DetachExport", "o", [export]) == "NotFound"
+    assert api.err("DetachExport", "o", ["/org/qubes/BlockBroker1/export/999999"]) == "NotFound"
+    assert api.err("DetachExport", "o", ["/org/qubes/BlockBroker1"]) == "NotFound"
+    assert_clean(stack, image)
