@@ -15,6 +15,7 @@ from policyd.policy import (
     Request,
     StaticTagProvider,
     TagLookupError,
+    device_for_path,
 )
 
 TAGS = StaticTagProvider({"work": ["trusted"], "sys-usb": ["usb"], "dom0": ["admin"]})
@@ -242,3 +243,17 @@ def test_explain_text() -> None:
         "rule: x.policy:1: export loop* dom0 work allow mode=rw",
         "reason: allowed by rule",
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "device"),
+    [("/dev/loop0", "loop0"), ("/dev/sda1", "sda1"), ("/srv/a.img", "file:/srv/a.img")],
+)
+def test_device_for_path(path: str, device: str) -> None:
+    assert device_for_path(path) == device
+
+
+@pytest.mark.parametrize("path", ["/dev/mapper/x", "/dev/../etc/shadow", "relative", "/a/./b"])
+def test_device_for_path_rejects(path: str) -> None:
+    with pytest.raises(ValueError):
+        device_for_path(path)

@@ -22,7 +22,7 @@ from .errors import (
 )
 from .parser import Rule, RuleParams, ValidatingParser
 from .tags import FileTagProvider, StaticTagProvider, TagProvider, no_tags
-from .tokens import ADMIN_DOMAIN, OPERATIONS, Action, Mode
+from .tokens import ADMIN_DOMAIN, OPERATIONS, Action, Mode, device_for_path
 
 __all__ = [
     "ADMIN_DOMAIN",
@@ -46,5 +46,6 @@ __all__ = [
     "TagProvider",
     "TagsSyntaxError",
     "ValidatingParser",
+    "device_for_path",
     "no_tags",
 ]

@@ -244,3 +244,14 @@ def validate_tag(untrusted_tag: str) -> str:
     if not _TAG.fullmatch(untrusted_tag):
         raise ValueError(f"invalid tag {untrusted_tag[:40]!r} (1-64 of A-Z a-z 0-9 _ -)")
     return untrusted_tag
+
+
+def device_for_path(untrusted_path: str) -> str:
+    """The request `device` for a path: `/dev/loop0` -> `loop0`, `/srv/a.img` -> `file:/srv/a.img`.
+
+    Other paths under /dev (`/dev/mapper/x`, `/dev/disk/by-id/...`) are symlinks or
+    aliases; they raise ValueError: pass the kernel name of the device actually opened.
+    """
+    if untrusted_path.startswith("/dev/"):
+        return validate_block_name(untrusted_path[len("/dev/") :])
+    return FILE_PREFIX + validate_file_path(untrusted_path)
