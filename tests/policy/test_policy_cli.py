@@ -175,3 +175,19 @@ def test_lint_warns_about_shadowed_rules(
         else []
     )
     assert out.splitlines() == expected
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["request-export", "sdb", "sys-usb", "work", "--mode", "ro"],
+        ["export", "sdb", "sys-net", "work"],
+    ],
+)
+def test_docs_explain_examples_match_the_default_policy(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out, _ = run(["explain", *argv, "--policy-dir", str(DEFAULT_DIR)], capsys)
+    docs = (DEFAULT_DIR.parents[1] / "docs" / "policy.md").read_text()
+    example = out.replace(str(DEFAULT_DIR), "/etc/blockbroker/policy.d")
+    assert "\n".join("    " + line for line in example.splitlines()) in docs
