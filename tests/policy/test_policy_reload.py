@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from policyd.policy import Action, PolicyWatcher, Request
+import pytest
+
+from policyd.policy import Action, Policy, PolicyWatcher, Request, TagProvider, no_tags
 
 REQ = Request("export", "loop0", "dom0", "work", "ro")
 
@@ -85,4 +87,30 @@ def test_directory_removed_and_recreated(tmp_path: Path) -> None:
 
 def test_watcher_on_missing_directory_denies(tmp_path: Path) -> None:
     watcher = PolicyWatcher(tmp_path / "absent")
+    assert watcher.evaluate(REQ).action is Action.DENY
+
+
+def test_change_during_load_is_read_at_next_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy_file = tmp_path / "50.policy"
+
+    def write(text: str, mtime: int) -> None:
+        policy_file.write_text(text)
+        os.utime(policy_file, (mtime, mtime))  # old timestamps: outside the racy window
+
+    write("export * dom0 work allow\n", 1_000_000)
+    watcher = PolicyWatcher(tmp_path)
+    real_load_dir = Policy.load_dir
+
+    def load_then_edit(directory: Path, tags: TagProvider = no_tags) -> Policy:
+        loaded = real_load_dir(directory, tags)
+        write("export * dom0 work deny\n", 3_000_000)  # an edit lands right after the read
+        return loaded
+
+    write("export * dom0 work ask\n", 2_000_000)
+    monkeypatch.setattr(Policy, "load_dir", load_then_edit)
+    assert watcher.reload_if_changed()
+    monkeypatch.undo()
+    assert watcher.policy.rules[0].action is Action.ASK
     assert watcher.evaluate(REQ).action is Action.DENY

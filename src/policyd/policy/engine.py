@@ -303,6 +303,8 @@ class PolicyWatcher:
             if signature == self._signature and not racy:
                 return False
             loaded_at_ns = time.time_ns()
+            # The signature was taken before reading: a change during the read shows up as a
+            # different signature at the next check.
             new = Policy.load_dir(self.directory, self.tags)
         except Exception as err:  # never crash the daemon over a policy problem
             new = Policy((), PolicySyntaxError(str(self.directory), None, f"reload failed: {err}"))

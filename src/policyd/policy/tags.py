@@ -58,7 +58,7 @@ def parse_tags(
 
 
 class FileTagProvider:
-    """Tags from a file, re-read whenever its inode, size or mtime changes.
+    """Tags from a file, re-read whenever its inode, size, mtime or ctime changes.
 
     A missing, unreadable or malformed file makes every lookup raise `TagLookupError`, so the
     engine denies instead of silently treating a domain as untagged.
@@ -81,7 +81,7 @@ class FileTagProvider:
     def _refresh(self) -> None:
         try:
             st = os.stat(self.path)
-            signature: tuple[int, ...] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         except OSError as err:
             self._signature = None
             self._error = f"{self.path}: {err.strerror or err}"
