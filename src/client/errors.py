@@ -116,6 +116,10 @@ class BusAccessDenied(AccessDenied):
     hint = "the D-Bus policy does not allow this caller; run as root"
 
 
+class UnknownObject(NotFound):
+    """No such object (an export that is gone): org.freedesktop.DBus.Error.UnknownObject."""
+
+
 class UsageError(BlockBrokerError):
     """The caller's own input is wrong; raised before anything is sent. CLI exit status 2."""
 
@@ -148,6 +152,7 @@ BUS_ERRORS: Final[dict[str, type[BlockBrokerError]]] = {
     "org.freedesktop.DBus.Error.Disconnected": ServiceUnavailable,
     "org.freedesktop.DBus.Error.NoServer": ServiceUnavailable,
     "org.freedesktop.DBus.Error.AccessDenied": BusAccessDenied,
+    "org.freedesktop.DBus.Error.UnknownObject": UnknownObject,
 }
 
 

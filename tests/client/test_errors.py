@@ -54,6 +54,7 @@ def test_unknown_service_error_is_generic_and_keeps_its_name() -> None:
         ("org.freedesktop.DBus.Error.NameHasNoOwner", errors.ServiceUnavailable, 3),
         ("org.freedesktop.DBus.Error.NoReply", errors.ServiceUnavailable, 3),
         ("org.freedesktop.DBus.Error.AccessDenied", errors.BusAccessDenied, 4),
+        ("org.freedesktop.DBus.Error.UnknownObject", errors.UnknownObject, 1),
         ("org.qubes.BlockBroker1.Error.AccessDenied", errors.AccessDenied, 4),
         ("org.qubes.BlockBroker1.Error.PolicyDenied", errors.PolicyDenied, 4),
         ("org.qubes.BlockBroker1.Error.BrokerUnavailable", errors.BrokerUnavailable, 3),
@@ -71,6 +72,7 @@ def test_bus_errors_and_exit_statuses(
 
 def test_every_error_is_a_blockbroker_error() -> None:
     assert issubclass(errors.BusAccessDenied, errors.AccessDenied)
+    assert issubclass(errors.UnknownObject, errors.NotFound)
     for cls in [*errors.SERVICE_ERRORS.values(), *errors.BUS_ERRORS.values(), errors.UsageError]:
         assert issubclass(cls, errors.BlockBrokerError)
     assert errors.UsageError("x").exit_status == errors.EXIT_USAGE

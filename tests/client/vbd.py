@@ -1,0 +1,147 @@
+"""Helpers for the client's stack tests: libxl-like vbd nodes, loop devices in sysfs, the CLI.
+
+Test code, runs as root against the harness stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.stack import Stack
+
+VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
+CLI = VENV / "bin" / "blockbroker"
+BLOCK_SCRIPT = VENV / "bin" / "blockbroker-block"
+XVDA = 51712  # xvda's device number (202 << 8)
+
+
+def cli(stack: Stack, *args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `blockbroker` against the stack; `user` runs it under another uid."""
+    argv = [str(CLI), *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return subprocess.run(
+        argv, env=stack.env(), capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+def cli_json(stack: Stack, *args: str) -> list[dict[str, Any]]:
+    result = cli(stack, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def block_script(stack: Stack, command: str, backend: str) -> subprocess.CompletedProcess[str]:
+    """Run blockbroker-block as libxl does: $1 add|remove, XENBUS_* in the environment."""
+    env = stack.env()
+    env.update(XENBUS_PATH=backend, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+    return subprocess.run(
+        [str(BLOCK_SCRIPT), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+def backend_path(frontend_domid: int, devid: int, backend_domid: int = 0) -> str:
+    return f"/local/domain/{backend_domid}/backend/vbd/{frontend_domid}/{devid}"
+
+
+def frontend_path(frontend_domid: int, devid: int) -> str:
+    return f"/local/domain/{frontend_domid}/device/vbd/{devid}"
+
+
+def write_libxl_vbd(stack: Stack, frontend_domid: int, devid: int, params: str, mode: str) -> str:
+    """The nodes libxl's device_disk_add writes for `disk=[...,script=blockbroker-block]`.
+
+    Backend owned by dom0 and readable by the frontend, frontend the other way round; the
+    backend `state` is 2 (InitWait): libxl runs the hotplug script only once blkback got there.
+    """
+    be, fe = backend_path(frontend_domid, devid), frontend_path(frontend_domid, devid)
+    xs = stack.xs
+    xs.transaction()
+    for parent, perms in (
+        (f"/local/domain/0/backend/vbd/{frontend_domid}", ["n0", f"r{frontend_domid}"]),
+        (f"/local/domain/{frontend_domid}/device/vbd", [f"n{frontend_domid}", "r0"]),
+    ):
+        if not xs.exists(parent.encode()):
+            xs.mkdir(parent.encode())
+            xs.set_perms(parent.encode(), [p.encode() for p in perms])
+    xs.mkdir(be.encode())
+    xs.set_perms(be.encode(), [b"n0", f"r{frontend_domid}".encode()])
+    xs.mkdir(fe.encode())
+    xs.set_perms(fe.encode(), [f"n{frontend_domid}".encode(), b"r0"])
+    for name, value in (
+        ("frontend", fe),
+        ("frontend-id", str(frontend_domid)),
+        ("params", params),
+        ("script", "/etc/xen/scripts/blockbroker-block"),
+        ("online", "1"),
+        ("removable", "0"),
+        ("bootable", "1"),
+        ("state", "2"),
+        ("dev", "xvda"),
+        ("type", "phy"),
+        ("mode", mode),
+        ("device-type", "disk"),
+        ("discard-enable", "0"),
+    ):
+        xs.write(f"{be}/{name}".encode(), value.encode())
+    for name, value in (
+        ("backend", be),
+        ("backend-id", "0"),
+        ("state", "1"),
+        ("virtual-device", str(devid)),
+        ("device-type", "disk"),
+    ):
+        xs.write(f"{fe}/{name}".encode(), value.encode())
+    assert xs.commit(), "writing the vbd nodes conflicted"
+    return be
+
+
+def remove_libxl_vbd(stack: Stack, frontend_domid: int, devid: int) -> None:
+    """What libxl does after the script's `remove`: delete both dirs."""
+    for path in (backend_path(frontend_domid, devid), frontend_path(frontend_domid, devid)):
+        if stack.xs_exists(path):
+            stack.xs_rm(path)
+
+
+def loop_name(device: str) -> str:
+    assert device.startswith("/dev/loop"), device
+    return device.removeprefix("/dev/")
+
+
+def loop_backing_file(device: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{loop_name(device)}/loop/backing_file").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def loop_diskseq(device: str) -> int:
+    return int(Path(f"/sys/block/{loop_name(device)}/diskseq").read_text())
+
+
+def loop_readonly(device: str) -> bool:
+    return Path(f"/sys/block/{loop_name(device)}/ro").read_text().strip() == "1"
+
+
+def wait_loop_released(device: str, diskseq: int, timeout: float = 5.0) -> bool:
+    """True once `device` no longer carries `diskseq` bound (autoclear ran on the last close)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if loop_backing_file(device) is None or loop_diskseq(device) != diskseq:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def physical_device(major: int, minor: int) -> str:
+    return f"{major:x}:{minor:x}"
