@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pyxs import Client
+from pyxs._internal import Op
 
 from harness import loops, ns, xenstore
 from harness.bus import BusDaemon, BusProbe
@@ -367,7 +368,8 @@ class Stack:
         return bool(self.xs.exists(path.encode()))
 
     def xs_write(self, path: str, value: str) -> None:
-        self.xs.write(path.encode(), value.encode())
+        """Write `value` (may be empty: pyxs's write() refuses that, WRITE of "path\\0" is it)."""
+        self.xs.ack(Op.WRITE, path.encode() + b"\0" + value.encode())
 
     def xs_rm(self, path: str) -> None:
         self.xs.delete(path.encode())

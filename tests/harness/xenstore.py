@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from pyxs import Client
+from pyxs._internal import Op
 
 from harness import ns
 from harness.procs import Daemon, StackError
@@ -108,10 +109,7 @@ def share_socket(run_dir: Path, group: str) -> None:
 
 
 def _mknod(client: Client, path: str, perms: list[str], value: str = "") -> None:
-    if value:
-        client.write(path.encode(), value.encode())
-    else:
-        client.mkdir(path.encode())  # pyxs refuses to WRITE an empty value
+    client.ack(Op.WRITE, path.encode() + b"\0" + value.encode())  # write() refuses empty values
     client.set_perms(path.encode(), [p.encode() for p in perms])
 
 

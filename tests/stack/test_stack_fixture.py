@@ -243,3 +243,10 @@ def test_blkback_sysfs_stand_in_is_readable_by_policyd_user(
 def test_without_blkback_sysfs_the_host_has_no_xen_backend_bus(stack: Stack) -> None:
     assert stack.sysfs_root.is_dir()
     assert not (stack.sysfs_root / "bus").exists()
+
+
+def test_xs_write_accepts_an_empty_value(stack: Stack) -> None:
+    stack.xs_write("/local/domain/0/backend/vbd/2/51712/mode", "r")
+    stack.xs_write("/local/domain/0/backend/vbd/2/51712/mode", "")
+    assert stack.xs_read("/local/domain/0/backend/vbd/2/51712/mode") == ""
+    stack.xs_rm("/local/domain/0/backend/vbd/2")

@@ -1,0 +1,68 @@
+"""The whole stack with policyd: it runs as user blockbroker, owns its name, restarts cleanly.
+
+Test harness tests, run as root against real oxenstored, dbus-daemon, broker and policyd.
+"""
+
+from __future__ import annotations
+
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness.stack import BUS_NAME, SERVICE_USER, Stack
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+
+DEVSTACK = Path(__file__).resolve().parents[2] / "scripts" / "devstack"
+
+
+def owner_uid(stack: Stack) -> int:
+    result = subprocess.run(
+        ["busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+         "org.freedesktop.DBus", "GetConnectionUnixUser", "s", BUS_NAME],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )  # fmt: skip
+    kind, uid = result.stdout.split()
+    assert kind == "u"
+    return int(uid)
+
+
+def test_policyd_owns_its_name_as_the_service_user(stack: Stack) -> None:
+    assert stack.has_owner(BUS_NAME)
+    assert owner_uid(stack) == pwd.getpwnam(SERVICE_USER).pw_uid
+    assert stack.daemons["policyd"].running()
+
+
+def test_restart_policyd_takes_the_name_again(stack: Stack) -> None:
+    old_pid = stack.daemons["policyd"].pid
+    stack.restart_policyd()
+    assert stack.daemons["policyd"].pid != old_pid
+    assert stack.has_owner(BUS_NAME)
+
+
+def test_stop_policyd_releases_the_name(stack: Stack) -> None:
+    assert stack.stop_policyd() == []
+    assert not stack.has_owner(BUS_NAME)
+    stack.start_policyd()
+    assert stack.has_owner(BUS_NAME)
+
+
+def test_devstack_runs_policyd_by_default() -> None:
+    script = (
+        "busctl --system call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus "
+        f"GetConnectionUnixUser s {BUS_NAME}"
+    )
+    result = subprocess.run(
+        [sys.executable, str(DEVSTACK), "--domain", "work=1", "--", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["u", str(pwd.getpwnam(SERVICE_USER).pw_uid)]
+    assert "daemon=policyd" in result.stderr
