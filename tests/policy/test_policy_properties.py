@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.policy import Action, Policy, PolicySyntaxError, Request, ValidatingParser
+from policyd.policy.lint import covers
 from policyd.policy.parser import parse_rule
 from policyd.policy.tokens import validate_device, validate_domain_name
 
@@ -96,3 +97,39 @@ def test_evaluate_never_raises(request: Request) -> None:
 def test_evaluate_random_policy_never_raises(request: Request, text: str) -> None:
     decision = Policy.from_string(text).evaluate(request)
     assert isinstance(decision.action, Action)
+
+
+# The linter's shadowing check must never claim a rule is dead when some request reaches it.
+RULE_OPS = st.sampled_from(["*", "attach", "export", "request-export"])
+RULE_DEVICES = st.sampled_from(
+    ["*", "loop*", "loop1*", "loop1", "sd*", "sda", "file:/*", "file:/srv/*", "file:/srv/a.img"]
+)
+RULE_DOMAINS = st.sampled_from(["*", "@anyvm", "@adminvm", "dom0", "work", "vault", "@tag:t"])
+rule_line = st.tuples(RULE_OPS, RULE_DEVICES, RULE_DOMAINS, RULE_DOMAINS).map(
+    lambda fields: " ".join(fields) + " allow"
+)
+matching_request = st.builds(
+    Request,
+    operation=st.sampled_from(["attach", "export"]),
+    device=st.sampled_from(["loop1", "loop12", "loop2", "sda", "sdb", "file:/srv/a.img",
+                            "file:/srv/b/c.img", "file:/tmp/x"]),
+    source=st.sampled_from(["dom0", "work", "vault", "other"]),
+    target=st.sampled_from(["dom0", "work", "vault", "other"]),
+    mode=st.just("ro"),
+)  # fmt: skip
+
+
+@given(rule_line, rule_line, matching_request)
+@settings(max_examples=1000)
+def test_shadowing_check_is_sound(first: str, second: str, request: Request) -> None:
+    def tags(domain: str) -> frozenset[str]:
+        return frozenset({"t"}) if domain in ("work", "dom0") else frozenset()
+
+    earlier, later = (parse_rule(line, "p", 1) for line in (first, second))
+    assert earlier is not None and later is not None
+    if not covers(earlier, later):
+        return
+    only_later = Policy([later], tags=tags).evaluate(request)
+    both = Policy([earlier, later], tags=tags).evaluate(request)
+    if only_later.rule is not None:  # the later rule matches this request...
+        assert both.rule is earlier  # ...so the earlier one must match it too
