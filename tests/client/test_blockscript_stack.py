@@ -1,0 +1,159 @@
+"""blockbroker-block against the real stack, with the vbd nodes written as libxl writes them.
+
+Runs as root with real daemons: the script's `add` must leave physical-device (and its trio) and
+hotplug-status=connected; a failing `add` must write hotplug-error, exit non-zero and leak
+nothing; `remove` must release the loop device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness.stack import Stack, StackConfig
+from vbd import (
+    XVDA,
+    backend_path,
+    block_script,
+    cli_json,
+    loop_backing_file,
+    loop_diskseq,
+    loop_readonly,
+    physical_device,
+    remove_libxl_vbd,
+    wait_loop_released,
+    write_libxl_vbd,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+
+WORK = 1
+
+
+@pytest.fixture
+def vbd(stack: Stack) -> Iterator[Callable[[str, str, int], str]]:
+    """Write libxl-like nodes for (params, mode, devid); removed again after the test."""
+    made: list[int] = []
+
+    def make(params: str, mode: str = "r", devid: int = XVDA) -> str:
+        made.append(devid)
+        return write_libxl_vbd(stack, WORK, devid, params, mode)
+
+    yield make
+    for devid in made:
+        remove_libxl_vbd(stack, WORK, devid)
+    assert stack.leaked_loops() == []
+
+
+def test_add_then_remove(stack: Stack, vbd: Callable[..., str]) -> None:
+    image = stack.make_image("script-add.img", 1 << 20)
+    be = vbd(str(image), "r")
+    result = block_script(stack, "add", be)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert stack.xs_read(f"{be}/hotplug-status") == "connected"
+    assert not stack.xs_exists(f"{be}/hotplug-error")
+    loop = stack.xs_read(f"{be}/physical-device-path")
+    assert loop is not None
+    st = os.stat(loop)
+    assert stack.xs_read(f"{be}/physical-device") == physical_device(
+        os.major(st.st_rdev), os.minor(st.st_rdev)
+    )
+    diskseq = int(stack.xs_read(f"{be}/diskseq") or "", 16)
+    assert loop_diskseq(loop) == diskseq
+    assert loop_backing_file(loop) == str(image)
+    assert loop_readonly(loop)
+    (export,) = [e for e in cli_json(stack, "list") if e["backend_path"] == be]
+    assert (export["loop_device"], export["diskseq"]) == (loop, diskseq)
+
+    # libxl may run add twice; Attach is idempotent
+    assert block_script(stack, "add", be).returncode == 0
+    assert stack.xs_read(f"{be}/diskseq") == f"{diskseq:x}"
+
+    result = block_script(stack, "remove", be)
+    assert result.returncode == 0, result.stderr
+    assert wait_loop_released(loop, diskseq)
+    assert not stack.xs_exists(f"{be}/physical-device")
+    assert not [e for e in cli_json(stack, "list") if e["backend_path"] == be]
+    image.unlink()
+
+
+def test_add_read_write(stack: Stack, vbd: Callable[..., str]) -> None:
+    image = stack.make_image("script-rw.img", 1 << 20)
+    be = vbd(str(image), "w", 51728)
+    assert block_script(stack, "add", be).returncode == 0
+    loop = stack.xs_read(f"{be}/physical-device-path") or ""
+    assert not loop_readonly(loop)
+    diskseq = loop_diskseq(loop)
+    assert block_script(stack, "remove", be).returncode == 0
+    assert wait_loop_released(loop, diskseq)
+    image.unlink()
+
+
+@pytest.mark.parametrize("case", ["missing", "outside-roots", "directory"])
+def test_failing_add_writes_hotplug_error(
+    stack: Stack, vbd: Callable[..., str], tmp_path: Path, case: str
+) -> None:
+    params = {
+        "missing": str(stack.image_dir / "does-not-exist.img"),
+        "outside-roots": str(tmp_path / "outside.img"),
+        "directory": str(stack.image_dir),
+    }[case]
+    if case == "outside-roots":
+        Path(params).write_bytes(b"\0" * 4096)
+    be = vbd(params, "r")
+    result = block_script(stack, "add", be)
+    assert result.returncode == 1
+    error = stack.xs_read(f"{be}/hotplug-error")
+    assert error is not None
+    assert error.startswith("org.qubes.BlockBroker1.Error.")
+    assert error in result.stderr
+    assert stack.xs_read(f"{be}/hotplug-status") == "error"
+    for node in ("physical-device", "physical-device-path", "diskseq"):
+        assert not stack.xs_exists(f"{be}/{node}")
+    assert not [e for e in cli_json(stack, "list") if e["backend_path"] == be]
+    assert stack.leaked_loops() == []
+    # libxl runs remove after a failed add; nothing to release is not an error
+    assert block_script(stack, "remove", be).returncode == 0
+
+
+def test_add_with_missing_nodes_fails_cleanly(stack: Stack) -> None:
+    be = backend_path(WORK, 51744)
+    stack.xs_write(f"{be}/frontend-id", str(WORK))  # params and mode missing
+    try:
+        result = block_script(stack, "add", be)
+        assert result.returncode == 1
+        assert "org.qubes.BlockBroker1.Error.NotFound" in (
+            stack.xs_read(f"{be}/hotplug-error") or ""
+        )
+    finally:
+        stack.xs_rm(be)
+
+
+def test_failing_add_does_not_recreate_a_removed_dir(stack: Stack) -> None:
+    be = backend_path(WORK, 51760)
+    result = block_script(stack, "add", be)
+    assert result.returncode == 1
+    assert not stack.xs_exists(be)
+
+
+def test_remove_of_unknown_backend_succeeds(stack: Stack) -> None:
+    result = block_script(stack, "remove", backend_path(WORK, 51776))
+    assert result.returncode == 0, result.stderr
+    assert not stack.xs_exists(backend_path(WORK, 51776))
+
+
+def test_add_without_policyd_writes_hotplug_error(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    quiet = stack_factory(StackConfig(domains={"work": WORK}, policyd=False, broker=False))
+    image = quiet.make_image("no-policyd.img", 4096)
+    be = write_libxl_vbd(quiet, WORK, XVDA, str(image), "r")
+    result = block_script(quiet, "add", be)
+    assert result.returncode == 1
+    error = quiet.xs_read(f"{be}/hotplug-error") or ""
+    assert error.startswith("org.freedesktop.DBus.Error.ServiceUnknown:")
+    assert quiet.xs_read(f"{be}/hotplug-status") == "error"
+    remove_libxl_vbd(quiet, WORK, XVDA)
