@@ -191,3 +191,16 @@ def test_docs_explain_examples_match_the_default_policy(
     docs = (DEFAULT_DIR.parents[1] / "docs" / "policy.md").read_text()
     example = out.replace(str(DEFAULT_DIR), "/etc/blockbroker/policy.d")
     assert "\n".join("    " + line for line in example.splitlines()) in docs
+
+
+def test_blockbroker_command_runs_policy_subcommands(policy_dir: Path) -> None:
+    blockbroker = Path(sys.executable).parent / "blockbroker"
+    argv = [str(blockbroker), "policy", "explain", "request-export", "sdb", "sys-usb", "work"]
+    proc = subprocess.run(
+        [*argv, "--policy-dir", str(policy_dir)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.splitlines()[:2] == [
+        "decision: ask",
+        f"rule: {policy_dir}/20-b.policy:2: request-export * @anyvm @anyvm ask",
+    ]
