@@ -95,6 +95,16 @@ def block_device_of(dev: int) -> str | None:
     return os.path.realpath(link) if os.path.exists(link) else None
 
 
+def read_dev(path: str) -> int:
+    """dev_t from a sysfs `dev` file ("major:minor")."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        major, minor = os.read(fd, 64).decode().split(":")
+    finally:
+        os.close(fd)
+    return os.makedev(int(major), int(minor))
+
+
 def root_disk_devices() -> frozenset[int]:
     """dev_t of the disks holding the root filesystem, all their partitions, and (for dm/md)
     the disks below them. OPEN_BLOCK never opens one of these."""
@@ -107,17 +117,11 @@ def root_disk_devices() -> frozenset[int]:
         if os.path.exists(os.path.join(sysdir, "partition")):
             sysdir = os.path.dirname(sysdir)  # the whole disk
         for entry in [sysdir, *(os.path.join(sysdir, n) for n in os.listdir(sysdir))]:
-            dev_file = os.path.join(entry, "dev")
-            if os.path.isfile(dev_file):
-                with open(dev_file) as f:
-                    major, minor = f.read().strip().split(":")
-                dev = os.makedev(int(major), int(minor))
-                if dev not in forbidden:
-                    forbidden.add(dev)
-                    slaves = os.path.join(entry, "slaves")
-                    if os.path.isdir(slaves):
-                        for slave in os.listdir(slaves):
-                            with open(os.path.join(slaves, slave, "dev")) as f:
-                                smaj, smin = f.read().strip().split(":")
-                            pending.append(os.makedev(int(smaj), int(smin)))
+            if not os.path.isfile(os.path.join(entry, "dev")):
+                continue
+            forbidden.add(read_dev(os.path.join(entry, "dev")))
+            slaves = os.path.join(entry, "slaves")
+            for slave in os.listdir(slaves) if os.path.isdir(slaves) else []:
+                dev = read_dev(os.path.join(slaves, slave, "dev"))
+                pending += [] if dev in forbidden else [dev]
     return frozenset(forbidden)

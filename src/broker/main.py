@@ -21,17 +21,23 @@ import select
 import socket
 import stat
 import struct
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from broker import protocol, sandbox
 from broker.config import ConfigError, load_config, root_disk_devices
 from broker.ops import Opened, Operations, OpError
-from broker.protocol import ErrorCode, Reply, ReplyKind, Request, RequestFlag, RequestKind
+from broker.protocol import ErrorCode, Reply, ReplyKind, Request, RequestKind
 
 MAX_FDS_ACCEPTED = 4  # room to notice (and close) too many fds
 LISTEN_FD = 3
+Handler = Callable[[Operations, Request, list[int]], "Opened | Reply"]
+
+# The whole protocol: request kind -> (number of fds that must come with it, handler).
+DISPATCH: dict[RequestKind, tuple[int, Handler]] = {
+    RequestKind.OPEN_BLOCK: (0, Operations.open_block),
+    RequestKind.LOOP_FILE: (0, Operations.loop_file),
+    RequestKind.IDENTIFY: (1, Operations.identify),
+}
 
 
 def log(event: str, **fields: object) -> None:
@@ -49,53 +55,17 @@ class ProtocolViolation(Exception):
     """The peer broke the protocol; the connection ends."""
 
 
-@dataclass(frozen=True)
-class Handler:
-    fds: int  # exactly this many fds must come with the request
-    run: Callable[[Operations, Request, list[int]], Opened | Reply]
-
-
-def handle_open_block(ops: Operations, req: Request, fds: list[int]) -> Opened | Reply:
-    expect_dev = (
-        (req.expect_major, req.expect_minor) if req.flags & RequestFlag.EXPECT_DEV else None
-    )
-    expect_seq = req.expect_diskseq if req.flags & RequestFlag.EXPECT_DISKSEQ else None
-    return ops.open_block(req.path, bool(req.flags & RequestFlag.WRITABLE), expect_dev, expect_seq)
-
-
-def handle_loop_file(ops: Operations, req: Request, fds: list[int]) -> Opened | Reply:
-    writable = bool(req.flags & RequestFlag.WRITABLE)
-    direct_io = bool(req.flags & RequestFlag.DIRECT_IO)
-    return ops.loop_file(req.path, writable, direct_io, req.block_size)
-
-
-def handle_identify(ops: Operations, req: Request, fds: list[int]) -> Opened | Reply:
-    return ops.identify(fds[0])
-
-
-DISPATCH: dict[RequestKind, Handler] = {
-    RequestKind.OPEN_BLOCK: Handler(0, handle_open_block),
-    RequestKind.LOOP_FILE: Handler(0, handle_loop_file),
-    RequestKind.IDENTIFY: Handler(1, handle_identify),
-}
-
-
 def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """One frame and the fds that came with it. The caller closes the fds."""
-    data, ancdata, flags, _ = conn.recvmsg(
-        protocol.MAX_REQUEST + 1,
-        socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4),
-        socket.MSG_CMSG_CLOEXEC,
-    )
+    """One frame and the fds that came with it; the caller closes the fds."""
+    size, fd_space = protocol.MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4)
+    data, ancdata, flags, _ = conn.recvmsg(size, fd_space, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
-    foreign = False
     for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds.extend(array.array("i", payload[:usable]))
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
         else:
-            foreign = True
-    if foreign or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            flags |= socket.MSG_CTRUNC  # any other control message is a violation too
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         close_all(fds)
         raise ProtocolViolation("truncated frame or unexpected control message")
     return data, fds
@@ -111,48 +81,36 @@ def serve_request(conn: socket.socket, ops: Operations, data: bytes, fds: list[i
         request = protocol.parse_request(data)
     except protocol.FrameError as e:
         raise ProtocolViolation(str(e)) from None
-    handler = DISPATCH[request.kind]
-    if len(fds) != handler.fds:
-        raise ProtocolViolation(f"{request.kind.name} takes {handler.fds} fds, got {len(fds)}")
-    fd: int | None = None
+    fd_count, handler = DISPATCH[request.kind]
+    if len(fds) != fd_count:
+        raise ProtocolViolation(f"{request.kind.name} takes {fd_count} fds, got {len(fds)}")
+    result: Opened | Reply
     try:
-        result = handler.run(ops, request, fds)
+        result = handler(ops, request, fds)
     except OpError as e:
         log("refused", kind=request.kind.name, code=e.code.name, errno=e.errno, reason=e.message)
-        reply = Reply(ReplyKind.ERROR, e.code, e.errno, message=e.message)
+        result = Reply(ReplyKind.ERROR, e.code, e.errno, message=e.message)
     except OSError as e:  # not foreseen by ops: report it, keep the connection
         log("internal_error", kind=request.kind.name, errno=e.errno, reason=e.strerror)
-        reply = Reply(ReplyKind.ERROR, ErrorCode.INTERNAL, e.errno or 0, message="internal error")
-    else:
-        fd, reply = (result.fd, result.reply) if isinstance(result, Opened) else (None, result)
-        log(
-            "served",
-            kind=request.kind.name,
-            dev=f"{reply.major}:{reply.minor}",
-            diskseq=reply.diskseq,
-            size=reply.size,
-        )
+        result = Reply(ReplyKind.ERROR, ErrorCode.INTERNAL, e.errno or 0, message="internal error")
+    opened = result if isinstance(result, Opened) else None
+    reply = result.reply if isinstance(result, Opened) else result
+    if reply.kind == ReplyKind.OK:
+        dev, retries = f"{reply.major}:{reply.minor}", opened.retries if opened else 0
+        log("served", kind=request.kind.name, dev=dev, diskseq=reply.diskseq, retries=retries)
+    fds_out = [opened.fd] if opened else []
     try:
-        ancillary = (
-            [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))]
-        )
-        conn.sendmsg([protocol.encode_reply(reply)], ancillary)
+        fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))]
+        conn.sendmsg([protocol.encode_reply(reply)], fd_msg if fds_out else [])
     finally:
-        if fd is not None:
-            os.close(fd)  # policyd holds the only reference now (or none: AUTOCLEAR frees it)
+        close_all(fds_out)  # policyd holds the only reference now (or none: AUTOCLEAR)
 
 
 def serve_one(conn: socket.socket, ops: Operations) -> bool:
     """Serve one frame; False when the connection is over."""
+    fds: list[int] = []
     try:
         data, fds = receive(conn)
-    except OSError as e:
-        log("connection_end", reason=e.strerror)
-        return False
-    except ProtocolViolation as e:
-        log("protocol_violation", reason=str(e))
-        return False
-    try:
         if not data and not fds:
             log("connection_end", reason="peer closed")
             return False
@@ -160,15 +118,13 @@ def serve_one(conn: socket.socket, ops: Operations) -> bool:
         return True
     except ProtocolViolation as e:
         log("protocol_violation", reason=str(e))
-        return False
     except OSError as e:
         log("connection_end", reason=e.strerror)
-        return False
     except Exception as e:  # a bug: say so, drop the peer, keep the broker serving
         log("internal_error", error=type(e).__name__, reason=str(e))
-        return False
     finally:
         close_all(fds)
+    return False
 
 
 def accept_client(listener: socket.socket, client_uid: int) -> socket.socket | None:
@@ -193,10 +149,7 @@ def serve(listener: socket.socket, ops: Operations, client_uid: int) -> None:
     poller.register(listener, select.POLLIN)
     while True:
         for fd, _events in poller.poll():
-            if fd == listener.fileno():
-                new = accept_client(listener, client_uid)
-                if new is None:
-                    continue
+            if fd == listener.fileno() and (new := accept_client(listener, client_uid)):
                 if conn is not None:
                     log("connection_replaced")
                     poller.unregister(conn)
@@ -214,18 +167,14 @@ def listening_socket(path: str | None, client_uid: int) -> socket.socket:
     if path is None:
         if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
             raise ConfigError("no --socket given and no single socket passed by LISTEN_FDS")
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
         sock = socket.socket(fileno=LISTEN_FD)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_SEQPACKET):
             raise ConfigError("the activation socket is not an AF_UNIX SOCK_SEQPACKET socket")
         os.set_inheritable(sock.fileno(), False)
         return sock
-    try:
+    with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a stale socket from an earlier run
-    except FileNotFoundError:
-        pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)
     try:
@@ -233,7 +182,6 @@ def listening_socket(path: str | None, client_uid: int) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chown(path, client_uid, -1, follow_symlinks=False)
-    os.chmod(path, 0o600, follow_symlinks=False)
     sock.listen(8)
     return sock
 
@@ -251,20 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as e:
         log("startup_failed", reason=str(e))
         return 2
-    log(
-        "ready",
-        pid=os.getpid(),
-        client_uid=config.client_uid,
-        roots=",".join(config.file_roots),
-        majors=",".join(map(str, sorted(config.block_majors))),
-        root_disk=",".join(f"{os.major(d)}:{os.minor(d)}" for d in sorted(ops.forbidden)),
-    )
+    root_disk = ",".join(f"{os.major(d)}:{os.minor(d)}" for d in sorted(ops.forbidden))
+    roots, majors = ",".join(config.file_roots), ",".join(map(str, sorted(config.block_majors)))
+    log("ready", pid=os.getpid(), client_uid=config.client_uid, roots=roots, majors=majors,
+        root_disk=root_disk)  # fmt: skip
     try:
         serve(listener, ops, config.client_uid)
     except KeyboardInterrupt:
         log("stopped")
     os._exit(0)  # interpreter teardown would need syscalls the filter kills
-
-
-if __name__ == "__main__":
-    sys.exit(main())

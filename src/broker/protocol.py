@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 PROTOCOL_VERSION = 1
 MAX_PATH = 4095  # PATH_MAX minus the NUL the kernel adds
@@ -74,31 +74,28 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 17  # client side only: the broker cannot be reached
 
 
+NO_FLAGS = RequestFlag(0)
+OPEN_BLOCK_FLAGS = RequestFlag.WRITABLE | RequestFlag.EXPECT_DEV | RequestFlag.EXPECT_DISKSEQ
 ALLOWED_FLAGS = {
-    RequestKind.OPEN_BLOCK: RequestFlag.WRITABLE
-    | RequestFlag.EXPECT_DEV
-    | RequestFlag.EXPECT_DISKSEQ,
+    RequestKind.OPEN_BLOCK: OPEN_BLOCK_FLAGS,
     RequestKind.LOOP_FILE: RequestFlag.WRITABLE | RequestFlag.DIRECT_IO,
-    RequestKind.IDENTIFY: RequestFlag(0),
+    RequestKind.IDENTIFY: NO_FLAGS,
 }
 
 
-NO_FLAGS = RequestFlag(0)
-
-
 @dataclass(frozen=True)
-class Request:
+class Request:  # field order = REQUEST_HEADER order
     kind: RequestKind
     flags: RequestFlag = NO_FLAGS
-    path: bytes = b""
     block_size: int = 0
     expect_major: int = 0
     expect_minor: int = 0
     expect_diskseq: int = 0
+    path: bytes = b""
 
 
 @dataclass(frozen=True)
-class Reply:
+class Reply:  # field order = REPLY_HEADER order
     kind: ReplyKind
     code: ErrorCode = ErrorCode.OK
     errno: int = 0
@@ -112,17 +109,8 @@ class Reply:
 
 
 def encode_request(request: Request) -> bytes:
-    frame = REQUEST_HEADER.pack(
-        PROTOCOL_VERSION,
-        request.kind,
-        request.flags,
-        request.block_size,
-        request.expect_major,
-        request.expect_minor,
-        request.expect_diskseq,
-        len(request.path),
-        0,
-    ) + bytes(request.path)
+    path = bytes(request.path)
+    frame = REQUEST_HEADER.pack(PROTOCOL_VERSION, *astuple(request)[:-1], len(path), 0) + path
     parse_request(frame)  # what we send obeys the same rules as what we accept
     return frame
 
@@ -142,12 +130,10 @@ def parse_request(untrusted_frame: bytes) -> Request:
         raise FrameError("reserved bits set")
     if path_len != len(untrusted_frame) - REQUEST_HEADER.size:
         raise FrameError("path length does not match the frame length")
-    flags = RequestFlag(flags)
     path = bytes(untrusted_frame[REQUEST_HEADER.size :])
-    if kind == RequestKind.IDENTIFY:
-        if path or block_size or major or minor or diskseq:
-            raise FrameError("IDENTIFY takes no fields")
-    elif not path:
+    if kind == RequestKind.IDENTIFY and (path or block_size or major or minor or diskseq):
+        raise FrameError("IDENTIFY takes no fields")
+    if kind != RequestKind.IDENTIFY and not path:
         raise FrameError("empty path")
     if kind != RequestKind.LOOP_FILE and block_size:
         raise FrameError("block_size is for LOOP_FILE only")
@@ -155,44 +141,24 @@ def parse_request(untrusted_frame: bytes) -> Request:
         raise FrameError("expected major:minor given without EXPECT_DEV")
     if diskseq and not flags & RequestFlag.EXPECT_DISKSEQ:
         raise FrameError("expected diskseq given without EXPECT_DISKSEQ")
-    return Request(kind, flags, path, block_size, major, minor, diskseq)
+    return Request(kind, RequestFlag(flags), block_size, major, minor, diskseq, path)
 
 
 def encode_reply(reply: Reply) -> bytes:
     message = reply.message.encode("utf-8", "replace")[:MAX_MESSAGE]
     message = message.decode("utf-8", "ignore").encode()  # never cut inside a character
-    return (
-        REPLY_HEADER.pack(
-            PROTOCOL_VERSION,
-            reply.kind,
-            reply.code,
-            reply.errno,
-            reply.major,
-            reply.minor,
-            reply.diskseq,
-            reply.size,
-            reply.backing_dev,
-            reply.backing_ino,
-            len(message),
-            0,
-        )
-        + message
-    )
+    return REPLY_HEADER.pack(PROTOCOL_VERSION, *astuple(reply)[:-1], len(message), 0) + message
 
 
 def parse_reply(untrusted_frame: bytes) -> Reply:
     if not REPLY_HEADER.size <= len(untrusted_frame) <= MAX_REPLY:
         raise FrameError(f"reply length {len(untrusted_frame)} out of range")
     fields = REPLY_HEADER.unpack_from(untrusted_frame)
-    version, kind, code, errno, major, minor, diskseq, size, dev, ino, message_len, reserved = (
-        fields
-    )
+    version, kind, code, errno, major, minor, seq, size, dev, ino, message_len, reserved = fields
     if version != PROTOCOL_VERSION or reserved != 0:
         raise FrameError("bad reply header")
-    if kind not in ReplyKind.__members__.values():
-        raise FrameError(f"unknown reply kind {kind}")
-    if code not in ErrorCode.__members__.values():
-        raise FrameError(f"unknown error code {code}")
+    if kind not in ReplyKind.__members__.values() or code not in ErrorCode.__members__.values():
+        raise FrameError(f"unknown reply kind {kind} or error code {code}")
     if (kind == ReplyKind.OK) != (code == ErrorCode.OK):
         raise FrameError("reply kind and code disagree")
     if message_len != len(untrusted_frame) - REPLY_HEADER.size:
@@ -202,5 +168,5 @@ def parse_reply(untrusted_frame: bytes) -> Reply:
     except UnicodeDecodeError as e:
         raise FrameError("message is not UTF-8") from e
     return Reply(
-        ReplyKind(kind), ErrorCode(code), errno, major, minor, diskseq, size, dev, ino, message
+        ReplyKind(kind), ErrorCode(code), errno, major, minor, seq, size, dev, ino, message
     )

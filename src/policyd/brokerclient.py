@@ -161,12 +161,7 @@ class BrokerClient:
             flags |= RequestFlag.EXPECT_DISKSEQ
             diskseq = expect_diskseq
         request = Request(
-            RequestKind.OPEN_BLOCK,
-            flags,
-            os.fsencode(path),
-            expect_major=major,
-            expect_minor=minor,
-            expect_diskseq=diskseq,
+            RequestKind.OPEN_BLOCK, flags, 0, major, minor, diskseq, os.fsencode(path)
         )
         reply, fd = self._request(request, [], want_fd=True)
         return self._checked_fd(fd, reply), _identity(reply)
@@ -177,7 +172,7 @@ class BrokerClient:
         flags = RequestFlag.WRITABLE if writable else RequestFlag(0)
         if direct_io:
             flags |= RequestFlag.DIRECT_IO
-        request = Request(RequestKind.LOOP_FILE, flags, os.fsencode(path), block_size=block_size)
+        request = Request(RequestKind.LOOP_FILE, flags, block_size, path=os.fsencode(path))
         reply, fd = self._request(request, [], want_fd=True)
         return self._checked_fd(fd, reply), _identity(reply)
 

@@ -31,11 +31,11 @@ def valid_requests(draw: st.DrawFn) -> Request:
         return Request(kind)
     if kind == RequestKind.LOOP_FILE:
         flags = draw(st.sampled_from([0, 1, 8, 9]))
-        return Request(kind, RequestFlag(flags), draw(paths), block_size=draw(u32))
+        return Request(kind, RequestFlag(flags), draw(u32), path=draw(paths))
     flags = RequestFlag(draw(st.integers(0, 7)))
     major, minor = (draw(u32), draw(u32)) if flags & RequestFlag.EXPECT_DEV else (0, 0)
     seq = draw(u64) if flags & RequestFlag.EXPECT_DISKSEQ else 0
-    return Request(kind, flags, draw(paths), 0, major, minor, seq)
+    return Request(kind, flags, 0, major, minor, seq, draw(paths))
 
 
 @FUZZ
