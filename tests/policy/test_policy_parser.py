@@ -98,6 +98,7 @@ BAD_LINES = [
     ("export * dom0 work deny mode=ro", "not allowed with action 'deny'"),
     ("export * dom0 work allow default_target=work", "not allowed with action 'allow'"),
     ("request-export * @anyvm @anyvm ask default_target=-x", "invalid default_target"),
+    ("request-export * @anyvm @anyvm ask default_target=dom0", "cannot be dom0"),
     ("attach * dom0 @anyvm ask", "ask is not possible for attach"),
     ("export * dom0 wo$rk allow", "invalid domain name"),
     ("export * dom0 1work allow", "invalid domain name"),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import PolicySyntaxError
 from .tokens import (
+    ADMIN_DOMAIN,
     Action,
     DevicePattern,
     DomainSpec,
@@ -113,6 +114,8 @@ def _parse_params(action: Action, tokens: list[str]) -> RuleParams:
             default_target = validate_domain_name(seen["default_target"])
         except ValueError as err:
             raise ValueError(f"invalid default_target: {err}") from None
+        if default_target == ADMIN_DOMAIN:
+            raise ValueError("default_target cannot be dom0 (nothing is proposed into dom0)")
     return RuleParams(mode=mode, default_target=default_target)
 
 
