@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 from types import FrameType
 
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
     except StackError as e:
         print(f"devstack: stack did not start: {e}", file=sys.stderr)
+        return EXIT_STARTUP_FAILED
+    except Exception:
+        traceback.print_exc()
+        print("devstack: stack did not start (an error in the harness itself)", file=sys.stderr)
         return EXIT_STARTUP_FAILED
     FIXED_RUN_DIR.mkdir(parents=True, exist_ok=True)
     ns.bind_mount(stack.xenstored_run_dir, FIXED_RUN_DIR)

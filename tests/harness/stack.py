@@ -148,12 +148,14 @@ class Stack:
     def stop(self, failed: bool = False) -> list[str]:
         """Stop all daemons in reverse start order, then look for leaks. Returns the problems."""
         problems: list[str] = []
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
-        if self._xs is not None:
-            self._xs.close()
-            self._xs = None
+        probe, xs, self._probe, self._xs = self._probe, self._xs, None, None
+        try:
+            if probe is not None:
+                probe.close()
+            if xs is not None:
+                xs.close()
+        except Exception as e:  # a broken client connection must not keep daemons alive
+            problems.append(f"closing the harness's own connections: {e!r}")
         for name in reversed(list(self.daemons)):
             problems.extend(self.daemons.pop(name).stop(self.config.stop_timeout_s))
         for loop in loops.leaked_loops(self.leak_roots(), self.config.loop_settle_s):

@@ -144,3 +144,19 @@ def test_startup_failure_names_the_daemon_and_shows_its_log(tmp_path: Path) -> N
     assert result.returncode == EXIT_STARTUP_FAILED
     assert "broker: exited with status 3" in result.stderr
     assert "broken broker says hello" in result.stderr
+
+
+def test_polkitd_registers_exactly_the_projects_actions(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.d"
+    rules.mkdir()
+    (rules / "10-nothing.rules").write_text("polkit.addRule(function(action, subject) {});\n")
+    policy_dir = Path(__file__).resolve().parents[2] / "policy"
+    expected = sorted(
+        line.split('"')[1]
+        for policy in policy_dir.glob("*.policy")
+        for line in policy.read_text().splitlines()
+        if "<action id=" in line
+    )
+    result = devstack("--no-policyd", "--no-broker", "--polkit-rules", str(rules), "--", "pkaction")
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == expected

@@ -250,3 +250,14 @@ def test_xs_write_accepts_an_empty_value(stack: Stack) -> None:
     stack.xs_write("/local/domain/0/backend/vbd/2/51712/mode", "")
     assert stack.xs_read("/local/domain/0/backend/vbd/2/51712/mode") == ""
     stack.xs_rm("/local/domain/0/backend/vbd/2")
+
+
+def test_two_stacks_at_once_are_isolated(stack_factory: Callable[[StackConfig], Stack]) -> None:
+    first = stack_factory(StackConfig(domains={"one": 5}, broker=False, policyd=False))
+    second = stack_factory(StackConfig(domains={"two": 5}, broker=False, policyd=False))
+    assert first.xenstore_path != second.xenstore_path
+    assert first.bus_address != second.bus_address
+    assert (first.xs_read("/local/domain/5/name"), second.xs_read("/local/domain/5/name")) == (
+        "one",
+        "two",
+    )
