@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,14 @@ def test_policy_with_file_tags(tmp_path: Path) -> None:
     tags_file.write_text("sys-usb usb-source\nwork usb-target\nbroken line/\n")
     decision = policy.evaluate(ok)
     assert decision.action is Action.DENY and "tag lookup failed" in decision.reason
+
+
+def test_same_size_edit_with_same_mtime_is_seen(tmp_path: Path) -> None:
+    tags_file = tmp_path / "tags"
+    tags_file.write_text("work aaa\n")
+    provider = FileTagProvider(tags_file)
+    assert provider("work") == frozenset({"aaa"})
+    st = tags_file.stat()
+    tags_file.write_text("work bbb\n")
+    os.utime(tags_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert provider("work") == frozenset({"bbb"})

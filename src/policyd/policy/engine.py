@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidRequest, PolicySyntaxError
-from .parser import AbstractParser, Rule, RuleParams, list_policy_files
+from .parser import RACY_WINDOW_NS, AbstractParser, Rule, RuleParams, list_policy_files
 from .tags import TagProvider, no_tags
 from .tokens import (
     ADMIN_DOMAIN,
@@ -249,9 +249,6 @@ class Policy:
 
 # A file's identity and content version, as cheap stat fields.
 _Signature = tuple[object, ...]
-# Edits within this window of the last load may not change mtime (coarse timestamps), so a
-# policy loaded that recently is re-read on every check until it is older (cf. "racy git").
-_RACY_WINDOW_NS = 2_000_000_000
 
 
 class PolicyWatcher:
@@ -299,7 +296,7 @@ class PolicyWatcher:
         """Reload if any file changed; True if the loaded rules or error differ from before."""
         try:
             signature = self._current_signature()
-            racy = self._newest_file_mtime_ns() >= self._loaded_at_ns - _RACY_WINDOW_NS
+            racy = self._newest_file_mtime_ns() >= self._loaded_at_ns - RACY_WINDOW_NS
             if signature == self._signature and not racy:
                 return False
             loaded_at_ns = time.time_ns()

@@ -38,6 +38,9 @@ from .tokens import (
 MAX_LINE_LENGTH = 512  # bytes, without the newline
 MAX_FILE_SIZE = 1 << 20  # bytes
 POLICY_SUFFIX = ".policy"
+# File timestamps are coarse (a kernel tick), so an edit within this window of the last read
+# may leave size and mtime unchanged; readers re-read files that recent (cf. "racy git").
+RACY_WINDOW_NS = 2_000_000_000
 _FIELD_SEPARATOR = re.compile(r"[ \t]+")
 _PARAM_KEY = re.compile(r"[a-z_]{1,32}")
 _FIELDS = "OPERATION DEVICE SOURCE TARGET ACTION [PARAM=VALUE ...]"

@@ -17,11 +17,12 @@ A domain may appear on several lines; its tags are the union. Errors carry `file
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import TagLookupError, TagsSyntaxError
-from .parser import iter_lines, read_bounded, split_fields
+from .parser import RACY_WINDOW_NS, iter_lines, read_bounded, split_fields
 from .tokens import validate_domain_name, validate_tag
 
 TagProvider = Callable[[str], Iterable[str]]
@@ -58,7 +59,8 @@ def parse_tags(
 
 
 class FileTagProvider:
-    """Tags from a file, re-read whenever its inode, size, mtime or ctime changes.
+    """Tags from a file, re-read whenever its inode, size, mtime or ctime changes (and on
+    every lookup while the file is younger than RACY_WINDOW_NS at the last read).
 
     A missing, unreadable or malformed file makes every lookup raise `TagLookupError`, so the
     engine denies instead of silently treating a domain as untagged.
@@ -69,6 +71,7 @@ class FileTagProvider:
         self._signature: tuple[int, ...] | None = None
         self._tags: dict[str, frozenset[str]] = {}
         self._error: str | None = "not loaded"
+        self._loaded_at_ns = 0
 
     def errors(self) -> list[TagsSyntaxError]:
         """Read the file now and return its errors (for the linter)."""
@@ -86,9 +89,10 @@ class FileTagProvider:
             self._signature = None
             self._error = f"{self.path}: {err.strerror or err}"
             return
-        if signature == self._signature:
+        racy = st.st_mtime_ns >= self._loaded_at_ns - RACY_WINDOW_NS
+        if signature == self._signature and not racy:
             return
-        self._signature = signature
+        self._signature, self._loaded_at_ns = signature, time.time_ns()
         try:
             data = read_bounded(self.path)
         except Exception as err:
