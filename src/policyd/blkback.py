@@ -44,6 +44,10 @@ class BlkbackWatcher:
             "physical_device",
         )
 
+    def holds(self, record: ExportRecord) -> bool:
+        """Whether blkback still shows the backend device (it has the device open)."""
+        return os.path.exists(self.node(record))
+
     def watch(self, record: ExportRecord) -> None:
         if record.state != STATE_WAITING:
             return

@@ -284,13 +284,17 @@ class Exporter:
         self._register(record)
         return record
 
-    async def attach(self, untrusted_path: str) -> ExportRecord:
+    def _own_backend_path(self, untrusted_path: str) -> validate.BackendPath:
         be = validate.backend_path(untrusted_path)
         if be.backend_domid != self.backend_domid:
             raise errors.InvalidArgument(
                 f"{be.path} belongs to backend domain {be.backend_domid}; this policyd serves "
                 f"backend domain {self.backend_domid}"
             )
+        return be
+
+    async def attach(self, untrusted_path: str) -> ExportRecord:
+        be = self._own_backend_path(untrusted_path)
         async with self._lock:
             existing = self.registry.by_backend_path(be.path)
             if existing is not None:
@@ -318,7 +322,7 @@ class Exporter:
             return record
 
     async def detach_backend(self, untrusted_path: str) -> None:
-        be = validate.backend_path(untrusted_path)
+        be = self._own_backend_path(untrusted_path)
         record = self.registry.by_backend_path(be.path)
         if record is None:
             raise errors.NotFound(f"no export for {be.path}")
@@ -337,7 +341,7 @@ class Exporter:
             )
             if record.wrote_vbd:
                 if record.state == "connected":
-                    await self._wait_closed(record.backend_path)
+                    await self._wait_closed(record)
                 await self._xs(self.xenstore.remove_vbd, spec, record.devid)
             else:
                 try:
@@ -362,12 +366,16 @@ class Exporter:
             self.listener.export_removed(record)
             self.listener.manager_changed(["ExportCount"])
 
-    async def _wait_closed(self, be_path: str) -> None:
+    async def _wait_closed(self, record: ExportRecord) -> None:
+        """Ask blkback to disconnect; go on once the backend is Closed or blkback has let go of
+        the device (its sysfs node is gone), or after CLOSE_WAIT_S (a guest that ignores the
+        request then loses the disk when the nodes go, as with `xl block-detach --force`)."""
+        be_path = record.backend_path
         await self._xs(self.xenstore.set_backend_closing, be_path)
         deadline = time.monotonic() + CLOSE_WAIT_S
         while time.monotonic() < deadline:
             state = await self._xs(self.xenstore.read_one, f"{be_path}/state")
-            if state is None or state == str(XENBUS_STATE_CLOSED):
+            if state in (None, str(XENBUS_STATE_CLOSED)) or not self.blkback.holds(record):
                 return
             await asyncio.sleep(CLOSE_POLL_S)
         logfmt.warning("backend did not reach Closed; removing its nodes anyway", path=be_path)

@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ OM_IFACE = "org.freedesktop.DBus.ObjectManager"
 ERROR_PREFIX = "org.qubes.BlockBroker1.Error."
 XVDA, XVDB, XVDC = 51712, 51728, 51744
 NOBODY = 65534
+LOOP_SETTLE_S = 5.0
 
 
 async def connect(address: str) -> MessageBus:
@@ -178,6 +180,17 @@ def loops_of(path: Path) -> list[str]:
     return found
 
 
+def loops_released(path: Path, settle_s: float = LOOP_SETTLE_S) -> bool:
+    """True once no loop device is bound to `path`. Closing the last fd of an AUTOCLEAR loop
+    clears it asynchronously in the kernel (a workqueue), so allow a bounded settle time."""
+    deadline = time.monotonic() + settle_s
+    while loops_of(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def vbd_nodes(stack: Stack) -> list[str]:
     """Every vbd dir under dom0's backend and the guests' device dirs."""
     found = []
@@ -194,13 +207,18 @@ def vbd_nodes(stack: Stack) -> list[str]:
 def assert_clean(stack: Stack, *images: Path) -> None:
     """Nothing of ours left: no loop on our files, no vbd node, no block fd held by policyd."""
     for image in images:
-        assert loops_of(image) == [], f"loop device left on {image}"
+        assert loops_released(image), f"loop device left on {image}: {loops_of(image)}"
     assert vbd_nodes(stack) == []
     assert held_block_fds(stack) == []
 
 
 def write_libxl_vbd(
-    stack: Stack, frontend_domid: int, devid: int, params: str, mode: str = "r", **extra: str
+    stack: Stack,
+    frontend_domid: int,
+    devid: int,
+    params: str,
+    mode: str = "r",
+    extra: dict[str, str] | None = None,
 ) -> str:
     """The backend and frontend nodes libxl's device_disk_add writes (one transaction), before
     it runs the block script. Returns the backend path."""
@@ -220,7 +238,7 @@ def write_libxl_vbd(
         "device-type": "disk",
         "discard-enable": "1",
         "frontend": fe,
-        **extra,
+        **(extra or {}),
     }
     front = {
         "backend-id": "0",
@@ -231,16 +249,27 @@ def write_libxl_vbd(
     }
     xs = stack.xs
     xs.transaction()
-    xs.mkdir(be.encode())
-    xs.set_perms(be.encode(), [b"n0", f"r{frontend_domid}".encode()])
-    xs.mkdir(fe.encode())
-    xs.set_perms(fe.encode(), [f"n{frontend_domid}".encode(), b"r0"])
-    for name, value in back.items():
-        xs.write(f"{be}/{name}".encode(), value.encode())
-    for name, value in front.items():
-        xs.write(f"{fe}/{name}".encode(), value.encode())
+    try:
+        xs.mkdir(be.encode())
+        xs.set_perms(be.encode(), [b"n0", f"r{frontend_domid}".encode()])
+        xs.mkdir(fe.encode())
+        xs.set_perms(fe.encode(), [f"n{frontend_domid}".encode(), b"r0"])
+        for name, value in back.items():
+            xs.write(f"{be}/{name}".encode(), value.encode())
+        for name, value in front.items():
+            xs.write(f"{fe}/{name}".encode(), value.encode())
+    except BaseException:
+        xs.rollback()
+        raise
     assert xs.commit()
     return be
+
+
+def xs_write_raw(stack: Stack, path: str, value: bytes) -> None:
+    """Write bytes pyxs refuses to send (control characters, 8-bit) with xenstore-write."""
+    subprocess.run(
+        [b"xenstore-write", path.encode(), value], env=stack.env(), check=True, timeout=30
+    )
 
 
 def remove_libxl_vbd(stack: Stack, be: str) -> None:

@@ -1,0 +1,132 @@
+"""Attach/Detach: the libxl block-script path, with nodes written as libxl's device_disk_add
+writes them. Also junk in those nodes and malformed backend paths.
+
+Runs as root against the real stack; policyd runs as user blockbroker.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness.stack import Stack
+from policydlab import (
+    XVDA,
+    Api,
+    assert_clean,
+    held_block_fds,
+    loops_of,
+    remove_libxl_vbd,
+    write_libxl_vbd,
+    xs_write_raw,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+
+
+def trio(stack: Stack, be: str) -> dict[str, str | None]:
+    names = ("physical-device", "physical-device-path", "diskseq")
+    return {n: stack.xs_read(f"{be}/{n}") for n in names}
+
+
+def test_attach_writes_the_physical_device_trio(stack: Stack, api: Api) -> None:
+    image = stack.make_image("attach.img", content=b"ATTACH")
+    be = write_libxl_vbd(stack, 1, XVDA, str(image), mode="w")
+    export = str(api.ok("Attach", "s", [be]))
+    props = api.props(export)
+    assert props["BackendPath"] == be
+    assert props["Mode"] == "w" and props["Devid"] == XVDA and props["FrontendDomid"] == 1
+    assert props["FrontendDomain"] == "work"
+    assert props["Source"] == str(image)
+    assert loops_of(image) == [props["LoopDevice"].removeprefix("/dev/")]
+    assert trio(stack, be) == {
+        "physical-device": f"{props['Major']:x}:{props['Minor']:x}",
+        "physical-device-path": props["LoopDevice"],
+        "diskseq": f"{props['Diskseq']:x}",
+    }
+    # idempotent: the script may run twice
+    assert api.ok("Attach", "s", [be]) == export
+    assert len(held_block_fds(stack)) == 1
+
+    api.ok("Detach", "s", [be])
+    assert trio(stack, be) == dict.fromkeys(trio(stack, be))  # removed, the rest is libxl's
+    assert stack.xs_read(f"{be}/params") == str(image)
+    assert api.err("Detach", "s", [be]) == "NotFound"
+    remove_libxl_vbd(stack, be)
+    assert_clean(stack, image)
+
+
+def test_detach_tolerates_libxl_having_removed_the_backend(stack: Stack, api: Api) -> None:
+    image = stack.make_image("attach-gone.img")
+    be = write_libxl_vbd(stack, 2, XVDA, str(image))
+    api.ok("Attach", "s", [be])
+    remove_libxl_vbd(stack, be)
+    api.ok("Detach", "s", [be])
+    assert_clean(stack, image)
+
+
+def test_attach_of_a_backend_libxl_has_not_written(stack: Stack, api: Api) -> None:
+    assert api.err("Attach", "s", [f"/local/domain/0/backend/vbd/1/{XVDA}"]) == "NotFound"
+    assert_clean(stack)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "local/domain/0/backend/vbd/1/51712",
+        "/local/domain/0/backend/vbd/1/51712/",
+        "/local/domain/0/backend/vbd/1/51712/../51728",
+        "/local/domain/0/backend/vif/1/0",
+        "/local/domain/0/backend/vbd/01/51712",
+        "/local/domain/0/backend/vbd/1/51713",  # a partition, not a disk
+        "/local/domain/0/backend/vbd/99999/51712",
+        "/local/domain/0/backend/vbd/1/" + "9" * 200,
+        "/local/domain/3/backend/vbd/1/51712",  # another backend domain
+        "/local/domain/0/backend/vbd/1/51712\n",
+        "/local/domain/0/backend/vbd/1/5171\u0662",  # non-ASCII digit
+    ],
+)
+def test_malformed_backend_paths(stack: Stack, api: Api, path: str) -> None:
+    assert api.err("Attach", "s", [path]) == "InvalidArgument"
+    assert api.err("Detach", "s", [path]) == "InvalidArgument"
+    assert_clean(stack)
+
+
+@pytest.mark.parametrize(
+    ("junk", "error"),
+    [
+        ({"mode": "rw"}, "XenStore"),
+        ({"mode": "w!"}, "XenStore"),
+        ({"frontend-id": "2"}, "XenStore"),  # disagrees with the path
+        ({"frontend-id": "1x"}, "XenStore"),
+        ({"type": "phy;rm -rf"}, "XenStore"),
+        ({"params": "relative/path.img"}, "XenStore"),
+        ({"params": "/x/../etc/shadow"}, "XenStore"),
+        ({"params": "/" + "a" * 1000}, "InvalidArgument"),  # a name longer than NAME_MAX
+        ({"params": "/etc/shadow"}, "Refused"),  # outside the broker's roots
+        ({"params": "/nonexistent/disk.img"}, "NotFound"),
+    ],
+)
+def test_junk_in_libxl_nodes(stack: Stack, api: Api, junk: dict[str, str], error: str) -> None:
+    image = stack.make_image("attach-junk.img")
+    be = write_libxl_vbd(stack, 1, XVDA, str(image), extra=junk)
+    try:
+        assert api.err("Attach", "s", [be]) == error
+        assert trio(stack, be) == dict.fromkeys(trio(stack, be))
+        assert api.managed() == {}
+        assert loops_of(image) == [] and held_block_fds(stack) == []
+    finally:
+        remove_libxl_vbd(stack, be)
+    assert_clean(stack, image)
+
+
+@pytest.mark.parametrize("raw", [b"/tmp/a\x01b.img", b"/tmp/\xc3\xa9.img", b"/tmp/a\xffb.img"])
+def test_non_ascii_and_control_bytes_in_params(stack: Stack, api: Api, raw: bytes) -> None:
+    image = stack.make_image("attach-raw.img")
+    be = write_libxl_vbd(stack, 1, XVDA, str(image))
+    xs_write_raw(stack, f"{be}/params", raw)
+    try:
+        assert api.err("Attach", "s", [be]) == "XenStore"
+        assert api.managed() == {} and held_block_fds(stack) == []
+    finally:
+        remove_libxl_vbd(stack, be)
+    assert_clean(stack, image)
