@@ -83,20 +83,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_command(cmd: list[str], env: dict[str, str]) -> int:
-    """Run CMD in the foreground; forward SIGTERM/SIGHUP to it. SIGINT is ignored here: Ctrl-C
+    """Run CMD in the foreground; forward SIGTERM/SIGHUP to it. SIGINT does nothing here: Ctrl-C
     reaches CMD through the terminal, and devstack must live on to tear the stack down."""
-    try:
-        child = subprocess.Popen(cmd, env=env)
-    except OSError as e:
-        log("command_failed", cmd=cmd[0], reason=e.strerror)
-        return 127
+    child: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []  # signals that came before CMD existed
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        child.send_signal(signum)
+        if child is None:
+            pending.append(signum)
+        else:
+            child.send_signal(signum)
 
+    # Handlers go in before CMD starts, so no signal can find devstack undefended.
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A handler, not SIG_IGN: an ignored signal would stay ignored in CMD across exec.
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda _signum, _frame: None)
     try:
+        try:
+            child = subprocess.Popen(cmd, env=env)
+        except OSError as e:
+            log("command_failed", cmd=cmd[0], reason=e.strerror)
+            return 127
+        for signum in pending:
+            child.send_signal(signum)
         status = child.wait()
     finally:
         for sig, handler in previous.items():

@@ -6,6 +6,7 @@ Test harness tests, run as root against real oxenstored, dbus-daemon and the bro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,40 @@ def test_polkitd_registers_exactly_the_projects_actions(tmp_path: Path) -> None:
     result = devstack("--no-policyd", "--no-broker", "--polkit-rules", str(rules), "--", "pkaction")
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.split()) == expected
+
+
+def test_sigterm_to_devstack_reaches_the_command_and_still_tears_down() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(DEVSTACK), "--no-policyd", "--no-broker", "--",
+         "sh", "-c", 'echo "$BLOCKBROKER_STACK_DIR"; exec sleep 60'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    stack_dir = proc.stdout.readline().strip()
+    proc.terminate()
+    _, stderr = proc.communicate()
+    assert proc.returncode == 128 + 15, stderr
+    assert "event=command_exited status=143" in stderr
+    assert not Path(stack_dir).exists()
+    assert processes_mentioning(stack_dir) == []
+
+
+def test_ctrl_c_ends_the_command_but_not_the_teardown() -> None:
+    # What a terminal does on Ctrl-C: SIGINT to the whole foreground process group.
+    proc = subprocess.Popen(
+        [sys.executable, str(DEVSTACK), "--no-policyd", "--no-broker", "--",
+         "sh", "-c", 'echo "$BLOCKBROKER_STACK_DIR"; exec sleep 60'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    stack_dir = proc.stdout.readline().strip()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert not Path(stack_dir).exists()
+    assert processes_mentioning(stack_dir) == []
