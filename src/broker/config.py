@@ -31,62 +31,45 @@ class Config:
 
 
 def resolve_uid(user: object) -> int:
-    if isinstance(user, int) and not isinstance(user, bool) and 0 <= user < 2**32 - 1:
-        return user
-    if isinstance(user, str) and user.isdigit():
-        return resolve_uid(int(user))
-    if isinstance(user, str) and user:
+    """client_user as a uid: a user name, or a numeric uid (as a number or a string)."""
+    if isinstance(user, str) and not user.isdigit():
         try:
             return pwd.getpwnam(user).pw_uid
         except KeyError:
             raise ConfigError(f"client_user {user!r} does not exist") from None
-    raise ConfigError("client_user must be a user name or a numeric uid")
+    if type(user) not in (int, str) or not 0 <= int(str(user)) < 2**32 - 1:
+        raise ConfigError("client_user must be a user name or a numeric uid")
+    return int(str(user))
 
 
 def check_file_root(root: object) -> str:
-    if not isinstance(root, str) or not os.path.isabs(root) or "\0" in root:
-        raise ConfigError(f"file root {root!r} must be an absolute path")
-    root = os.path.normpath(root)
-    if os.path.realpath(root) != root:
+    if not isinstance(root, str) or not os.path.isabs(root) or not os.path.isdir(root):
+        raise ConfigError(f"file root {root!r} must be an absolute path to a directory")
+    if os.path.realpath(root) != os.path.normpath(root):
         raise ConfigError(f"file root {root} must not contain symlinks")
-    if not os.path.isdir(root):
-        raise ConfigError(f"file root {root} is not a directory")
-    return root
+    return os.path.normpath(root)
 
 
 def load_config(path: str) -> Config:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError as e:
-        raise ConfigError(f"cannot open config {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"config {path} is not a regular file")
-        if st.st_uid != 0:
-            raise ConfigError(f"config {path} is not owned by root")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ConfigError(f"config {path} is writable by group or others")
-        try:
+        with open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
+                raise ConfigError(f"config {path} is not a regular file owned by root")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise ConfigError(f"config {path} is writable by group or others")
             data = tomllib.load(f)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config {path}: {e}") from None
-    unknown = set(data) - KNOWN_KEYS
-    if unknown:
-        raise ConfigError(f"config {path}: unknown keys {sorted(unknown)}")
-    roots = data.get("file_roots", [])
-    majors = data.get("block_majors", [])
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    roots, majors = data.get("file_roots", []), data.get("block_majors", [])
+    if set(data) - KNOWN_KEYS or "client_user" not in data:
+        raise ConfigError(f"config {path}: needs client_user, knows only {sorted(KNOWN_KEYS)}")
     if not isinstance(roots, list) or not isinstance(majors, list):
         raise ConfigError("file_roots and block_majors must be lists")
-    if not all(isinstance(m, int) and not isinstance(m, bool) and 0 < m < 4096 for m in majors):
+    if not all(type(m) is int and 0 < m < 4096 for m in majors):
         raise ConfigError("block_majors must be integers in 1..4095")
-    if "client_user" not in data:
-        raise ConfigError("client_user is required")
-    return Config(
-        client_uid=resolve_uid(data["client_user"]),
-        file_roots=tuple(check_file_root(r) for r in roots),
-        block_majors=frozenset(majors),
-    )
+    roots = tuple(check_file_root(r) for r in roots)
+    return Config(resolve_uid(data["client_user"]), roots, frozenset(majors))
 
 
 def block_device_of(dev: int) -> str | None:

@@ -25,12 +25,12 @@ from collections.abc import Callable
 
 from broker import protocol, sandbox
 from broker.config import ConfigError, load_config, root_disk_devices
-from broker.ops import Opened, Operations, OpError
-from broker.protocol import ErrorCode, Reply, ReplyKind, Request, RequestKind
+from broker.ops import Operations, OpError, Result
+from broker.protocol import ErrorCode, FrameError, Reply, ReplyKind, Request, RequestKind
 
 MAX_FDS_ACCEPTED = 4  # room to notice (and close) too many fds
 LISTEN_FD = 3
-Handler = Callable[[Operations, Request, list[int]], "Opened | Reply"]
+Handler = Callable[[Operations, Request, list[int]], Result]
 
 # The whole protocol: request kind -> (number of fds that must come with it, handler).
 DISPATCH: dict[RequestKind, tuple[int, Handler]] = {
@@ -51,10 +51,6 @@ def log(event: str, **fields: object) -> None:
         os.write(2, (" ".join(parts) + "\n").encode("utf-8", "backslashreplace"))
 
 
-class ProtocolViolation(Exception):
-    """The peer broke the protocol; the connection ends."""
-
-
 def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     """One frame and the fds that came with it; the caller closes the fds."""
     size, fd_space = protocol.MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4)
@@ -67,7 +63,7 @@ def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
             flags |= socket.MSG_CTRUNC  # any other control message is a violation too
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         close_all(fds)
-        raise ProtocolViolation("truncated frame or unexpected control message")
+        raise FrameError("truncated frame or unexpected control message")
     return data, fds
 
 
@@ -76,32 +72,23 @@ def close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def serve_request(conn: socket.socket, ops: Operations, data: bytes, fds: list[int]) -> None:
+def answer(conn: socket.socket, ops: Operations, request: Request, fds: list[int]) -> None:
+    kind = request.kind.name
     try:
-        request = protocol.parse_request(data)
-    except protocol.FrameError as e:
-        raise ProtocolViolation(str(e)) from None
-    fd_count, handler = DISPATCH[request.kind]
-    if len(fds) != fd_count:
-        raise ProtocolViolation(f"{request.kind.name} takes {fd_count} fds, got {len(fds)}")
-    result: Opened | Reply
-    try:
-        result = handler(ops, request, fds)
+        result = DISPATCH[request.kind][1](ops, request, fds)
     except OpError as e:
-        log("refused", kind=request.kind.name, code=e.code.name, errno=e.errno, reason=e.message)
-        result = Reply(ReplyKind.ERROR, e.code, e.errno, message=e.message)
+        log("refused", kind=kind, code=e.code.name, errno=e.errno, reason=e.message)
+        result = Result(None, Reply(ReplyKind.ERROR, e.code, e.errno, message=e.message))
     except OSError as e:  # not foreseen by ops: report it, keep the connection
-        log("internal_error", kind=request.kind.name, errno=e.errno, reason=e.strerror)
-        result = Reply(ReplyKind.ERROR, ErrorCode.INTERNAL, e.errno or 0, message="internal error")
-    opened = result if isinstance(result, Opened) else None
-    reply = result.reply if isinstance(result, Opened) else result
-    if reply.kind == ReplyKind.OK:
-        dev, retries = f"{reply.major}:{reply.minor}", opened.retries if opened else 0
-        log("served", kind=request.kind.name, dev=dev, diskseq=reply.diskseq, retries=retries)
-    fds_out = [opened.fd] if opened else []
+        log("internal_error", kind=kind, errno=e.errno, reason=e.strerror)
+        result = Result(None, Reply(ReplyKind.ERROR, ErrorCode.INTERNAL, e.errno or 0))
+    else:
+        dev, reply = f"{result.reply.major}:{result.reply.minor}", result.reply
+        log("served", kind=kind, dev=dev, diskseq=reply.diskseq, retries=result.retries)
+    fds_out = [] if result.fd is None else [result.fd]
     try:
         fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))]
-        conn.sendmsg([protocol.encode_reply(reply)], fd_msg if fds_out else [])
+        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg if fds_out else [])
     finally:
         close_all(fds_out)  # policyd holds the only reference now (or none: AUTOCLEAR)
 
@@ -114,9 +101,12 @@ def serve_one(conn: socket.socket, ops: Operations) -> bool:
         if not data and not fds:
             log("connection_end", reason="peer closed")
             return False
-        serve_request(conn, ops, data, fds)
+        request = protocol.parse_request(data)
+        if len(fds) != DISPATCH[request.kind][0]:
+            raise FrameError(f"{request.kind.name} with the wrong number of fds: {len(fds)}")
+        answer(conn, ops, request, fds)
         return True
-    except ProtocolViolation as e:
+    except FrameError as e:
         log("protocol_violation", reason=str(e))
     except OSError as e:
         log("connection_end", reason=e.strerror)

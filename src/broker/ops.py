@@ -52,8 +52,8 @@ class OpError(Exception):
 
 
 @dataclass(frozen=True)
-class Opened:
-    fd: int
+class Result:
+    fd: int | None  # the fd to pass with the reply; the caller closes it after sending
     reply: Reply
     retries: int = 0  # LOOP_FILE: allocation attempts lost to another allocator
 
@@ -118,7 +118,7 @@ class Operations:
             return rdev in self.forbidden
         return read_dev(f"{os.path.dirname(sysdir)}/dev") in self.forbidden
 
-    def open_block(self, request: Request, fds: list[int]) -> Opened:
+    def open_block(self, request: Request, fds: list[int]) -> Result:
         path = validate_path(request.path)
         with contextlib.ExitStack() as stack:
             try:
@@ -147,7 +147,7 @@ class Operations:
                 raise OpError(ErrorCode.IDENTITY_MISMATCH, f"diskseq is {identity.diskseq}")
             stack.pop_all()
         os.close(path_fd)
-        return Opened(fd, identity)
+        return Result(fd, identity)
 
     def open_below_root(self, path: str) -> int:
         """O_PATH fd of `path`, resolved beneath its configured root without any symlink.
@@ -166,7 +166,7 @@ class Operations:
             raise OpError.from_os(OSError(err, os.strerror(err)), "open")
         return int(fd)
 
-    def loop_file(self, request: Request, fds: list[int]) -> Opened:
+    def loop_file(self, request: Request, fds: list[int]) -> Result:
         path = validate_path(request.path)
         writable = bool(request.flags & RequestFlag.WRITABLE)
         if request.block_size not in VALID_BLOCK_SIZES:
@@ -197,7 +197,7 @@ class Operations:
         os.close(backing_fd)
         os.close(path_fd)
         reply = dataclasses.replace(identity, backing_dev=st.st_dev, backing_ino=st.st_ino)
-        return Opened(loop_fd, reply, retries)
+        return Result(loop_fd, reply, retries)
 
     def bind_free_loop(self, config: kernel.loop_config, writable: bool) -> tuple[int, int]:
         """LOOP_CTL_GET_FREE + open + LOOP_CONFIGURE under the loop-control lock, retried a
@@ -223,16 +223,17 @@ class Operations:
         finally:
             fcntl.flock(self.loop_control, fcntl.LOCK_UN)
 
-    def identify(self, request: Request, fds: list[int]) -> Opened | Reply:
+    def identify(self, request: Request, fds: list[int]) -> Result:
         if not stat.S_ISBLK(os.fstat(fds[0]).st_mode):
             raise OpError(ErrorCode.NOT_BLOCK_DEVICE, "not a block device")
         identity = block_identity(fds[0])
         if identity.major != kernel.LOOP_MAJOR:
-            return identity
+            return Result(None, identity)
         try:
             info = loop_status(fds[0])
         except OSError as e:
             if e.errno == errno.ENXIO:  # an unbound loop device has no backing file
-                return identity
+                return Result(None, identity)
             raise OpError.from_os(e, "loop status") from None
-        return dataclasses.replace(identity, backing_dev=info.lo_device, backing_ino=info.lo_inode)
+        reply = dataclasses.replace(identity, backing_dev=info.lo_device, backing_ino=info.lo_inode)
+        return Result(None, reply)

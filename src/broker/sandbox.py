@@ -60,13 +60,8 @@ def build_filter() -> seccomp.SyscallFilter:
 
 
 def drop_capabilities() -> None:
-    """Empty bounding, ambient, inheritable, permitted and effective sets; lock the securebits
-    so that uid 0 never regains capabilities (no execve is possible anyway)."""
-    prctl.securebits.noroot = True
-    prctl.securebits.noroot_locked = True
-    prctl.securebits.no_setuid_fixup = True
-    prctl.securebits.no_setuid_fixup_locked = True
-    prctl.securebits.keep_caps_locked = True
+    """Empty bounding, inheritable, permitted and effective sets (ambient follows). uid 0 could
+    only regain capabilities through execve, which the filter kills."""
     for cap in range(64):
         try:
             prctl.capbset_drop(cap)

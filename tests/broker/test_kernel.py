@@ -25,7 +25,7 @@ int main(void) {
     P(LO_FLAGS_READ_ONLY); P(LO_FLAGS_AUTOCLEAR); P(LO_FLAGS_DIRECT_IO);
     P(LO_NAME_SIZE); P(LO_KEY_SIZE); P(LOOP_MAJOR);
     P(BLKGETSIZE64); P(BLKGETDISKSEQ);
-    P(RESOLVE_NO_XDEV); P(RESOLVE_NO_MAGICLINKS); P(RESOLVE_NO_SYMLINKS); P(RESOLVE_BENEATH);
+    P(RESOLVE_NO_MAGICLINKS); P(RESOLVE_NO_SYMLINKS); P(RESOLVE_BENEATH);
     P(SYS_openat2);
     P(sizeof(struct loop_info64)); P(sizeof(struct loop_config)); P(sizeof(struct open_how));
     P(offsetof(struct loop_info64, lo_flags)); P(offsetof(struct loop_info64, lo_file_name));
@@ -50,7 +50,7 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 CONSTANTS = [
     "LOOP_CONFIGURE", "LOOP_GET_STATUS64", "LOOP_CTL_GET_FREE", "LO_FLAGS_READ_ONLY",
     "LO_FLAGS_AUTOCLEAR", "LO_FLAGS_DIRECT_IO", "LO_NAME_SIZE", "LO_KEY_SIZE", "LOOP_MAJOR",
-    "BLKGETSIZE64", "BLKGETDISKSEQ", "RESOLVE_NO_XDEV", "RESOLVE_NO_MAGICLINKS",
+    "BLKGETSIZE64", "BLKGETDISKSEQ", "RESOLVE_NO_MAGICLINKS",
     "RESOLVE_NO_SYMLINKS", "RESOLVE_BENEATH", "SYS_openat2",
 ]  # fmt: skip
 
