@@ -1,7 +1,8 @@
 """Benchmark runner for `make bench` (runs as root; measurement only, never a pass/fail test).
 
-Runs every bench/bench_*.py (or those named on the command line) in its own process, in name order,
-shows their output as it comes, and collects the line each prints last: `BENCH_RESULT <json object>`.
+Runs every bench/bench_*.py (or those named on the command line) in its own process, in name
+order, shows their output as it comes, and collects the line each prints last:
+`BENCH_RESULT <json object>`.
 Ends with one line `BENCH_ALL <json>` holding every figure, keyed by script name.
 """
 

@@ -31,4 +31,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     lanes = [lane for lane in REAL_LANES if item.get_closest_marker(lane)]
     if lanes:
         report.outcome = "failed"
-        report.longrepr = f"CI=true: lane {'/'.join(lanes)} must run, but it was skipped: {report.longrepr}"
+        report.longrepr = (
+            f"CI=true: lane {'/'.join(lanes)} must run, but it was skipped: {report.longrepr}"
+        )
