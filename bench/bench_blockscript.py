@@ -1,0 +1,334 @@
+"""Benchmark: per-disk cost of the libxl block script, blockbroker-block vs Xen's own `block`.
+
+Runs as root (make bench) against the real host stack from tests/harness (real oxenstored, private
+system bus with the project's policy, broker, policyd as user blockbroker). Each iteration writes a
+vbd backend the way libxl does (not timed), then times one `add` and one `remove` of the script
+spawned as libxl spawns it (posix_spawn, XENBUS_PATH/XENBUS_TYPE/XENBUS_BASE_PATH in the
+environment), checks the result in XenStore, and deletes the nodes (not timed).
+
+Measured, on the same stack and nodes:
+  blockbroker-block        the shipped POSIX sh script (dbus-send + xenstore-write)
+  candidate sh+busctl      the same script calling busctl instead of dbus-send
+  candidate python         a minimal Python entry point (dbus-fast + pyxs), venv python -I
+  xen block                Xen 4.17's /etc/xen/scripts/block (bash; losetup; xenstore-read/write)
+  losetup                  `losetup -f --show -r` + `losetup -d` on the same image
+  policyd Attach/Detach    the two calls over one open connection, no process spawned: the
+                           service's own share of the script's time
+and spawn floors (true, sh -c true, python3 -S -I -c pass, one xenstore-write).
+
+Prints a table, then `BENCH_RESULT {json}` last. BENCH_N (default 100) sets iterations; the slow
+candidates (xen block, python) run BENCH_N_SLOW (default 40).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness.stack import Stack, StackConfig  # noqa: E402
+
+VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
+BLOCK_SCRIPT = VENV / "bin" / "blockbroker-block"
+XEN_BLOCK = Path("/etc/xen/scripts/block")
+N = int(os.environ.get("BENCH_N", "100"))
+N_SLOW = int(os.environ.get("BENCH_N_SLOW", "40"))
+WARMUP = 3
+FE = 1
+DEVID = 51712
+TARGET_RATIO = 50.0
+
+PYTHON_CANDIDATE = """
+import asyncio, os, sys
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+from pyxs import Client
+
+async def main() -> int:
+    be = os.environ["XENBUS_PATH"]
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    reply = await bus.call(Message(destination="org.qubes.BlockBroker1",
+        path="/org/qubes/BlockBroker1", interface="org.qubes.BlockBroker1.Manager",
+        member="Attach" if sys.argv[1] == "add" else "Detach", signature="s", body=[be]))
+    if reply.message_type == MessageType.ERROR:
+        print(reply.error_name, reply.body, file=sys.stderr)
+        return 1
+    if sys.argv[1] == "add":
+        with Client(unix_socket_path=os.environ["XENSTORED_PATH"]) as xs:
+            xs.write((be + "/hotplug-status").encode(), b"connected")
+    return 0
+
+sys.exit(asyncio.run(main()))
+"""
+
+
+def spawn(argv: Sequence[str], env: dict[str, str], log: Path) -> int:
+    """posix_spawn + waitpid, stdout to /dev/null, stderr appended to `log`; the exit status."""
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 2, str(log), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
+    ]
+    pid = os.posix_spawn(argv[0], list(argv), env, file_actions=actions)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def timed(argv: Sequence[str], env: dict[str, str], log: Path) -> float:
+    start = time.perf_counter()
+    status = spawn(argv, env, log)
+    elapsed = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{argv} exited {status}; see {log}:\n{log.read_text()[-2000:]}")
+    return elapsed * 1e3
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(values), 3),
+        "p99_ms": round(pct(values, 0.99), 3),
+        "mean_ms": round(statistics.fmean(values), 3),
+        "n": len(values),
+    }
+
+
+def write_vbd(stack: Stack, params: str) -> str:
+    """The backend/frontend nodes libxl's device_disk_add writes (backend state 2 = InitWait)."""
+    be = f"/local/domain/0/backend/vbd/{FE}/{DEVID}"
+    fe = f"/local/domain/{FE}/device/vbd/{DEVID}"
+    xs = stack.xs
+    xs.transaction()
+    xs.mkdir(be.encode())
+    xs.set_perms(be.encode(), [b"n0", f"r{FE}".encode()])
+    xs.mkdir(fe.encode())
+    xs.set_perms(fe.encode(), [f"n{FE}".encode(), b"r0"])
+    for name, value in (
+        ("frontend", fe), ("frontend-id", str(FE)), ("params", params), ("online", "1"),
+        ("removable", "0"), ("bootable", "1"), ("state", "2"), ("dev", "xvda"), ("type", "phy"),
+        ("mode", "r"), ("device-type", "disk"), ("discard-enable", "0"),
+    ):  # fmt: skip
+        xs.write(f"{be}/{name}".encode(), value.encode())
+    for name, value in (
+        ("backend", be), ("backend-id", "0"), ("state", "1"), ("virtual-device", str(DEVID)),
+        ("device-type", "disk"),
+    ):  # fmt: skip
+        xs.write(f"{fe}/{name}".encode(), value.encode())
+    if not xs.commit():
+        raise RuntimeError("writing vbd nodes conflicted")
+    return be
+
+
+def remove_vbd(stack: Stack) -> None:
+    for path in (
+        f"/local/domain/0/backend/vbd/{FE}/{DEVID}",
+        f"/local/domain/{FE}/device/vbd/{DEVID}",
+    ):
+        if stack.xs_exists(path):
+            stack.xs_rm(path)
+
+
+def bench_script(
+    stack: Stack, argv: Sequence[str], image: Path, log: Path, n: int
+) -> dict[str, list[float]]:
+    """add + remove of a hotplug script, `n` times (after WARMUP), checked in XenStore.
+
+    A failed `add` is counted (key "failures") and the iteration repeated: Xen's script races
+    with any other loop user on the machine (`losetup -f`, then bind: EBUSY if someone took that
+    device in between); blockbroker-block is expected never to fail here.
+    """
+    adds, removes, totals, failures = [], [], [], []
+    done = 0
+    while done < WARMUP + n:
+        be = write_vbd(stack, str(image))
+        env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+        try:
+            t_add = timed([*argv, "add"], env, log)
+        except RuntimeError:
+            failures.append(1.0)
+            remove_vbd(stack)
+            if len(failures) > n:
+                raise
+            continue
+        phys = stack.xs_read(f"{be}/physical-device")
+        if not phys or stack.xs_read(f"{be}/hotplug-status") != "connected":
+            raise RuntimeError(f"{argv[-1]} add left no physical-device/hotplug-status at {be}")
+        t_remove = timed([*argv, "remove"], env, log)
+        remove_vbd(stack)
+        if done >= WARMUP:
+            adds.append(t_add)
+            removes.append(t_remove)
+            totals.append(t_add + t_remove)
+        done += 1
+    return {"add": adds, "remove": removes, "per_disk": totals, "failures": failures}
+
+
+def bench_losetup(image: Path, log: Path, n: int) -> dict[str, list[float]]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    losetup = shutil.which("losetup", path=env["PATH"]) or "/sbin/losetup"
+    adds, removes, totals = [], [], []
+    out = log.with_suffix(".losetup")
+    for i in range(WARMUP + n):
+        start = time.perf_counter()
+        pid = os.posix_spawn(
+            losetup,
+            [losetup, "-f", "--show", "-r", str(image)],
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 1, str(out), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            ],
+        )
+        _, status = os.waitpid(pid, 0)
+        t_add = (time.perf_counter() - start) * 1e3
+        if status != 0:
+            raise RuntimeError("losetup -f failed")
+        device = out.read_text().strip()
+        t_remove = timed([losetup, "-d", device], env, log)
+        if i >= WARMUP:
+            adds.append(t_add)
+            removes.append(t_remove)
+            totals.append(t_add + t_remove)
+    return {"add": adds, "remove": removes, "per_disk": totals}
+
+
+def bench_service(stack: Stack, image: Path, n: int) -> dict[str, list[float]]:
+    """Attach + Detach over one open connection (client.api): policyd's own time per disk."""
+    from client.api import AsyncClient
+
+    async def run() -> dict[str, list[float]]:
+        adds, removes, totals = [], [], []
+        async with await AsyncClient.connect(stack.bus_address) as bb:
+            for i in range(WARMUP + n):
+                be = write_vbd(stack, str(image))
+                start = time.perf_counter()
+                await bb.attach(be)
+                mid = time.perf_counter()
+                await bb.detach_backend(be)
+                end = time.perf_counter()
+                remove_vbd(stack)
+                if i >= WARMUP:
+                    adds.append((mid - start) * 1e3)
+                    removes.append((end - mid) * 1e3)
+                    totals.append((end - start) * 1e3)
+        return {"add": adds, "remove": removes, "per_disk": totals}
+
+    return asyncio.run(run())
+
+
+def bench_floor(argv: Sequence[str], env: dict[str, str], log: Path, n: int) -> list[float]:
+    return [timed(argv, env, log) for _ in range(WARMUP + n)][WARMUP:]
+
+
+def make_candidates(stack: Stack) -> tuple[Path, Path]:
+    busctl_variant = stack.stack_dir / "blockbroker-block-busctl"
+    text = BLOCK_SCRIPT.read_text()
+    start = text.index("call() {")
+    end = text.index("}\n", start) + 2
+    call = (
+        "call() {\n\tbusctl --system --timeout=8 call org.qubes.BlockBroker1 "
+        '/org/qubes/BlockBroker1 org.qubes.BlockBroker1.Manager "$1" s "$XENBUS_PATH"\n}\n'
+    )
+    busctl_variant.write_text(text[:start] + call + text[end:])
+    busctl_variant.chmod(0o755)
+    python_variant = stack.stack_dir / "blockbroker-block.py"
+    python_variant.write_text(PYTHON_CANDIDATE)
+    return busctl_variant, python_variant
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench_blockscript: needs root (loop devices, the host stack)", file=sys.stderr)
+        return 1
+    Path("/var/log/xen").mkdir(parents=True, exist_ok=True)  # Xen's script appends its stderr here
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with Stack(StackConfig(domains={"work": FE})) as stack:
+        image = stack.make_image("bench.img", 16 << 20)
+        log = stack.stack_dir / "bench-scripts.log"
+        busctl_variant, python_variant = make_candidates(stack)
+        runs: list[tuple[str, Callable[[], dict[str, list[float]]]]] = [
+            ("blockbroker-block", lambda: bench_script(stack, [str(BLOCK_SCRIPT)], image, log, N)),
+            (
+                "candidate sh+busctl",
+                lambda: bench_script(stack, [str(busctl_variant)], image, log, N),
+            ),
+            (
+                "candidate python (dbus-fast)",
+                lambda: bench_script(
+                    stack, [str(VENV / "bin/python"), "-I", str(python_variant)], image, log, N_SLOW
+                ),
+            ),
+            ("xen block", lambda: bench_script(stack, [str(XEN_BLOCK)], image, log, N_SLOW)),
+            ("losetup CLI", lambda: bench_losetup(image, log, N)),
+            ("policyd Attach/Detach (in-process)", lambda: bench_service(stack, image, N)),
+        ]
+        for name, run in runs:
+            samples = run()
+            failed = len(samples.pop("failures", []))
+            results[name] = {k: summary(v) for k, v in samples.items()}
+            results[name]["add"]["failures"] = failed
+        env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        floors = {
+            "spawn /bin/true": ["/bin/true"],
+            "sh -c true": ["/bin/sh", "-c", "true"],
+            "python3 -S -I -c pass": ["/usr/bin/python3", "-S", "-I", "-c", "pass"],
+            "xenstore-write (one node)": ["/usr/bin/xenstore-write", "/bench-floor", "x"],
+            "dbus-send (Properties.Get)": [
+                "/usr/bin/dbus-send", "--system", "--print-reply", "--dest=org.qubes.BlockBroker1",
+                "/org/qubes/BlockBroker1", "org.freedesktop.DBus.Properties.Get",
+                "string:org.qubes.BlockBroker1.Manager", "string:Version",
+            ],
+        }  # fmt: skip
+        for name, argv in floors.items():
+            results[name] = {"run": summary(bench_floor(argv, env, log, N))}
+        stack.xs_rm("/bench-floor")
+        image.unlink()
+
+    ours = results["blockbroker-block"]
+    xen = results["xen block"]
+    ratio_add = xen["add"]["p50_ms"] / ours["add"]["p50_ms"]
+    ratio_disk = xen["per_disk"]["p50_ms"] / ours["per_disk"]["p50_ms"]
+    print(
+        f"{'':30s} {'add p50':>9s} {'add p99':>9s} {'rm p50':>9s} {'rm p99':>9s} {'disk p50':>9s}"
+    )
+    for name, r in results.items():
+        if "add" in r:
+            print(
+                f"{name:34s} {r['add']['p50_ms']:9.2f} {r['add']['p99_ms']:9.2f} "
+                f"{r['remove']['p50_ms']:9.2f} {r['remove']['p99_ms']:9.2f} "
+                f"{r['per_disk']['p50_ms']:9.2f}   (n={r['add']['n']}, "
+                f"failed adds {r['add']['failures']:g})"
+            )
+        else:
+            run = r["run"]
+            print(f"{name:34s} {run['p50_ms']:9.2f} {run['p99_ms']:9.2f}   (floor, n={run['n']})")
+    print(
+        f"xen block / blockbroker-block: add {ratio_add:.1f}x, add+remove {ratio_disk:.1f}x "
+        f"(target {TARGET_RATIO:g}x: {'met' if ratio_disk >= TARGET_RATIO else 'NOT met'})"
+    )
+    result = {
+        "results_ms": results,
+        "ratio_add_p50": round(ratio_add, 2),
+        "ratio_per_disk_p50": round(ratio_disk, 2),
+        "target_ratio": TARGET_RATIO,
+        "target_met": ratio_disk >= TARGET_RATIO,
+    }
+    print("BENCH_RESULT " + json.dumps(result, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
