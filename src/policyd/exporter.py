@@ -136,10 +136,10 @@ class Exporter:
         """
         try:
             st: os.stat_result | None = os.lstat(path)
-        except FileNotFoundError:
-            raise errors.NotFound(f"{path} does not exist") from None
-        except PermissionError:
-            st = None  # not visible to policyd; the broker decides
+        except (FileNotFoundError, PermissionError):
+            # Not visible to policyd (permissions, or its sandbox's private /tmp or read-only
+            # /home view): the broker, which sees the real file system, decides.
+            st = None
         except OSError as e:
             raise errors.InvalidArgument(f"{path}: {e.strerror}") from None
         if st is None:

@@ -103,11 +103,13 @@ def test_malformed_backend_paths(stack: Stack, api: Api, path: str) -> None:
         ({"params": "/x/../etc/shadow"}, "XenStore"),
         ({"params": "/" + "a" * 1000}, "InvalidArgument"),  # a name longer than NAME_MAX
         ({"params": "/etc/shadow"}, "Refused"),  # outside the broker's roots
-        ({"params": "/nonexistent/disk.img"}, "NotFound"),
+        ({"params": "/nonexistent/disk.img"}, "Refused"),  # outside the roots, too
+        ({"params": "{images}/nonexistent.img"}, "NotFound"),
     ],
 )
 def test_junk_in_libxl_nodes(stack: Stack, api: Api, junk: dict[str, str], error: str) -> None:
     image = stack.make_image("attach-junk.img")
+    junk = {k: v.replace("{images}", str(stack.image_dir)) for k, v in junk.items()}
     be = write_libxl_vbd(stack, 1, XVDA, str(image), extra=junk)
     try:
         assert api.err("Attach", "s", [be]) == error
