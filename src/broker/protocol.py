@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 PROTOCOL_VERSION = 1
 MAX_PATH = 4095  # PATH_MAX minus the NUL the kernel adds
@@ -84,7 +84,7 @@ ALLOWED_FLAGS = {
 
 
 @dataclass(frozen=True)
-class Request:  # field order = REQUEST_HEADER order
+class Request:  # field order = REQUEST_HEADER order (encode packs vars() in order)
     kind: RequestKind
     flags: RequestFlag = NO_FLAGS
     block_size: int = 0
@@ -95,7 +95,7 @@ class Request:  # field order = REQUEST_HEADER order
 
 
 @dataclass(frozen=True)
-class Reply:  # field order = REPLY_HEADER order
+class Reply:  # field order = REPLY_HEADER order (encode packs vars() in order)
     kind: ReplyKind
     code: ErrorCode = ErrorCode.OK
     errno: int = 0
@@ -110,7 +110,10 @@ class Reply:  # field order = REPLY_HEADER order
 
 def encode_request(request: Request) -> bytes:
     path = bytes(request.path)
-    frame = REQUEST_HEADER.pack(PROTOCOL_VERSION, *astuple(request)[:-1], len(path), 0) + path
+    frame = (
+        REQUEST_HEADER.pack(PROTOCOL_VERSION, *list(vars(request).values())[:-1], len(path), 0)
+        + path
+    )
     parse_request(frame)  # what we send obeys the same rules as what we accept
     return frame
 
@@ -147,7 +150,10 @@ def parse_request(untrusted_frame: bytes) -> Request:
 def encode_reply(reply: Reply) -> bytes:
     message = reply.message.encode("utf-8", "replace")[:MAX_MESSAGE]
     message = message.decode("utf-8", "ignore").encode()  # never cut inside a character
-    return REPLY_HEADER.pack(PROTOCOL_VERSION, *astuple(reply)[:-1], len(message), 0) + message
+    return (
+        REPLY_HEADER.pack(PROTOCOL_VERSION, *list(vars(reply).values())[:-1], len(message), 0)
+        + message
+    )
 
 
 def parse_reply(untrusted_frame: bytes) -> Reply:
