@@ -33,6 +33,7 @@ T = TypeVar("T")
 LOOP_MAJOR = 7
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
+XS_TIMEOUT_S = 5.0  # no XenStore request of ours takes anywhere near this long
 
 BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
     ErrorCode.BAD_PATH: errors.InvalidArgument,
@@ -96,9 +97,18 @@ class Exporter:
     # -- blocking work on the worker threads ---------------------------------------------------
 
     async def _xs(self, fn: Callable[..., T], *args: object) -> T:
+        """Run fn on the XenStore thread. A request that gets no answer within XS_TIMEOUT_S
+        is abandoned (see XenStore.abort_pending), so a hung or dead xenstored turns into
+        Error.XenStore instead of blocking every later call."""
         was = self.xenstore.connected
+        work = asyncio.get_running_loop().run_in_executor(self._xs_thread, fn, *args)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._xs_thread, fn, *args)
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(work), XS_TIMEOUT_S)
+                except TimeoutError:
+                    logfmt.warning("XenStore does not answer; abandoning the request")
+                    self.xenstore.abort_pending()
         finally:
             if self.xenstore.connected != was:
                 self.listener.manager_changed(["XenStoreConnected"])

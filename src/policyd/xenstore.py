@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyxs import Client
+from pyxs._internal import Op, Packet
 from pyxs.exceptions import PyXSError
 
 from policyd import validate
@@ -64,8 +65,15 @@ class VbdSpec:
 class Tx:
     """String-typed operations inside one transaction of one pyxs client."""
 
-    def __init__(self, client: Any) -> None:
-        self._c = client
+    def __init__(self, client: Any, owner: XenStore) -> None:
+        self._client = client
+        self._owner = owner
+
+    @property
+    def _c(self) -> Any:
+        if self._owner.aborted:
+            raise XenStoreError("XenStore stopped answering; the request was abandoned")
+        return self._client
 
     def read(self, path: str) -> str | None:
         try:
@@ -121,6 +129,22 @@ class XenStore:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self._client: Any = None
+        self.aborted = False
+
+    def abort_pending(self) -> None:
+        """From another thread: fail the requests the worker thread is blocked on.
+
+        pyxs waits for a reply without a timeout, and its reader thread dies silently when
+        xenstored goes away, so a request can block forever. This hands every pending request
+        an EIO reply and makes further operations of the current call fail at once.
+        """
+        client = self._client
+        if client is None:
+            return
+        self.aborted = True
+        router = client.router
+        for rq_id, rvar in list(router.rvars.items()):
+            rvar.set(Packet(Op.ERROR, b"EIO\x00", rq_id, client.tx_id))
 
     @property
     def connected(self) -> bool:
@@ -134,6 +158,7 @@ class XenStore:
 
     def _connect(self) -> Any:
         if self._client is None:
+            self.aborted = False
             client = Client(unix_socket_path=self.socket_path)
             try:
                 client.connect()
@@ -152,13 +177,16 @@ class XenStore:
             try:
                 client.transaction()
                 try:
-                    result = body(Tx(client))
+                    result = body(Tx(client, self))
                 except BaseException:
-                    client.rollback()
+                    if not self.aborted:
+                        client.rollback()
                     raise
                 if client.commit():
                     return result
             except PolicydError:
+                if self.aborted:
+                    self.close()
                 raise
             except (PyXSError, OSError, ValueError) as e:
                 self.close()
