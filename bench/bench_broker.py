@@ -44,21 +44,29 @@ def raw_attach_close(control: int, backing_fd: int) -> None:
     raise RuntimeError("no free loop device")
 
 
-def measure(name: str, action: Callable[[], None]) -> dict[str, float]:
-    for _ in range(WARMUP):
-        action()
-    times = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    times.sort()
+def timed(action: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def summary(name: str, times: list[float]) -> dict[str, float]:
+    times = sorted(times)
     result = {
         "median_us": statistics.median(times) * 1e6,
         "p99_us": times[int(len(times) * 0.99) - 1] * 1e6,
     }
     print(f"{name}: median {result['median_us']:.0f} us, p99 {result['p99_us']:.0f} us")
     return result
+
+
+def measure(raw: Callable[[], None], via: Callable[[], None]) -> tuple[list[float], list[float]]:
+    """Alternates the two, so that both see the same background load (other loop users)."""
+    for _ in range(WARMUP):
+        raw()
+        via()
+    pairs = [(timed(raw), timed(via)) for _ in range(ROUNDS)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def main() -> int:
@@ -83,21 +91,21 @@ def main() -> int:
                 time.sleep(0.01)
             control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
             backing = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-            raw = measure("raw floor (GET_FREE+open+LOOP_CONFIGURE+close, in-process)",
-                          lambda: raw_attach_close(control, backing))  # fmt: skip
-            os.close(backing)
-            os.close(control)
             client = BrokerClient(str(sock))
 
             def round_trip() -> None:
                 fd, _ = client.loop_file(str(image), writable=False)
                 os.close(fd)
 
-            via = measure("broker round trip (LOOP_FILE + close, other process)", round_trip)
+            raw_times, via_times = measure(lambda: raw_attach_close(control, backing), round_trip)
             client.close()
+            os.close(backing)
+            os.close(control)
         finally:
             broker.terminate()
             broker.wait(timeout=10)
+    raw = summary("raw floor (GET_FREE+open+LOOP_CONFIGURE+close, in-process)", raw_times)
+    via = summary("broker round trip (LOOP_FILE + close, from another process)", via_times)
     ratio = via["median_us"] / raw["median_us"]
     print(f"ratio broker/raw (median): {ratio:.2f}x (target: within 3x)")
     result = {

@@ -7,7 +7,15 @@ import stat
 from pathlib import Path
 
 import pytest
-from brokerlab import Broker, bound_loops, make_image, wait_no_loops
+from brokerlab import (
+    Broker,
+    bound_loops,
+    make_image,
+    start_broker,
+    stop_broker,
+    wait_no_loops,
+    write_config,
+)
 
 from broker.protocol import ErrorCode
 from policyd.brokerclient import BrokerClient, BrokerError, BrokerUnavailable
@@ -172,3 +180,25 @@ def test_unavailable_is_distinct(tmp_path: Path) -> None:
     with pytest.raises(BrokerUnavailable) as e:
         client.loop_file("/x", writable=False)
     assert e.value.code == ErrorCode.UNAVAILABLE
+
+
+def test_root_disk_is_never_opened(workdir: Path) -> None:
+    root_dev = os.stat("/").st_dev
+    node = Path(f"/sys/dev/block/{os.major(root_dev)}:{os.minor(root_dev)}")
+    if not node.exists():
+        pytest.skip("the root filesystem is not on a block device here")
+    disk = node.resolve().parent if (node.resolve() / "partition").exists() else node.resolve()
+    names = [disk.name] + [p.name for p in disk.iterdir() if (p / "partition").exists()]
+    majors = sorted({7, os.major(root_dev), *(int((disk / "dev").read_text().split(":")[0]),)})
+    config = write_config(workdir / "rootdisk.toml", "root", [workdir / "root"], majors)
+    broker = start_broker(config, workdir / "rootdisk.sock", workdir / "root")
+    client = broker.client()
+    try:
+        for name in names:  # the disk and every partition, though their major is allowed
+            with pytest.raises(BrokerError) as e:
+                client.open_block(f"/dev/{name}", writable=False)
+            assert e.value.code == ErrorCode.ROOT_DISK, name
+        broker.assert_serves()
+    finally:
+        client.close()
+        stop_broker(broker)
