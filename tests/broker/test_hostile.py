@@ -179,7 +179,7 @@ def test_symlink_swapped_in_between_calls(broker: Broker, idle_fds: int, tmp_pat
         os.close(fd)
         (broker.root / "tmp-link").symlink_to(outside)
         os.replace(broker.root / "tmp-link", image)
-        assert refused(client, image) == ErrorCode.SYMLINK
+        assert refused(client, str(image)) == ErrorCode.SYMLINK
     finally:
         client.close()
 
