@@ -30,7 +30,9 @@ class BlockBrokerError(Exception):
 
     name: ClassVar[str] = ""  # short name under ERROR_PREFIX; "" for the generic class
     exit_status: ClassVar[int] = EXIT_SERVICE_ERROR
-    hint: ClassVar[str] = ""  # what to do about it, shown by the CLI
+    # What to do, appended by str(). Only for errors the client or the bus produce: policyd's
+    # own messages already say what to do.
+    hint: ClassVar[str] = ""
 
     def __init__(self, message: str = "", dbus_name: str | None = None) -> None:
         super().__init__(message)
@@ -45,17 +47,14 @@ class BlockBrokerError(Exception):
 class AccessDenied(BlockBrokerError):
     name = "AccessDenied"
     exit_status = EXIT_ACCESS_DENIED
-    hint = "run as root, or ask an administrator to allow this call"
 
 
 class UnknownDomain(BlockBrokerError):
     name = "UnknownDomain"
-    hint = "check the domain name with `xl list`"
 
 
 class NotFound(BlockBrokerError):
     name = "NotFound"
-    hint = "see `blockbroker list` for current exports"
 
 
 class InvalidArgument(BlockBrokerError):
@@ -64,34 +63,28 @@ class InvalidArgument(BlockBrokerError):
 
 class Refused(BlockBrokerError):
     name = "Refused"
-    hint = "the broker's configuration does not allow this source"
 
 
 class Busy(BlockBrokerError):
     name = "Busy"
-    hint = "the source or devid is in use; detach it first or pick another devid"
 
 
 class DeviceChanged(BlockBrokerError):
     name = "DeviceChanged"
-    hint = "the device was replaced since it was named; look it up again"
 
 
 class XenStore(BlockBrokerError):
     name = "XenStore"
-    hint = "check that xenstored is running"
 
 
 class BrokerUnavailable(BlockBrokerError):
     name = "BrokerUnavailable"
     exit_status = EXIT_UNREACHABLE
-    hint = "the privileged broker is not running; start it and retry"
 
 
 class PolicyDenied(BlockBrokerError):
     name = "PolicyDenied"
     exit_status = EXIT_ACCESS_DENIED
-    hint = "the export policy denies this; see `blockbroker policy explain`"
 
 
 class Expired(BlockBrokerError):
@@ -100,7 +93,6 @@ class Expired(BlockBrokerError):
 
 class Internal(BlockBrokerError):
     name = "Internal"
-    hint = "a bug in policyd; its log has the details"
 
 
 class ServiceUnavailable(BlockBrokerError):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from harness.stack import Stack
 from vbd import (
+    leaked_loops,
     loop_backing_file,
     loop_diskseq,
     physical_device,
@@ -110,7 +111,7 @@ def test_errors_are_mapped(stack: Stack, client: Client, image: Path) -> None:
             client.export(str(image), to="untrusted")  # a rw file is never shared
     finally:
         client.detach(rw)
-    assert stack.leaked_loops() == []
+    assert leaked_loops(stack) == []
 
 
 def test_subscribe_sees_added_changed_removed(stack: Stack, client: Client, image: Path) -> None:

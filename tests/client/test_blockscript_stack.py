@@ -18,6 +18,7 @@ from vbd import (
     backend_path,
     block_script,
     cli_json,
+    leaked_loops,
     loop_backing_file,
     loop_diskseq,
     loop_readonly,
@@ -44,7 +45,7 @@ def vbd(stack: Stack) -> Iterator[Callable[[str, str, int], str]]:
     yield make
     for devid in made:
         remove_libxl_vbd(stack, WORK, devid)
-    assert stack.leaked_loops() == []
+    assert leaked_loops(stack) == []
 
 
 def test_add_then_remove(stack: Stack, vbd: Callable[..., str]) -> None:
@@ -114,7 +115,7 @@ def test_failing_add_writes_hotplug_error(
     for node in ("physical-device", "physical-device-path", "diskseq"):
         assert not stack.xs_exists(f"{be}/{node}")
     assert not [e for e in cli_json(stack, "list") if e["backend_path"] == be]
-    assert stack.leaked_loops() == []
+    assert leaked_loops(stack) == []
     # libxl runs remove after a failed add; nothing to release is not an error
     assert block_script(stack, "remove", be).returncode == 0
 

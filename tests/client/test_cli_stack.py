@@ -16,6 +16,7 @@ from vbd import (
     cli,
     cli_json,
     frontend_path,
+    leaked_loops,
     loop_backing_file,
     loop_diskseq,
     loop_readonly,
@@ -163,7 +164,7 @@ def test_service_errors(
     if error_name:
         assert result.stderr.startswith(f"blockbroker: org.qubes.BlockBroker1.Error.{error_name}: ")
     assert cli_json(stack, "list") == before
-    assert stack.leaked_loops() == []
+    assert leaked_loops(stack) == []
 
 
 def test_file_outside_roots_is_refused_and_nothing_leaks(stack: Stack, tmp_path: Path) -> None:
@@ -200,3 +201,36 @@ def test_service_not_running_exits_3(stack_factory: object) -> None:
         assert result.returncode == 3, result.stderr
         assert "org.freedesktop.DBus.Error.ServiceUnknown" in result.stderr
         assert "is policyd running?" in result.stderr
+
+
+def test_watch_prints_events_as_json_lines(stack: Stack, image: Path) -> None:
+    import subprocess
+    import threading
+    import time
+
+    from vbd import CLI
+
+    watcher = subprocess.Popen(
+        [str(CLI), "watch", "--json"], env=stack.env(), stdout=subprocess.PIPE, text=True
+    )
+    killer = threading.Timer(15, watcher.kill)  # a hung watch fails the test, not the run
+    killer.start()
+    try:
+        time.sleep(0.5)  # let it subscribe
+        (export,) = cli_json(stack, "export", str(image), "--to", "work")
+        assert cli(stack, "detach", export["id"]).returncode == 0
+        assert watcher.stdout is not None
+        seen: list[dict[str, object]] = []
+        while not any(e["event"] == "removed" for e in seen):
+            line = watcher.stdout.readline()
+            assert line, f"watch ended early; saw {seen}"
+            seen.append(json.loads(line))
+    finally:
+        killer.cancel()
+        watcher.terminate()
+        watcher.wait(5)
+    added = next(e for e in seen if e["event"] == "added")
+    assert added["export"] == export["export"]
+    assert added["diskseq"] == export["diskseq"]
+    removed = next(e for e in seen if e["event"] == "removed")
+    assert removed["export"] == export["export"]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import loops
 from harness.stack import Stack
 
 VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
@@ -145,3 +146,9 @@ def wait_loop_released(device: str, diskseq: int, timeout: float = 5.0) -> bool:
 
 def physical_device(major: int, minor: int) -> str:
     return f"{major:x}:{minor:x}"
+
+
+def leaked_loops(stack: Stack) -> list[loops.LoopDevice]:
+    """Loops still bound under the stack's dirs once autoclear had time to run (a detached
+    export's loop is freed asynchronously after policyd closes its fd)."""
+    return loops.leaked_loops(stack.leak_roots(), settle_s=2.0)
