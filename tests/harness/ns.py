@@ -1,4 +1,4 @@
-"""Mount namespace helpers (ctypes; Python 3.11 has no os.unshare).
+"""Mount namespace and parent-death helpers (ctypes; Python 3.11 has no os.unshare).
 
 Test harness, runs as root. Used in child processes between fork and exec (preexec_fn) to give
 a daemon its own view of a few fixed paths (/run/xenstored, polkit's rules and actions), and by
@@ -17,9 +17,12 @@ CLONE_NEWNS = 0x00020000
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
+# <linux/prctl.h>
+PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
@@ -54,3 +57,10 @@ def private_binds(binds: list[tuple[Path, Path]]) -> None:
     enter_private_mount_namespace()
     for source, target in binds:
         bind_mount(source, target)
+
+
+def die_with_parent(signum: int) -> None:
+    """preexec_fn body: get `signum` when the spawning thread exits, so a SIGKILLed harness does
+    not leave daemons behind. The kernel clears this when the process changes its credentials
+    later (dbus-daemon and polkitd drop privileges themselves, so they keep running then)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signum), "prctl(PR_SET_PDEATHSIG)")

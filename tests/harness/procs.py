@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import ns
+
 POLL_INTERVAL_S = 0.003
 
 
@@ -86,11 +88,17 @@ class Daemon:
                 user=self.user,
                 group=self.user,
                 extra_groups=[] if self.user is not None else None,
-                preexec_fn=self.preexec,
+                preexec_fn=self._preexec,
                 pass_fds=self.pass_fds,
                 close_fds=True,
             )
         log("started", daemon=self.name, pid=self.proc.pid, user=self.user or "root")
+
+    def _preexec(self) -> None:
+        """In the child, after the uid switch (if any): die with the harness, then the hook."""
+        ns.die_with_parent(signal.SIGTERM)
+        if self.preexec is not None:
+            self.preexec()
 
     @property
     def pid(self) -> int:

@@ -5,10 +5,13 @@ Test harness tests, run as root against real oxenstored, dbus-daemon and the bro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -198,3 +201,32 @@ def test_ctrl_c_ends_the_command_but_not_the_teardown() -> None:
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert not Path(stack_dir).exists()
     assert processes_mentioning(stack_dir) == []
+
+
+def test_daemons_that_keep_their_credentials_die_with_a_killed_devstack() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(DEVSTACK), "--", "sh", "-c",
+         'echo "$$ $BLOCKBROKER_STACK_DIR"; exec sleep 60'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    command_pid, stack_dir = proc.stdout.readline().split()
+    proc.kill()  # no teardown at all
+    proc.wait()
+    os.kill(int(command_pid), signal.SIGKILL)
+    try:
+        # oxenstored, the broker and policyd get SIGTERM from the kernel (PR_SET_PDEATHSIG);
+        # dbus-daemon dropped to messagebus itself, which clears that, so it is left over.
+        for _ in range(1000):
+            left = processes_mentioning(stack_dir)
+            if all("dbus-daemon" in entry for entry in left):
+                break
+            time.sleep(0.01)
+        assert all("dbus-daemon" in entry for entry in left), left
+    finally:
+        for entry in processes_mentioning(stack_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.split(":")[0]), signal.SIGKILL)
+        shutil.rmtree(stack_dir, ignore_errors=True)
