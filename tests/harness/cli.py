@@ -113,6 +113,22 @@ def run_command(cmd: list[str], env: dict[str, str]) -> int:
     return 128 - status if status < 0 else status
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP while the stack starts: stop what started, exit 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated(signum)
+
+
+def ignore(_signum: int, _frame: FrameType | None) -> None:
+    """Teardown is bounded; a second SIGTERM must not cut it short."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if os.geteuid() != 0:
@@ -128,12 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         stack_dir=args.stack_dir,
         keep_stack_dir=args.keep,
     )
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_terminated)
     # The command sees /run/xenstored/socket too (tools that ignore XENSTORED_PATH), in a mount
     # namespace of its own that dies with devstack.
     ns.enter_private_mount_namespace()
     try:
         stack = Stack(config)
-        stack.start()
+        stack.start()  # stops what it started if anything goes wrong
+    except Terminated as e:
+        print(f"devstack: signal {e.signum} while the stack started", file=sys.stderr)
+        return 128 + e.signum
     except StackError as e:
         print(f"devstack: stack did not start: {e}", file=sys.stderr)
         return EXIT_STARTUP_FAILED
@@ -141,11 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("devstack: stack did not start (an error in the harness itself)", file=sys.stderr)
         return EXIT_STARTUP_FAILED
-    FIXED_RUN_DIR.mkdir(parents=True, exist_ok=True)
-    ns.bind_mount(stack.xenstored_run_dir, FIXED_RUN_DIR)
-    status = run_command(args.cmd, stack.env())
-    log("command_exited", status=status)
-    problems = stack.stop()
+    status = EXIT_STARTUP_FAILED
+    try:
+        FIXED_RUN_DIR.mkdir(parents=True, exist_ok=True)
+        ns.bind_mount(stack.xenstored_run_dir, FIXED_RUN_DIR)
+        status = run_command(args.cmd, stack.env())
+        log("command_exited", status=status)
+    except Terminated as e:
+        status = 128 + e.signum
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, ignore)
+        problems = stack.stop()
     if problems:
         print("devstack: teardown found problems:", file=sys.stderr)
         for problem in problems:

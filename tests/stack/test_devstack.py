@@ -230,3 +230,41 @@ def test_daemons_that_keep_their_credentials_die_with_a_killed_devstack() -> Non
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.split(":")[0]), signal.SIGKILL)
         shutil.rmtree(stack_dir, ignore_errors=True)
+
+
+def test_sigterm_while_the_stack_starts_stops_what_started(tmp_path: Path) -> None:
+    started = tmp_path / "broker-started"
+    fake_venv = tmp_path / "venv"
+    (fake_venv / "bin").mkdir(parents=True)
+    never_ready = fake_venv / "bin" / "blockbroker-broker"
+    never_ready.write_text(
+        f"#!/bin/sh\necho $$ > '{started}.tmp'\nmv '{started}.tmp' '{started}'\nexec sleep 60\n"
+    )
+    never_ready.chmod(0o755)
+    stack_dir = tmp_path / "stack"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(DEVSTACK),
+            "--no-policyd",
+            "--stack-dir",
+            str(stack_dir),
+            "--",
+            "true",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "BLOCKBROKER_VENV": str(fake_venv)},
+    )
+    for _ in range(2000):  # bounded: the stack's own start-up timeout is 20 s
+        if started.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert started.exists()
+    proc.terminate()
+    _, stderr = proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "while the stack started" in stderr
+    assert processes_mentioning(str(stack_dir)) == []
+    fake_broker_pid = started.read_text().strip()
+    assert not Path(f"/proc/{fake_broker_pid}").exists(), "the half-started broker was stopped"
