@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +42,11 @@ DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 def _env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
+
+
+def _group_of(user: str | int) -> int:
+    entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+    return entry.pw_gid
 
 
 @dataclass
@@ -313,6 +319,16 @@ class Stack:
             PATH=f"{self.config.venv / 'bin'}:{env.get('PATH', DAEMON_PATH)}",
         )
         return env
+
+    def run(
+        self, argv: list[str], user: str | int | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a client against the stack (its env()), as root or as `user` (name or uid; no
+        supplementary groups); output captured as text."""
+        if user is not None:
+            argv = ["setpriv", f"--reuid={user}", f"--regid={_group_of(user)}", "--clear-groups",
+                    *argv]  # fmt: skip
+        return subprocess.run(argv, env=self.env(), capture_output=True, text=True, check=check)
 
     def has_owner(self, name: str) -> bool:
         if self._probe is None:

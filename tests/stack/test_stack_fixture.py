@@ -262,3 +262,13 @@ def test_two_stacks_at_once_are_isolated(stack_factory: Callable[[StackConfig], 
         "one",
         "two",
     )
+
+
+def test_run_as_another_user_reaches_the_stack(stack: Stack) -> None:
+    as_service = stack.run(["xenstore-read", "/local/domain/1/name"], user=SERVICE_USER)
+    assert (as_service.returncode, as_service.stdout) == (0, "work\n"), as_service.stderr
+    as_nobody = stack.run(["id", "-u"], user=NOBODY, check=True)
+    assert as_nobody.stdout.strip() == str(NOBODY)
+    # nobody is not in group blockbroker: the XenStore socket is out of reach
+    denied = stack.run(["xenstore-read", "/local/domain/1/name"], user=NOBODY)
+    assert denied.returncode != 0
