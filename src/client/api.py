@@ -28,7 +28,7 @@ from typing import Any, Final
 from dbus_fast import BusType, Message, MessageType, Variant, unpack_variants
 from dbus_fast.aio import MessageBus
 
-from client.errors import NotFound, ServiceUnavailable, UsageError, from_dbus
+from client.errors import BlockBrokerError, NotFound, ServiceUnavailable, UsageError, from_dbus
 from client.model import (
     BUS_NAME,
     EXPORT_IFACE,
@@ -87,6 +87,7 @@ class Subscription:
         self._callback = callback
         self._rules: list[str] = []
         self._owner: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.exports: dict[str, ExportInfo] = {}
         self.status: Status | None = None
         self.closed = False
@@ -114,10 +115,27 @@ class Subscription:
             self.exports = {e.export: e for e in await self._client.list_exports()}
             self.status = await self._client.status()
 
+    async def _resync(self, owner: str) -> None:
+        try:
+            exports = await self._client.list_exports()
+            status = await self._client.status()
+        except BlockBrokerError:
+            return  # it went away again; NameOwnerChanged tells
+        if self.closed or self._owner != owner:
+            return
+        for info in exports:
+            if info.export not in self.exports:  # not already announced by a signal
+                self.exports[info.export] = info
+                self._emit(Event("added", path=info.export, export=info))
+        self.status = status
+        self._emit(Event("status", path=MANAGER_PATH, status=status))
+
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
         bus = self._client.bus
         bus.remove_message_handler(self._on_message)
         if bus.connected:
@@ -142,11 +160,16 @@ class Subscription:
             if msg.sender == "org.freedesktop.DBus" and msg.body and msg.body[0] == BUS_NAME:
                 new_owner = str(msg.body[2]) or None
                 self._owner = new_owner
-                if new_owner is None:
-                    for path, info in sorted(self.exports.items()):
-                        self._emit(Event("removed", path=path, export=info))
-                    self.exports.clear()
+                for path, info in sorted(self.exports.items()):
+                    self._emit(Event("removed", path=path, export=info))
+                self.exports.clear()
                 self._emit(Event("service", online=new_owner is not None))
+                if new_owner is not None:
+                    # A restarted policyd may already hold exports (reconciled from XenStore)
+                    # without announcing them: take a fresh snapshot and report it as added.
+                    task = asyncio.get_running_loop().create_task(self._resync(new_owner))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             return
         if self._owner is None or msg.sender != self._owner:
             return  # only the current owner of the service name speaks for it

@@ -34,6 +34,10 @@ class SyncSubscription:
 
     @property
     def exports(self) -> dict[str, ExportInfo]:
+        """A copy, taken on the loop thread (which is the one that updates it)."""
+        return self._client._run(self._copy_exports())
+
+    async def _copy_exports(self) -> dict[str, ExportInfo]:
         return dict(self._sub.exports)
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -183,22 +184,21 @@ def _close_backend_when_asked(stack: Stack, be: str) -> threading.Thread:
     return thread
 
 
-def test_events_iterator_sees_service_vanish_and_return(stack: Stack, bus_env: None) -> None:
-    with Client() as bb:
+def test_events_see_service_vanish_and_return(stack: Stack, bus_env: None) -> None:
+    inbox: queue.Queue[Event] = queue.Queue()
+    with Client() as bb, bb.subscribe(inbox.put) as sub:
+        # From this thread: the harness ties a daemon's life to the thread that started it.
+        stack.restart_policyd()
         seen: list[Event] = []
-        stream = bb.events(timeout=10)
-        restarter = threading.Timer(0.3, stack.restart_policyd)
-        restarter.start()
-        try:
-            for event in stream:
-                seen.append(event)
-                if event.kind == "service" and event.online:
-                    break
-        finally:
-            restarter.join()
+        back = False
+        while not (back and seen[-1].kind == "status"):  # the fresh snapshot after the restart
+            seen.append(inbox.get(timeout=10))
+            back = back or (seen[-1].kind == "service" and bool(seen[-1].online))
         kinds = [(e.kind, e.online) for e in seen if e.kind == "service"]
         assert kinds == [("service", False), ("service", True)]
         assert bb.status().xenstore_connected
+        assert set(sub.exports) == {e.export for e in bb.list_exports()}
+        assert sub.status is not None
 
 
 def test_async_client_export_and_watch(stack: Stack, bus_env: None, image: Path) -> None:
@@ -257,3 +257,21 @@ def test_async_export_by_fd(stack: Stack, bus_env: None, image: Path) -> None:
 def test_connect_failure_is_service_unavailable(tmp_path: Path) -> None:
     with pytest.raises(errors.ServiceUnavailable, match="cannot connect"):
         Client(address=f"unix:path={tmp_path}/nothing")
+
+
+def test_blocking_events_iterator(stack: Stack, client: Client, image: Path) -> None:
+    def churn() -> None:
+        time.sleep(0.5)  # after events() subscribed
+        client.detach(client.export(str(image), to="work"))
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    kinds = []
+    for event in client.events(timeout=10):
+        kinds.append(event.kind)
+        if event.kind == "removed":
+            break
+    worker.join()
+    assert kinds[0] == "added"
+    assert "removed" in kinds
+    assert list(client.events(timeout=0.2)) == []  # quiet: ends after the timeout
