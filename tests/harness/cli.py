@@ -56,6 +56,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="extra file root for the broker; loops backed by files here are leak-checked",
     )
     parser.add_argument("--no-policyd", action="store_true", help="do not start policyd")
+    parser.add_argument(
+        "--policy-dir",
+        type=Path,
+        metavar="DIR",
+        help="export policy for policyd (copied into the stack; default: policy/policy.d)",
+    )
+    parser.add_argument(
+        "--policyd-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for policyd (repeatable), e.g. --policyd-arg=--request-expiry=5",
+    )
     parser.add_argument("--no-broker", action="store_true", help="do not start the broker")
     parser.add_argument(
         "--polkit-rules",
@@ -134,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("devstack: must run as root", file=sys.stderr)
         return EXIT_STARTUP_FAILED
+    extra = {"policy_dir": args.policy_dir} if args.policy_dir else {}
     config = StackConfig(
+        **extra,
         domains=dict(args.domain),
         allow_roots=args.allow_root,
         broker=not args.no_broker,
         policyd=not args.no_policyd and not args.no_broker,
         polkit_rules=args.polkit_rules,
+        policyd_args=args.policyd_arg,
         sysfs_blkback=args.sysfs_blkback,
         stack_dir=args.stack_dir,
         keep_stack_dir=args.keep,

@@ -68,6 +68,11 @@ class StackConfig:
     )
     project_bus_policy_dir: Path = REPO / "dbus"
     project_polkit_actions_dir: Path = REPO / "policy"
+    # The export policy for policyd's --policy-dir, default the repository's shipped one. It is
+    # copied to STACKDIR/policy.d (Stack.policy_dir: edit that one to test reloads), so policyd
+    # (user blockbroker) can read it even when this dir is under a 0700 parent like tmp_path.
+    policy_dir: Path = REPO / "policy" / "policy.d"
+    policyd_args: list[str] = field(default_factory=list)  # more policyd options
     start_timeout_s: float = field(
         default_factory=lambda: _env_float("BLOCKBROKER_STACK_TIMEOUT", 20.0)
     )
@@ -99,6 +104,7 @@ class Stack:
         self.bus_dir = self.stack_dir / "bus"
         self.broker_config = self.stack_dir / "broker.toml"
         self.broker_socket = self.stack_dir / "broker.sock"
+        self.policy_dir = self.stack_dir / "policy.d"
         self.polkit_dir = self.stack_dir / "polkit"
         self.polkit_rules_dir = self.polkit_dir / "rules.d"
         self.allow_roots = [Path(os.path.realpath(root)) for root in self.config.allow_roots]
@@ -275,6 +281,10 @@ class Stack:
         """Start policyd as user blockbroker; ready once it owns org.qubes.BlockBroker1."""
         if "policyd" in self.daemons:
             raise StackError("policyd is already running")
+        if not self.policy_dir.exists():  # a restart keeps the (maybe edited) copy
+            shutil.copytree(self.config.policy_dir, self.policy_dir)
+            for path in [self.policy_dir, *self.policy_dir.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
         daemon = Daemon(
             name="policyd",
             argv=[
@@ -287,6 +297,9 @@ class Stack:
                 str(self.sysfs_root),
                 "--bus-address",
                 self.bus_address,
+                "--policy-dir",
+                str(self.policy_dir),
+                *self.config.policyd_args,
             ],
             log_path=self.stack_dir / "policyd.log",
             env={"PATH": DAEMON_PATH, "PYTHONUNBUFFERED": "1"},

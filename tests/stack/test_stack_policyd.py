@@ -6,12 +6,14 @@ Test harness tests, run as root against real oxenstored, dbus-daemon, broker and
 from __future__ import annotations
 
 import pwd
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness.stack import BUS_NAME, SERVICE_USER, Stack
+from harness.stack import BUS_NAME, SERVICE_USER, Stack, StackConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 
@@ -66,3 +68,18 @@ def test_devstack_runs_policyd_by_default() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["u", str(pwd.getpwnam(SERVICE_USER).pw_uid)]
     assert "daemon=policyd" in result.stderr
+
+
+def test_policy_dir_under_a_private_parent_is_copied_for_policyd(
+    stack_factory: Callable[[StackConfig], Stack], tmp_path: Path
+) -> None:
+    assert tmp_path.stat().st_mode & 0o077 == 0, "pytest's tmp dirs are private to root"
+    policy = tmp_path / "policy.d"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "policy" / "policy.d", policy)
+    private = stack_factory(StackConfig(domains={"work": 1}, policy_dir=policy))
+    assert private.has_owner(BUS_NAME)
+    assert sorted(p.name for p in private.policy_dir.iterdir()) == sorted(
+        p.name for p in policy.iterdir()
+    )
+    readable = private.run(["cat", *map(str, private.policy_dir.iterdir())], user=SERVICE_USER)
+    assert readable.returncode == 0, readable.stderr
