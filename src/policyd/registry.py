@@ -3,7 +3,8 @@
 Unprivileged policyd code; pure bookkeeping, no I/O except closing fds it owns. Everything in
 here was validated before it arrived. Rules:
   - a backing (one file by (st_dev, st_ino), or one block device by major:minor) has one held
-    fd; read-only exports of it share that fd (and so one loop device), refcounted;
+    fd; read-only exports of it share that fd (and so one loop device), refcounted; a block
+    device that is the loop device of a held file counts as that file;
   - a read-write export is never shared, and a backing is never exported read-write while any
     other export of it exists (Busy);
   - removing the last export of a backing hands its fd back to the caller to close, so
@@ -76,6 +77,7 @@ class Registry:
         self._exports: dict[int, ExportRecord] = {}
         self._backings: dict[BackingKey, Backing] = {}
         self._by_backend_path: dict[str, int] = {}
+        self._by_device: dict[tuple[int, int], Backing] = {}  # (major, minor) of held devices
         self._next_number = 1
 
     def __len__(self) -> int:
@@ -94,6 +96,9 @@ class Registry:
     def shareable(self, key: BackingKey, writable: bool) -> Backing | None:
         """The held backing a new export of `key` must reuse, None for a fresh one, or Busy."""
         backing = self._backings.get(key)
+        if backing is None and key[0] == "block":
+            # the device may be held under a file key: the loop device of a file export
+            backing = self._by_device.get((key[1], key[2]))
         if backing is None:
             return None
         if writable:
@@ -124,6 +129,7 @@ class Registry:
         backing = record.backing
         if self._backings.setdefault(backing.key, backing) is not backing:
             raise AssertionError(f"backing {backing.key} registered twice")
+        self._by_device[(backing.identity.major, backing.identity.minor)] = backing
         backing.users.add(record.number)
         self._exports[record.number] = record
         self._by_backend_path[record.backend_path] = record.number
@@ -137,6 +143,7 @@ class Registry:
         if backing.users:
             return None
         del self._backings[backing.key]
+        del self._by_device[(backing.identity.major, backing.identity.minor)]
         return backing.fd
 
     def held_fds(self) -> list[int]:

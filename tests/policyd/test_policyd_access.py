@@ -7,6 +7,8 @@ Runs as root against the real stack; policyd runs as user blockbroker.
 from __future__ import annotations
 
 import os
+import pwd
+from pathlib import Path
 
 import pytest
 from harness.stack import Stack
@@ -23,6 +25,7 @@ from dbus_fast.aio import MessageBus
 
 EXPORT = os.environ.get("EXPORT", "/org/qubes/BlockBroker1/export/1")
 M = ("/org/qubes/BlockBroker1", "org.qubes.BlockBroker1.Manager")
+REQUEST = "/org/qubes/BlockBroker1/request/1"
 CALLS = {
     "Manager.Attach": (*M, "Attach", "s", ["/local/domain/0/backend/vbd/1/51712"]),
     "Manager.Detach": (*M, "Detach", "s", ["/local/domain/0/backend/vbd/1/51712"]),
@@ -30,6 +33,10 @@ CALLS = {
     "Manager.ExportFd": (*M, "ExportFd", "hsa{sv}", [0, "work", {}]),
     "Manager.DetachExport": (*M, "DetachExport", "o", [EXPORT]),
     "Export.Detach": (EXPORT, "org.qubes.BlockBroker1.Export", "Detach", "", []),
+    "Manager.RequestExport": (*M, "RequestExport", "sa{sv}sa{sv}", ["work", {}, "untrusted", {}]),
+    "Request.Approve": (REQUEST, "org.qubes.BlockBroker1.Request", "Approve", "", []),
+    "Request.Deny": (REQUEST, "org.qubes.BlockBroker1.Request", "Deny", "", []),
+    "Request.Withdraw": (REQUEST, "org.qubes.BlockBroker1.Request", "Withdraw", "", []),
     "read.GetAll": (*M[:1], "org.freedesktop.DBus.Properties", "GetAll", "s", [M[1]]),
     "read.GetManagedObjects": (*M[:1], "org.freedesktop.DBus.ObjectManager",
                                "GetManagedObjects", "", []),
@@ -95,3 +102,11 @@ def test_every_declared_method_has_a_polkit_action() -> None:
     with pytest.raises(authz.StartupError, match="do not exist"):
         authz.check_table(set(list(authz.MUTATING_METHODS)[1:]))
     authz.check_table(set(authz.MUTATING_METHODS))
+
+
+def test_policyd_runs_unprivileged(stack: Stack) -> None:
+    text = Path(f"/proc/{stack.daemons['policyd'].pid}/status").read_text()
+    status = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    uid = pwd.getpwnam("blockbroker").pw_uid
+    assert status["Uid"].split() == [str(uid)] * 4
+    assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0

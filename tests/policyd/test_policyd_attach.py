@@ -6,6 +6,8 @@ Runs as root against the real stack; policyd runs as user blockbroker.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from harness.stack import Stack
 from policydlab import (
@@ -131,4 +133,50 @@ def test_non_ascii_and_control_bytes_in_params(stack: Stack, api: Api, raw: byte
         assert api.managed() == {} and held_block_fds(stack) == []
     finally:
         remove_libxl_vbd(stack, be)
+    assert_clean(stack, image)
+
+
+def test_attach_of_a_block_device(stack: Stack, api: Api) -> None:
+    """params naming a block device is opened and verified by the broker, not looped again.
+    Here it is the loop device of a file exported read-only, so it counts as that file: shared
+    read-only, Busy read-write."""
+    image = stack.make_image("attach-block.img")
+    holder = api.export(image)  # gives us a block device to name (the broker allows major 7)
+    loop = api.props(holder)["LoopDevice"]
+    be = write_libxl_vbd(stack, 2, XVDA, loop)
+    export = str(api.ok("Attach", "s", [be]))
+    props = api.props(export)
+    assert props["Source"] == loop
+    assert (props["Major"], props["Minor"]) == (
+        api.props(holder)["Major"],
+        api.props(holder)["Minor"],
+    )
+    assert trio(stack, be)["physical-device-path"] == loop
+    assert len(held_block_fds(stack)) == 1  # the same device, the same held fd
+    api.ok("Detach", "s", [be])
+    remove_libxl_vbd(stack, be)
+    be = write_libxl_vbd(stack, 2, XVDA, loop, mode="w")
+    assert api.err("Attach", "s", [be]) == "Busy"
+    assert trio(stack, be) == dict.fromkeys(trio(stack, be))
+    remove_libxl_vbd(stack, be)
+    api.detach(holder)
+    assert_clean(stack, image)
+
+
+def test_attach_of_an_unshared_block_device(stack: Stack, api: Api) -> None:
+    image = stack.make_image("attach-block-2.img")
+    holder = api.export(image)
+    loop = api.props(holder)["LoopDevice"]
+    fd = os.open(loop, os.O_RDONLY | os.O_CLOEXEC)  # keep the device while policyd lets go
+    try:
+        api.detach(holder)
+        be = write_libxl_vbd(stack, 2, XVDA, loop)
+        export = str(api.ok("Attach", "s", [be]))
+        props = api.props(export)
+        assert props["SourceKind"] == "block" and props["LoopDevice"] == ""
+        assert held_block_fds(stack) == [(props["Major"], props["Minor"])]
+        api.ok("Detach", "s", [be])
+        remove_libxl_vbd(stack, be)
+    finally:
+        os.close(fd)
     assert_clean(stack, image)

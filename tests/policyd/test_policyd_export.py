@@ -152,25 +152,43 @@ def test_export_fd_of_a_block_device(stack: Stack, api: Api) -> None:
     image = stack.make_image("export-fd.img")
     holder = api.export(image)  # a loop device to pass by fd (block majors allow 7 here)
     loop_path = api.props(holder)["LoopDevice"]
-    fd = os.open(loop_path, os.O_RDONLY | os.O_CLOEXEC)
+    keeper = os.open(loop_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        api.detach(holder)  # now the device is held by nobody but us
+        fd = os.open(loop_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            export = str(api.ok("ExportFd", "hsa{sv}", [0, "untrusted", {}], fds=[fd]))
+        finally:
+            os.close(fd)
+        props = api.props(export)
+        assert props["SourceKind"] == "block"
+        assert props["LoopDevice"] == ""
+        assert props["Source"] == f"fd:{props['Major']}:{props['Minor']}"
+        assert props["Major"] == 7 and f"/dev/loop{props['Minor']}" == loop_path
+        assert stack.xs_read(f"{props['BackendPath']}/physical-device") == (
+            f"{props['Major']:x}:{props['Minor']:x}"
+        )
+        assert held_block_fds(stack) == [(7, props["Minor"])]  # the fd the caller passed
+        api.detach(export)
+    finally:
+        os.close(keeper)
+    assert_clean(stack, image)
+
+
+def test_export_fd_of_a_held_loop_device_shares_it(stack: Stack, api: Api) -> None:
+    image = stack.make_image("export-fd-shared.img")
+    holder = api.export(image)
+    fd = os.open(api.props(holder)["LoopDevice"], os.O_RDONLY | os.O_CLOEXEC)
     try:
         export = str(api.ok("ExportFd", "hsa{sv}", [0, "untrusted", {}], fds=[fd]))
+        body = [0, "untrusted", {"read-only": ro(False)}]
+        assert api.err("ExportFd", "hsa{sv}", body, fds=[fd]) in ("Busy", "InvalidArgument")
     finally:
         os.close(fd)
-    props = api.props(export)
-    assert props["SourceKind"] == "block"
-    assert props["LoopDevice"] == ""
-    assert props["Source"] == f"fd:{props['Major']}:{props['Minor']}"
-    assert (props["Major"], props["Minor"]) == (
-        api.props(holder)["Major"],
-        api.props(holder)["Minor"],
-    )
-    assert stack.xs_read(f"{props['BackendPath']}/physical-device") == (
-        f"{props['Major']:x}:{props['Minor']:x}"
-    )
-    assert len(held_block_fds(stack)) == 2  # the loop fd and the caller's fd
-    api.detach(export)
+    assert api.props(export)["SourceKind"] == "file"  # it is the loop device of that file
+    assert len(held_block_fds(stack)) == 1
     api.detach(holder)
+    api.detach(export)
     assert_clean(stack, image)
 
 
