@@ -21,32 +21,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Final
 
 from dbus_fast import BusType, Message, MessageType, Variant, unpack_variants
 from dbus_fast.aio import MessageBus
 
-from client.errors import BlockBrokerError, NotFound, ServiceUnavailable, UsageError, from_dbus
+from client.errors import NotFound, ServiceUnavailable, UsageError, from_dbus
 from client.model import (
     BUS_NAME,
     EXPORT_IFACE,
     EXPORT_PATH_PREFIX,
     MANAGER_IFACE,
     MANAGER_PATH,
+    REQUEST_IFACE,
+    REQUEST_PATH_PREFIX,
     Event,
     ExportInfo,
+    RequestInfo,
     Status,
 )
+from client.watch import OBJECT_MANAGER_IFACE, PROPERTIES_IFACE, EventCallback, Subscription
 
-PROPERTIES_IFACE: Final = "org.freedesktop.DBus.Properties"
-OBJECT_MANAGER_IFACE: Final = "org.freedesktop.DBus.ObjectManager"
 DEFAULT_TIMEOUT: Final = 25.0  # seconds, as libdbus' default method-call timeout
 U32_MAX: Final = 0xFFFFFFFF
 BACKEND_PATH_PREFIX: Final = "/local/domain/"
-
-EventCallback = Callable[[Event], None]
 
 
 def export_path(target: str) -> str:
@@ -58,6 +58,18 @@ def export_path(target: str) -> str:
     raise UsageError(
         f"{target!r} is not an export: give its object path ({EXPORT_PATH_PREFIX}<n>), its "
         f"short id <n>, or its backend path ({BACKEND_PATH_PREFIX}...)"
+    )
+
+
+def request_path(target: str) -> str:
+    """The request object path for an object path or a short id ("3")."""
+    if target.startswith(REQUEST_PATH_PREFIX):
+        return target
+    if target.isdigit() and target.isascii():
+        return REQUEST_PATH_PREFIX + str(int(target))
+    raise UsageError(
+        f"{target!r} is not an export request: give its object path ({REQUEST_PATH_PREFIX}<n>) "
+        "or its short id <n> (see `blockbroker requests`)"
     )
 
 
@@ -73,130 +85,6 @@ def export_options(
     if direct_io is not None:
         options["direct-io"] = Variant("b", bool(direct_io))
     return options
-
-
-class Subscription:
-    """A live view of the service: `exports` and `status` stay current while it is open.
-
-    Created by `AsyncClient.subscribe`; the callback gets one `Event` per change, on the event
-    loop. `close()` (or leaving `async with`) removes the match rules.
-    """
-
-    def __init__(self, client: AsyncClient, callback: EventCallback) -> None:
-        self._client = client
-        self._callback = callback
-        self._rules: list[str] = []
-        self._owner: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.exports: dict[str, ExportInfo] = {}
-        self.status: Status | None = None
-        self.closed = False
-
-    async def _start(self) -> None:
-        bus = self._client.bus
-        bus.add_message_handler(self._on_message)
-        for rule in (
-            f"type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
-            f"member='NameOwnerChanged',arg0='{BUS_NAME}'",
-            f"type='signal',sender='{BUS_NAME}',interface='{OBJECT_MANAGER_IFACE}',"
-            f"path='{MANAGER_PATH}'",
-            f"type='signal',sender='{BUS_NAME}',interface='{PROPERTIES_IFACE}',"
-            f"member='PropertiesChanged',path_namespace='{MANAGER_PATH}'",
-        ):
-            await self._client._bus_call("AddMatch", "s", [rule])
-            self._rules.append(rule)
-        # Match rules first, snapshot second: nothing that happens in between is lost.
-        try:
-            reply = await self._client._bus_call("GetNameOwner", "s", [BUS_NAME])
-            self._owner = str(reply[0])
-        except ServiceUnavailable:
-            self._owner = None
-        if self._owner is not None:
-            self.exports = {e.export: e for e in await self._client.list_exports()}
-            self.status = await self._client.status()
-
-    async def _resync(self, owner: str) -> None:
-        try:
-            exports = await self._client.list_exports()
-            status = await self._client.status()
-        except BlockBrokerError:
-            return  # it went away again; NameOwnerChanged tells
-        if self.closed or self._owner != owner:
-            return
-        for info in exports:
-            if info.export not in self.exports:  # not already announced by a signal
-                self.exports[info.export] = info
-                self._emit(Event("added", path=info.export, export=info))
-        self.status = status
-        self._emit(Event("status", path=MANAGER_PATH, status=status))
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        bus = self._client.bus
-        bus.remove_message_handler(self._on_message)
-        if bus.connected:
-            for rule in self._rules:
-                with contextlib.suppress(Exception):
-                    await self._client._bus_call("RemoveMatch", "s", [rule])
-
-    async def __aenter__(self) -> Subscription:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _emit(self, event: Event) -> None:
-        if not self.closed:
-            self._callback(event)
-
-    def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
-            return
-        if msg.interface == "org.freedesktop.DBus" and msg.member == "NameOwnerChanged":
-            if msg.sender == "org.freedesktop.DBus" and msg.body and msg.body[0] == BUS_NAME:
-                new_owner = str(msg.body[2]) or None
-                self._owner = new_owner
-                for path, info in sorted(self.exports.items()):
-                    self._emit(Event("removed", path=path, export=info))
-                self.exports.clear()
-                self._emit(Event("service", online=new_owner is not None))
-                if new_owner is not None:
-                    # A restarted policyd may already hold exports (reconciled from XenStore)
-                    # without announcing them: take a fresh snapshot and report it as added.
-                    task = asyncio.get_running_loop().create_task(self._resync(new_owner))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-            return
-        if self._owner is None or msg.sender != self._owner:
-            return  # only the current owner of the service name speaks for it
-        path = msg.path or ""
-        if msg.interface == OBJECT_MANAGER_IFACE and msg.member == "InterfacesAdded":
-            obj, ifaces = str(msg.body[0]), unpack_variants(msg.body[1])
-            if EXPORT_IFACE in ifaces:
-                info = ExportInfo.from_properties(obj, ifaces[EXPORT_IFACE])
-                self.exports[obj] = info
-                self._emit(Event("added", path=obj, export=info))
-        elif msg.interface == OBJECT_MANAGER_IFACE and msg.member == "InterfacesRemoved":
-            obj, ifaces = str(msg.body[0]), list(msg.body[1])
-            if EXPORT_IFACE in ifaces:
-                gone = self.exports.pop(obj, None)
-                self._emit(Event("removed", path=obj, export=gone))
-        elif msg.interface == PROPERTIES_IFACE and msg.member == "PropertiesChanged":
-            iface, changed = str(msg.body[0]), unpack_variants(msg.body[1])
-            if iface == EXPORT_IFACE and path.startswith(EXPORT_PATH_PREFIX):
-                old = self.exports.get(path)
-                info = old.updated(changed) if old else ExportInfo.from_properties(path, changed)
-                self.exports[path] = info
-                self._emit(Event("changed", path=path, export=info, changed=changed))
-            elif iface == MANAGER_IFACE and path == MANAGER_PATH:
-                status = self.status.updated(changed) if self.status else None
-                status = status or Status.from_properties(changed)
-                self.status = status
-                self._emit(Event("status", path=path, status=status, changed=changed))
 
 
 class AsyncClient:
@@ -331,15 +219,45 @@ class AsyncClient:
         path = export_path(target)
         return ExportInfo.from_properties(path, await self._get_all(path, EXPORT_IFACE))
 
+    async def managed_objects(self) -> tuple[list[ExportInfo], list[RequestInfo]]:
+        """All exports and all export requests (one GetManagedObjects), each by number."""
+        (objects,) = await self._call(MANAGER_PATH, OBJECT_MANAGER_IFACE, "GetManagedObjects")
+        exports, requests = [], []
+        for path, ifaces in objects.items():
+            if EXPORT_IFACE in ifaces:
+                props = unpack_variants(ifaces[EXPORT_IFACE])
+                exports.append(ExportInfo.from_properties(str(path), props))
+            if REQUEST_IFACE in ifaces:
+                props = unpack_variants(ifaces[REQUEST_IFACE])
+                requests.append(RequestInfo.from_properties(str(path), props))
+        exports.sort(key=lambda e: _number_key(e.id))
+        requests.sort(key=lambda r: _number_key(r.id))
+        return exports, requests
+
     async def list_exports(self) -> list[ExportInfo]:
         """All exports, ordered by their number."""
-        (objects,) = await self._call(MANAGER_PATH, OBJECT_MANAGER_IFACE, "GetManagedObjects")
-        exports = [
-            ExportInfo.from_properties(str(path), unpack_variants(ifaces[EXPORT_IFACE]))
-            for path, ifaces in objects.items()
-            if EXPORT_IFACE in ifaces
-        ]
-        return sorted(exports, key=_export_sort_key)
+        return (await self.managed_objects())[0]
+
+    async def list_requests(self) -> list[RequestInfo]:
+        """Requests from VMs to export one of their devices (pending ones wait for a person)."""
+        return (await self.managed_objects())[1]
+
+    async def get_request(self, target: str) -> RequestInfo:
+        path = request_path(target)
+        return RequestInfo.from_properties(path, await self._get_all(path, REQUEST_IFACE))
+
+    async def approve(self, target: RequestInfo | str) -> None:
+        """Approve a pending request (polkit: org.qubes.blockbroker.approve, auth_admin).
+
+        policyd writes the nodes pinned to the request's Diskseq; DeviceChanged if the VM's
+        device is no longer the one the request named, Expired if it timed out.
+        """
+        path = target.request if isinstance(target, RequestInfo) else request_path(target)
+        await self._call(path, REQUEST_IFACE, "Approve")
+
+    async def deny(self, target: RequestInfo | str) -> None:
+        path = target.request if isinstance(target, RequestInfo) else request_path(target)
+        await self._call(path, REQUEST_IFACE, "Deny")
 
     async def find_by_backend_path(self, backend_path: str) -> ExportInfo:
         for info in await self.list_exports():
@@ -379,7 +297,8 @@ class AsyncClient:
     async def subscribe(self, callback: EventCallback) -> Subscription:
         """Start watching; `callback(event)` runs on this loop for every change.
 
-        The returned Subscription already holds the current `exports` and `status` (None when
+        The returned Subscription already holds the current `exports`, `requests` and `status`
+        (None when
         the service is not running); events carry changes from then on.
         """
         sub = Subscription(self, callback)
@@ -401,6 +320,5 @@ class AsyncClient:
             await sub.close()
 
 
-def _export_sort_key(info: ExportInfo) -> tuple[int, str]:
-    short = info.id
+def _number_key(short: str) -> tuple[int, str]:
     return (int(short), "") if short.isdigit() else (1 << 62, short)

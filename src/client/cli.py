@@ -7,6 +7,8 @@ honoured). It has no privilege of its own: policyd and the bus policy decide.
     blockbroker detach EXPORT            (object path, short id n, or backend path)
     blockbroker list [--json]
     blockbroker status [--json]
+    blockbroker requests [--json]        (VMs asking to export one of their devices)
+    blockbroker approve|deny REQUEST     (object path or short id n)
     blockbroker watch [--json]           (prints changes as they happen; Ctrl-C ends)
     blockbroker policy lint|explain ...  (reads the policy files; see client/policycmd.py)
 
@@ -27,7 +29,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from client import output, policycmd
-from client.api import BACKEND_PATH_PREFIX, DEFAULT_TIMEOUT, AsyncClient, export_path
+from client.api import (
+    BACKEND_PATH_PREFIX,
+    DEFAULT_TIMEOUT,
+    AsyncClient,
+    export_path,
+    request_path,
+)
 from client.errors import EXIT_OK, EXIT_USAGE, BlockBrokerError, UsageError
 
 Handler = Callable[[AsyncClient, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -68,6 +76,21 @@ async def cmd_list(bb: AsyncClient, args: argparse.Namespace) -> int:
 
 async def cmd_status(bb: AsyncClient, args: argparse.Namespace) -> int:
     output.print_status(await bb.status(), args.json, sys.stdout)
+    return EXIT_OK
+
+
+async def cmd_requests(bb: AsyncClient, args: argparse.Namespace) -> int:
+    output.print_requests(await bb.list_requests(), args.json, sys.stdout)
+    return EXIT_OK
+
+
+async def cmd_approve(bb: AsyncClient, args: argparse.Namespace) -> int:
+    await bb.approve(args.request)
+    return EXIT_OK
+
+
+async def cmd_deny(bb: AsyncClient, args: argparse.Namespace) -> int:
+    await bb.deny(args.request)
     return EXIT_OK
 
 
@@ -132,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_status)
 
+    p = sub.add_parser("requests", help="list VMs' requests to export their devices")
+    p.add_argument("--json", action="store_true", help="one JSON object per request, one per line")
+    p.set_defaults(handler=cmd_requests)
+
+    for name, handler, text in (
+        ("approve", cmd_approve, "approve a pending export request (pinned to its diskseq)"),
+        ("deny", cmd_deny, "deny a pending export request"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument(
+            "request", type=_request_target, metavar="REQUEST", help="object path or short id"
+        )
+        p.set_defaults(handler=handler)
+
     p = sub.add_parser("watch", help="print changes as they happen (Ctrl-C ends)")
     p.add_argument("--json", action="store_true", help="one JSON object per event, one per line")
     p.set_defaults(handler=cmd_watch)
@@ -155,6 +192,13 @@ def _detach_target(text: str) -> str:
         return text
     try:
         return export_path(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def _request_target(text: str) -> str:
+    try:
+        return request_path(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(e.message) from None
 

@@ -18,6 +18,8 @@ MANAGER_PATH: Final = "/org/qubes/BlockBroker1"
 MANAGER_IFACE: Final = "org.qubes.BlockBroker1.Manager"
 EXPORT_IFACE: Final = "org.qubes.BlockBroker1.Export"
 EXPORT_PATH_PREFIX: Final = MANAGER_PATH + "/export/"
+REQUEST_IFACE: Final = "org.qubes.BlockBroker1.Request"
+REQUEST_PATH_PREFIX: Final = MANAGER_PATH + "/request/"
 
 
 def _get(props: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -138,14 +140,107 @@ class Status:
         return dataclasses.asdict(self)
 
 
+def printable(untrusted: str, limit: int = 64) -> str:
+    """VM-supplied text made safe for a terminal: printable ASCII only, bounded."""
+    return "".join(c if " " <= c <= "~" else "?" for c in untrusted[:limit])
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """A VM's request to export one of its own devices, waiting for a person (or decided).
+
+    `description` and `device_name` come from the VM: untrusted text, shown via `printable`.
+    """
+
+    request: str  # object path /org/qubes/BlockBroker1/request/<n>
+    number: int = 0
+    source: str = ""
+    target: str = ""
+    device_name: str = ""
+    major: int = 0
+    minor: int = 0
+    diskseq: int = 0
+    size: int = 0
+    mode: str = ""
+    device_read_only: bool = False
+    description: str = ""
+    created: int = 0  # unix microseconds
+    expires: int = 0  # unix microseconds
+    state: str = ""
+    rule: str = ""
+    backend_path: str = ""
+    devid: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.request.rsplit("/", 1)[-1]
+
+    @classmethod
+    def from_properties(cls, request: str, props: Mapping[str, Any]) -> RequestInfo:
+        return cls(
+            request=request,
+            number=_get(props, "Id", int, 0),
+            source=_get(props, "Source", str, ""),
+            target=_get(props, "Target", str, ""),
+            device_name=_get(props, "DeviceName", str, ""),
+            major=_get(props, "Major", int, 0),
+            minor=_get(props, "Minor", int, 0),
+            diskseq=_get(props, "Diskseq", int, 0),
+            size=_get(props, "Size", int, 0),
+            mode=_get(props, "Mode", str, ""),
+            device_read_only=_get(props, "DeviceReadOnly", bool, False),
+            description=_get(props, "Description", str, ""),
+            created=_get(props, "Created", int, 0),
+            expires=_get(props, "Expires", int, 0),
+            state=_get(props, "State", str, ""),
+            rule=_get(props, "Rule", str, ""),
+            backend_path=_get(props, "BackendPath", str, ""),
+            devid=_get(props, "Devid", int, 0),
+        )
+
+    def updated(self, changed: Mapping[str, Any]) -> RequestInfo:
+        """A copy with the changed D-Bus properties applied (from PropertiesChanged)."""
+        current = {
+            _REQUEST_PROPERTY_NAMES[f.name]: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "request"
+        }
+        return RequestInfo.from_properties(self.request, {**current, **changed})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, **dataclasses.asdict(self)}
+
+
+_REQUEST_PROPERTY_NAMES: Final = {
+    "number": "Id",
+    "source": "Source",
+    "target": "Target",
+    "device_name": "DeviceName",
+    "major": "Major",
+    "minor": "Minor",
+    "diskseq": "Diskseq",
+    "size": "Size",
+    "mode": "Mode",
+    "device_read_only": "DeviceReadOnly",
+    "description": "Description",
+    "created": "Created",
+    "expires": "Expires",
+    "state": "State",
+    "rule": "Rule",
+    "backend_path": "BackendPath",
+    "devid": "Devid",
+}
+
+
 @dataclass(frozen=True)
 class Event:
     """A change seen on the bus.
 
     kind is "added" (a new export; `export` set), "removed" (`path` gone; `export` is the last
     known state if this client saw it), "changed" (`export` is the new state, `changed` the
-    properties that changed), "status" (`status` set), or "service" (the service appeared,
-    `online` True, or vanished, `online` False).
+    properties that changed), "status" (`status` set), "service" (the service appeared,
+    `online` True, or vanished, `online` False), or for export requests "request-added",
+    "request-changed", "request-removed" (`request` set, as for exports).
     """
 
     kind: str
@@ -154,3 +249,4 @@ class Event:
     changed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     status: Status | None = None
     online: bool | None = None
+    request: RequestInfo | None = None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from client.model import Event, ExportInfo, Status
+from client.model import Event, ExportInfo, RequestInfo, Status, printable
 
 EXPORT_COLUMNS = (
     "ID",
@@ -25,6 +25,12 @@ EXPORT_COLUMNS = (
     "DISKSEQ",
     "SOURCE",
 )
+
+
+REQUEST_COLUMNS = (
+    "ID", "STATE", "SOURCE", "TARGET", "DEVICE", "MAJ:MIN", "DISKSEQ", "SIZE", "MODE", "EXPIRES",
+    "DESCRIPTION (from the VM)",
+)  # fmt: skip
 
 
 def json_line(obj: dict[str, Any]) -> str:
@@ -94,6 +100,37 @@ def print_export_detail(info: ExportInfo, as_json: bool, out: TextIO) -> None:
         print(f"{key.ljust(width)}  {value}", file=out)
 
 
+def _utc(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, UTC).strftime("%H:%M:%SZ") if us else "-"
+
+
+def request_row(req: RequestInfo) -> tuple[str, ...]:
+    return (
+        req.id,
+        req.state,
+        printable(req.source),
+        printable(req.target),
+        printable(req.device_name, 16),
+        f"{req.major}:{req.minor}",
+        str(req.diskseq),
+        str(req.size),
+        req.mode,
+        _utc(req.expires),
+        printable(req.description),
+    )
+
+
+def print_requests(requests: Sequence[RequestInfo], as_json: bool, out: TextIO) -> None:
+    """JSON keeps the VM's text as sent (JSON escapes it); the table shows it printable-only."""
+    if as_json:
+        for req in requests:
+            print(json_line(req.to_json()), file=out)
+    elif requests:
+        print(table(REQUEST_COLUMNS, [request_row(r) for r in requests]), file=out)
+    else:
+        print("no export requests", file=out)
+
+
 def print_status(status: Status, as_json: bool, out: TextIO) -> None:
     if as_json:
         print(json_line(status.to_json()), file=out)
@@ -116,6 +153,8 @@ def event_json(event: Event) -> dict[str, Any]:
         obj["changed"] = sorted(event.changed)
     if event.online is not None:
         obj["online"] = event.online
+    if event.request is not None:
+        obj.update(event.request.to_json())
     return obj
 
 
@@ -129,6 +168,10 @@ def print_event(event: Event, as_json: bool, out: TextIO) -> None:
         text = f"status exports={event.status.export_count}"
         text += f" broker={event.status.broker_connected}"
         text += f" xenstore={event.status.xenstore_connected}"
+    elif event.request is not None:
+        r = event.request
+        text = f"{event.kind} {r.id} {r.state} {printable(r.source)} -> {printable(r.target)}"
+        text += f" {printable(r.device_name, 16)} {r.major}:{r.minor} diskseq={r.diskseq}"
     elif event.export is not None:
         e = event.export
         text = f"{event.kind} {e.id} {e.state} {e.loop_device} {e.major}:{e.minor}"

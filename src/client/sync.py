@@ -19,8 +19,9 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from client.api import DEFAULT_TIMEOUT, AsyncClient, EventCallback, Subscription
-from client.model import Event, ExportInfo, Status
+from client.api import DEFAULT_TIMEOUT, AsyncClient
+from client.model import Event, ExportInfo, RequestInfo, Status
+from client.watch import EventCallback, Subscription
 
 T = TypeVar("T")
 
@@ -39,6 +40,13 @@ class SyncSubscription:
 
     async def _copy_exports(self) -> dict[str, ExportInfo]:
         return dict(self._sub.exports)
+
+    @property
+    def requests(self) -> dict[str, RequestInfo]:
+        return self._client._run(self._copy_requests())
+
+    async def _copy_requests(self) -> dict[str, RequestInfo]:
+        return dict(self._sub.requests)
 
     @property
     def status(self) -> Status | None:
@@ -119,6 +127,18 @@ class Client:
 
     def status(self) -> Status:
         return self._run(self._async.status())
+
+    def list_requests(self) -> list[RequestInfo]:
+        return self._run(self._async.list_requests())
+
+    def get_request(self, target: str) -> RequestInfo:
+        return self._run(self._async.get_request(target))
+
+    def approve(self, target: RequestInfo | str) -> None:
+        self._run(self._async.approve(target))
+
+    def deny(self, target: RequestInfo | str) -> None:
+        self._run(self._async.deny(target))
 
     def subscribe(self, callback: EventCallback) -> SyncSubscription:
         """Call `callback(event)` (in the client's loop thread) for every change."""
