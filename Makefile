@@ -28,6 +28,8 @@ $(PREFIX)/.deps-stamp: Makefile
 	@getent group blockbroker >/dev/null || groupadd --system blockbroker
 	@getent passwd blockbroker >/dev/null || useradd --system --gid blockbroker --no-create-home \
 		--home-dir /nonexistent --shell /usr/sbin/nologin blockbroker
+	@# the qrexec bridge runs with this group: the bus policy lets it call RequestExport
+	@getent group blockbroker-qrexec >/dev/null || groupadd --system blockbroker-qrexec
 	@mkdir -p $(PREFIX) && touch $@
 
 deps: $(PREFIX)/.deps-stamp

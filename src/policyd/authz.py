@@ -2,23 +2,31 @@
 
 Unprivileged policyd code; the caller's identity comes from the bus daemon
 (GetConnectionUnixUser on the message's unique sender name), never from the message body.
-For now every mutating method needs uid 0; the polkit check (subject = the caller's bus name)
-replaces that rule with a later issue, and the table below is what it will consult. The service
+Export/Attach/Detach need uid 0 for now; Approve/Deny of a VM's request ask polkit (subject =
+the caller's bus name, policyd.polkit); RequestExport/Withdraw take root or the qrexec bridge's
+group (from GetConnectionCredentials), else polkit. The service
 refuses to start if a declared method is in neither table.
 """
 
 from __future__ import annotations
 
+import grp
+
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from policyd import polkit
 from policyd.errors import AccessDenied
 from policyd.interfaces import EXPORT_IFACE, MANAGER_IFACE
+from policyd.requests import REQUEST_IFACE
 
 POLKIT_ATTACH = "org.qubes.blockbroker.attach"
 POLKIT_EXPORT = "org.qubes.blockbroker.export"
 POLKIT_DETACH = "org.qubes.blockbroker.detach"
-POLKIT_APPROVE = "org.qubes.blockbroker.approve"  # pending requests (a later issue)
+POLKIT_APPROVE = "org.qubes.blockbroker.approve"  # a person decides a VM's request: polkit
+# RequestExport/Withdraw: root and the qrexec bridge's group; anyone else only if polkit says so
+POLKIT_REQUEST_EXPORT = "org.qubes.blockbroker.request-export"
+BRIDGE_GROUP = "blockbroker-qrexec"
 
 # (interface, member) -> polkit action, for every method that changes state.
 MUTATING_METHODS: dict[tuple[str, str], str] = {
@@ -28,6 +36,10 @@ MUTATING_METHODS: dict[tuple[str, str], str] = {
     (MANAGER_IFACE, "ExportFd"): POLKIT_EXPORT,
     (MANAGER_IFACE, "DetachExport"): POLKIT_DETACH,
     (EXPORT_IFACE, "Detach"): POLKIT_DETACH,
+    (MANAGER_IFACE, "RequestExport"): POLKIT_REQUEST_EXPORT,
+    (REQUEST_IFACE, "Approve"): POLKIT_APPROVE,
+    (REQUEST_IFACE, "Deny"): POLKIT_APPROVE,
+    (REQUEST_IFACE, "Withdraw"): POLKIT_REQUEST_EXPORT,
 }
 # Methods that change nothing; anyone the bus policy lets through may call them.
 READ_ONLY_METHODS: frozenset[tuple[str, str]] = frozenset()
@@ -68,6 +80,34 @@ async def caller_uid(bus: MessageBus, sender: str) -> int:
     return uid
 
 
+def bridge_gid() -> int | None:
+    try:
+        return grp.getgrnam(BRIDGE_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+async def in_bridge_group(bus: MessageBus, sender: str) -> bool:
+    """True if the caller's groups (as the bus daemon saw them) include BRIDGE_GROUP."""
+    gid = bridge_gid()
+    if gid is None:
+        return False
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="GetConnectionCredentials",
+            signature="s",
+            body=[sender],
+        )
+    )
+    if reply is None or reply.message_type != MessageType.METHOD_RETURN:
+        return False
+    groups = reply.body[0].get("UnixGroupIDs") if reply.signature == "a{sv}" else None
+    return groups is not None and groups.signature == "au" and gid in groups.value
+
+
 async def authorize(bus: MessageBus, sender: str | None, interface: str, member: str) -> int:
     """The caller's uid if it may call interface.member, else AccessDenied."""
     action = MUTATING_METHODS.get((interface, member))
@@ -78,6 +118,14 @@ async def authorize(bus: MessageBus, sender: str | None, interface: str, member:
     if not sender:
         raise AccessDenied("the call has no sender; access denied")
     uid = await caller_uid(bus, sender)
+    if action == POLKIT_APPROVE:  # polkit itself authorizes uid 0
+        await polkit.check_authorization(bus, sender, action)
+        return uid
+    if action == POLKIT_REQUEST_EXPORT:
+        if uid == ROOT_UID or await in_bridge_group(bus, sender):
+            return uid
+        await polkit.check_authorization(bus, sender, action, interactive=False)
+        return uid
     if uid != ROOT_UID:
         raise AccessDenied(
             f"{member} needs uid 0 (polkit action {action}); the caller is uid {uid}: "

@@ -18,7 +18,7 @@ import fcntl
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
@@ -33,6 +33,16 @@ T = TypeVar("T")
 LOOP_MAJOR = 7
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
+# (operation, dom0 path, backend domid, frontend domid, writable) -> None, or PolicyDenied
+PolicyCheck = Callable[[str, str, int, int, bool], Awaitable[None]]
+
+
+async def deny_without_policy(
+    operation: str, path: str, backend_domid: int, frontend_domid: int, writable: bool
+) -> None:
+    raise errors.PolicyDenied(f"{operation} of {path}: no export policy is configured: deny")
+
+
 XS_TIMEOUT_S = 5.0  # no XenStore request of ours takes anywhere near this long
 
 BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
@@ -83,6 +93,7 @@ class Exporter:
         self.listener = listener
         self.broker_connected = False
         self.blkback = BlkbackWatcher(sysfs_root, self._state_changed)
+        self.policy_check: PolicyCheck = deny_without_policy  # policyd.audit.PolicyGate's
         self._lock = asyncio.Lock()
         self._xs_thread = ThreadPoolExecutor(1, thread_name_prefix="xenstore")
         self._broker_thread = ThreadPoolExecutor(1, thread_name_prefix="broker")
@@ -250,6 +261,9 @@ class Exporter:
     ) -> ExportRecord:
         async with self._lock:
             fe_domid = await self._xs(self.xenstore.find_domain, frontend)
+            await self.policy_check(
+                "export", path, self.backend_domid, fe_domid, not opts.read_only
+            )
             with contextlib.ExitStack() as undo:
                 backing = await self._open_path(path, not opts.read_only, opts.direct_io, undo)
                 record = await self._export(path, backing, fe_domid, frontend, opts)
@@ -262,6 +276,9 @@ class Exporter:
                 undo.callback(os.close, fd)  # ours from here on; closed unless held
                 fe_domid = await self._xs(self.xenstore.find_domain, frontend)
                 backing = await self._adopt_fd(fd, not opts.read_only)
+                await self.policy_check(
+                    "export", device_path(backing), self.backend_domid, fe_domid, not opts.read_only
+                )
                 source = f"fd:{backing.identity.major}:{backing.identity.minor}"
                 record = await self._export(source, backing, fe_domid, frontend, opts)
                 if backing.fd == fd:
@@ -313,6 +330,9 @@ class Exporter:
             with contextlib.ExitStack() as undo:
                 fe_name = await self._xs(self.xenstore.domain_name, be.frontend_domid)
                 be_name = await self._xs(self.xenstore.domain_name, be.backend_domid)
+                await self.policy_check(
+                    "attach", nodes.params, be.backend_domid, be.frontend_domid, nodes.mode == "w"
+                )
                 backing = await self._open_path(nodes.params, nodes.mode == "w", False, undo)
                 # the last step that can fail: once the trio is written, the fd is held
                 await self._xs(self.xenstore.write_physical_device, be.path, physical(backing))
@@ -375,6 +395,10 @@ class Exporter:
             )
             self.listener.export_removed(record)
             self.listener.manager_changed(["ExportCount"])
+
+    async def xenstore_call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking XenStore function on the XenStore thread (for policyd.requests)."""
+        return await self._xs(fn, *args)
 
     async def _wait_closed(self, record: ExportRecord) -> None:
         """Ask blkback to disconnect; go on once the backend is Closed or blkback has let go of

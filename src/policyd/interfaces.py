@@ -73,6 +73,16 @@ class ManagerInterface(ServiceInterface):
     def DetachExport(self, export: DBusObjectPath) -> None:
         not_dispatched()
 
+    @dbus_method()
+    def RequestExport(
+        self,
+        source_domain: DBusStr,
+        device: DBusDict,
+        target_domain: DBusStr,
+        options: DBusDict,
+    ) -> DBusObjectPath:
+        not_dispatched()
+
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> DBusStr:
         return self.state.version

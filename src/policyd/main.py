@@ -5,6 +5,7 @@ and the broker's socket. Ready = it owns org.qubes.BlockBroker1 on the bus.
 
     blockbroker-policyd --broker-socket PATH [--xenstore-path PATH] [--sysfs-root DIR]
                         [--bus-address ADDR] [--backend-domid 0]
+                        [--policy-dir /etc/blockbroker/policy.d] [--request-expiry 300]
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from dbus_fast.constants import NameFlag
 from policyd import authz, logfmt, validate
 from policyd.brokerclient import BrokerClient
 from policyd.interfaces import BUS_NAME
+from policyd.policy import DEFAULT_POLICY_DIR
+from policyd.requests import DEFAULT_EXPIRY_S, MAX_EXPIRY_S
 from policyd.service import PolicydBus, Service
 from policyd.xenstore import XenStore
 
@@ -39,7 +42,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sysfs-root", default="/sys", help="where sysfs is mounted (default /sys)")
     p.add_argument("--bus-address", default=None, help="D-Bus address (default: the system bus)")
     p.add_argument("--backend-domid", default="0", help="the backend domain's id (default 0)")
+    p.add_argument(
+        "--policy-dir",
+        default=str(DEFAULT_POLICY_DIR),
+        help="the export policy's directory (default %(default)s; see docs/policy.md)",
+    )
+    p.add_argument(
+        "--request-expiry",
+        type=int,
+        default=DEFAULT_EXPIRY_S,
+        help="seconds a VM's export request waits for a person (default %(default)s)",
+    )
     args = p.parse_args(argv)
+    if not 1 <= args.request_expiry <= MAX_EXPIRY_S:
+        p.error(f"--request-expiry must be 1-{MAX_EXPIRY_S} seconds")
     try:
         args.backend_domid = validate.domid(args.backend_domid)
     except Exception:
@@ -65,6 +81,8 @@ async def run(args: argparse.Namespace) -> int:
         xenstore=XenStore(args.xenstore_path),
         backend_domid=args.backend_domid,
         sysfs_root=args.sysfs_root,
+        policy_dir=args.policy_dir,
+        request_expiry_s=args.request_expiry,
     )
     service.start()
     await service.exporter.probe()

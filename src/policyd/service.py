@@ -22,7 +22,8 @@ from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from policyd import authz, errors, logfmt, validate
+from policyd import audit, authz, errors, logfmt, validate
+from policyd.audit import PolicyGate
 from policyd.brokerclient import BrokerClient
 from policyd.exporter import Exporter
 from policyd.interfaces import (
@@ -38,6 +39,16 @@ from policyd.interfaces import (
     export_variants,
 )
 from policyd.registry import ExportRecord
+from policyd.requests import (
+    DEFAULT_EXPIRY_S,
+    REQUEST_IFACE,
+    REQUEST_PATH_PREFIX,
+    PendingRequest,
+    RequestInterface,
+    Requests,
+    request_values,
+    request_variants,
+)
 from policyd.xenstore import XenStore
 
 EXPORT_PATH_RE = re.compile(re.escape(EXPORT_PATH_PREFIX) + r"([1-9][0-9]{0,9})")
@@ -61,9 +72,19 @@ class PolicydBus(MessageBus):
                     [path, {interface.name: export_variants(interface.record)}],
                 )
             )
+        if isinstance(interface, RequestInterface) and not self._disconnected:
+            self.send(
+                Message.new_signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER_IFACE,
+                    "InterfacesAdded",
+                    "oa{sa{sv}}",
+                    [path, {interface.name: request_variants(interface.req)}],
+                )
+            )
 
     def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
-        if path.startswith(EXPORT_PATH_PREFIX) and not self._disconnected:
+        if path.startswith((EXPORT_PATH_PREFIX, REQUEST_PATH_PREFIX)) and not self._disconnected:
             self.send(
                 Message.new_signal(
                     MANAGER_PATH,
@@ -123,6 +144,8 @@ class Service:
         xenstore: XenStore,
         backend_domid: int,
         sysfs_root: str,
+        policy_dir: str = "/etc/blockbroker/policy.d",
+        request_expiry_s: int = DEFAULT_EXPIRY_S,
     ) -> None:
         self.bus = bus
         self.state = ManagerState(version)
@@ -131,6 +154,13 @@ class Service:
             broker, xenstore, backend_domid=backend_domid, sysfs_root=sysfs_root, listener=self
         )
         self._objects: dict[int, ExportInterface] = {}
+        self.gate = PolicyGate(
+            policy_dir,
+            lambda domid: self.exporter.xenstore_call(self.exporter.xenstore.domain_name, domid),
+        )
+        self.exporter.policy_check = self.gate.check_path
+        self.requests = Requests(self.exporter, self.gate, self, request_expiry_s)
+        self._request_objects: dict[int, RequestInterface] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.routes: dict[tuple[str, str], Route] = {
             (MANAGER_IFACE, "Attach"): Route("s", "o", self._attach),
@@ -139,6 +169,10 @@ class Service:
             (MANAGER_IFACE, "ExportFd"): Route("hsa{sv}", "o", self._export_fd),
             (MANAGER_IFACE, "DetachExport"): Route("o", "", self._detach_export),
             (EXPORT_IFACE, "Detach"): Route("", "", self._detach_self),
+            (MANAGER_IFACE, "RequestExport"): Route("sa{sv}sa{sv}", "o", self._request_export),
+            (REQUEST_IFACE, "Approve"): Route("", "", self._approve),
+            (REQUEST_IFACE, "Deny"): Route("", "", self._deny),
+            (REQUEST_IFACE, "Withdraw"): Route("", "", self._withdraw),
         }
 
     def start(self) -> None:
@@ -150,12 +184,18 @@ class Service:
             raise authz.StartupError(f"routing table does not match the interfaces: {unrouted}")
         self.bus.export(MANAGER_PATH, self.manager)
         self.bus.add_message_handler(self._on_message)
+        self.bus.add_message_handler(self._on_name_lost)
+        watch = asyncio.get_running_loop().create_task(self._watch_requesters())
+        self._tasks.add(watch)
+        watch.add_done_callback(self._tasks.discard)
 
     def _declared_methods(self) -> set[tuple[str, str]]:
         probe = ExportInterface.__new__(ExportInterface)
         ServiceInterface.__init__(probe, EXPORT_IFACE)
+        request_probe = RequestInterface.__new__(RequestInterface)
+        ServiceInterface.__init__(request_probe, REQUEST_IFACE)
         declared = set()
-        for iface in (self.manager, probe):
+        for iface in (self.manager, probe, request_probe):
             for method in iface.introspect().methods:
                 declared.add((iface.name, method.name))
         return declared
@@ -180,6 +220,8 @@ class Service:
             iface = MANAGER_IFACE
         elif msg.path is not None and msg.path.startswith(EXPORT_PATH_PREFIX):
             iface = EXPORT_IFACE
+        elif msg.path is not None and msg.path.startswith(REQUEST_PATH_PREFIX):
+            iface = REQUEST_IFACE
         else:
             return None
         if msg.interface not in (None, iface):
@@ -193,6 +235,7 @@ class Service:
         uid: int | None = None
         try:
             uid = await authz.authorize(self.bus, msg.sender, *key)
+            audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
             if msg.signature != route.in_signature:
                 raise errors.InvalidArgument(
                     f"{key[1]} takes ({route.in_signature}), not ({msg.signature})"
@@ -244,6 +287,21 @@ class Service:
         await self.exporter.detach(self._record_at(args[0]))
         return []
 
+    async def _request_export(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        return [await self.requests.request_export(args[1], args[2], args[3], args[4])]
+
+    async def _approve(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        await self.requests.approve(args[0])
+        return []
+
+    async def _deny(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        await self.requests.deny(args[0])
+        return []
+
+    async def _withdraw(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
+        await self.requests.withdraw(args[0])
+        return []
+
     def _record_at(self, untrusted_path: object) -> ExportRecord:
         m = EXPORT_PATH_RE.fullmatch(untrusted_path) if isinstance(untrusted_path, str) else None
         record = self.exporter.registry.get(int(m[1])) if m else None
@@ -273,3 +331,45 @@ class Service:
         self.state.broker_connected = self.exporter.broker_connected
         self.state.xenstore_connected = self.exporter.xenstore.connected
         self.manager.emit_properties_changed(self.manager.values(names))
+
+    # -- requests.Listener ------------------------------------------------------------------------
+
+    def request_added(self, req: PendingRequest) -> None:
+        iface = RequestInterface(req)
+        self._request_objects[req.number] = iface
+        self.bus.export(req.object_path, iface)
+
+    def request_changed(self, req: PendingRequest, names: list[str]) -> None:
+        iface = self._request_objects.get(req.number)
+        if iface is not None:
+            values = request_values(req)
+            iface.emit_properties_changed({name: values[name] for name in names})
+
+    def request_removed(self, req: PendingRequest) -> None:
+        if self._request_objects.pop(req.number, None) is not None:
+            self.bus.unexport(req.object_path)
+
+    async def _watch_requesters(self) -> None:
+        """A bridge that disconnects (its VM's qrexec call ended) withdraws its requests."""
+        await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="AddMatch",
+                signature="s",
+                body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
+            )
+        )
+
+    def _on_name_lost(self, msg: Message) -> bool:
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.sender == "org.freedesktop.DBus"
+            and msg.member == "NameOwnerChanged"
+            and msg.signature == "sss"
+            and msg.body[0].startswith(":")
+            and msg.body[2] == ""
+        ):
+            self.requests.requester_gone(msg.body[0])
+        return False

@@ -17,6 +17,7 @@ EXPECTED = {
     "org.qubes.blockbroker.detach": "auth_admin_keep",
     "org.qubes.blockbroker.approve": "auth_admin",
     "org.qubes.blockbroker.attach": "no",
+    "org.qubes.blockbroker.request-export": "no",
 }
 
 

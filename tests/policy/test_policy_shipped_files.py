@@ -67,6 +67,7 @@ EXPECTED_POLKIT = {
     "org.qubes.blockbroker.detach": "auth_admin_keep",
     "org.qubes.blockbroker.approve": "auth_admin",
     "org.qubes.blockbroker.attach": "no",
+    "org.qubes.blockbroker.request-export": "no",
 }
 
 

@@ -1,0 +1,66 @@
+"""polkit client: CheckAuthorization for a caller identified by its bus name.
+
+Unprivileged policyd code. The subject is always the caller's unique bus name
+("system-bus-name"), never a pid (pids are reused; polkit resolves the name itself through the
+bus daemon). Anything but a clear "authorized" answer - polkitd absent, an error reply, a
+malformed reply, a dismissed dialog - is AccessDenied (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+from policyd.errors import AccessDenied
+
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+POLKIT_PATH = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
+ALLOW_USER_INTERACTION = 0x1
+MAX_DETAIL_CHARS = 256
+
+
+async def check_authorization(
+    bus: MessageBus,
+    sender: str,
+    action_id: str,
+    details: Mapping[str, str] | None = None,
+    *,
+    interactive: bool = True,
+) -> None:
+    """Return if polkit authorizes `sender` for `action_id`, else raise AccessDenied.
+
+    With `interactive`, polkit may ask the caller's authentication agent (auth_admin); the
+    call then lasts as long as the dialog.
+    """
+    subject = ["system-bus-name", {"name": Variant("s", sender)}]
+    safe_details = {k: v[:MAX_DETAIL_CHARS] for k, v in (details or {}).items()}
+    flags = ALLOW_USER_INTERACTION if interactive else 0
+    reply = await bus.call(
+        Message(
+            destination=POLKIT_NAME,
+            path=POLKIT_PATH,
+            interface=POLKIT_IFACE,
+            member="CheckAuthorization",
+            signature="(sa{sv})sa{ss}us",
+            body=[subject, action_id, safe_details, flags, ""],
+        )
+    )
+    if reply is None or reply.message_type is not MessageType.METHOD_RETURN:
+        error = getattr(reply, "error_name", None)
+        raise AccessDenied(
+            f"polkit could not decide {action_id} ({error}); access denied: is polkitd running?"
+        )
+    if reply.signature != "(bba{ss})":
+        raise AccessDenied(f"polkit gave a malformed answer for {action_id}; access denied")
+    is_authorized, is_challenge, _ = reply.body[0]
+    if is_authorized is True:
+        return
+    if is_challenge:
+        raise AccessDenied(
+            f"{action_id} needs authentication and no authentication agent answered; "
+            "run the command from a session with a polkit agent"
+        )
+    raise AccessDenied(f"polkit does not authorize this caller for {action_id}")
