@@ -234,3 +234,36 @@ def test_watch_prints_events_as_json_lines(stack: Stack, image: Path) -> None:
     assert added["diskseq"] == export["diskseq"]
     removed = next(e for e in seen if e["event"] == "removed")
     assert removed["export"] == export["export"]
+
+
+def test_export_by_fd(stack: Stack, image: Path) -> None:
+    """--fd: the CLI opens the block device with the caller's rights and passes it (ExportFd)."""
+    import subprocess
+
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        result = cli(stack, "export", loop, "--fd", "--to", "work", "--json")
+        assert result.returncode == 0, result.stderr
+        export = json.loads(result.stdout)
+        assert export["source_kind"] == "block"
+        rdev = os.stat(loop).st_rdev
+        assert (export["major"], export["minor"]) == (os.major(rdev), os.minor(rdev))
+        be = export["backend_path"]
+        assert stack.xs_read(f"{be}/physical-device") == physical_device(
+            os.major(rdev), os.minor(rdev)
+        )
+        assert cli(stack, "detach", export["id"]).returncode == 0
+        assert not stack.xs_exists(be)
+    finally:
+        subprocess.run(["losetup", "--detach", loop], check=True)
+
+
+def test_export_by_fd_of_a_missing_path_is_a_usage_error(stack: Stack, tmp_path: Path) -> None:
+    result = cli(stack, "export", str(tmp_path / "nope"), "--fd", "--to", "work")
+    assert result.returncode == 2
+    assert "cannot open" in result.stderr
