@@ -83,3 +83,20 @@ def test_policy_dir_under_a_private_parent_is_copied_for_policyd(
     )
     readable = private.run(["cat", *map(str, private.policy_dir.iterdir())], user=SERVICE_USER)
     assert readable.returncode == 0, readable.stderr
+
+
+def test_export_still_held_by_policyd_at_exit_is_not_a_leak() -> None:
+    # policyd holds the loop fd (AUTOCLEAR); stopping policyd frees it, so teardown is clean.
+    script = (
+        'truncate -s 1M "$BLOCKBROKER_IMAGE_DIR/held.img" && '
+        'blockbroker export --to work "$BLOCKBROKER_IMAGE_DIR/held.img" >/dev/null && '
+        'losetup -j "$BLOCKBROKER_IMAGE_DIR/held.img" | grep -c /dev/loop'
+    )
+    result = subprocess.run(
+        [sys.executable, str(DEVSTACK), "--domain", "work=1", "--", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
