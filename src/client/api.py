@@ -51,7 +51,7 @@ BACKEND_PATH_PREFIX: Final = "/local/domain/"
 
 def export_path(target: str) -> str:
     """The export object path for an object path or a short id ("3")."""
-    if target.startswith(EXPORT_PATH_PREFIX):
+    if target.startswith(EXPORT_PATH_PREFIX) and _is_numbered_path(target, EXPORT_PATH_PREFIX):
         return target
     if target.isdigit() and target.isascii():
         return EXPORT_PATH_PREFIX + str(int(target))
@@ -63,7 +63,7 @@ def export_path(target: str) -> str:
 
 def request_path(target: str) -> str:
     """The request object path for an object path or a short id ("3")."""
-    if target.startswith(REQUEST_PATH_PREFIX):
+    if target.startswith(REQUEST_PATH_PREFIX) and _is_numbered_path(target, REQUEST_PATH_PREFIX):
         return target
     if target.isdigit() and target.isascii():
         return REQUEST_PATH_PREFIX + str(int(target))
@@ -71,6 +71,11 @@ def request_path(target: str) -> str:
         f"{target!r} is not an export request: give its object path ({REQUEST_PATH_PREFIX}<n>) "
         "or its short id <n> (see `blockbroker requests`)"
     )
+
+
+def _is_numbered_path(path: str, prefix: str) -> bool:
+    number = path[len(prefix) :]
+    return number.isascii() and number.isdigit()
 
 
 def export_options(

@@ -128,7 +128,19 @@ def test_export_path(target: str, path: str) -> None:
     assert export_path(target) == path
 
 
-@pytest.mark.parametrize("target", ["", "x", "-1", "/org/qubes/Other/1", "٣"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "",
+        "x",
+        "-1",
+        "/org/qubes/Other/1",
+        "٣",
+        "/org/qubes/BlockBroker1/export/",
+        "/org/qubes/BlockBroker1/export/../1",
+        "/org/qubes/BlockBroker1/export/1/",
+    ],
+)
 def test_export_path_rejects(target: str) -> None:
     with pytest.raises(UsageError, match="not an export"):
         export_path(target)
