@@ -8,7 +8,6 @@ serves scripts/devstack and the pytest fixtures in harness.fixtures.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import pwd
@@ -25,18 +24,14 @@ from types import TracebackType
 from pyxs import Client
 from pyxs._internal import Op
 
-from harness import loops, ns, xenstore
+from harness import loops, polkit, xenstore
 from harness.bus import BusDaemon, BusProbe
 from harness.procs import Daemon, StackError, log, tail
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_USER = "blockbroker"
 BUS_NAME = "org.qubes.BlockBroker1"
-POLKIT_BUS_NAME = "org.freedesktop.PolicyKit1"
-POLKITD = Path("/usr/lib/polkit-1/polkitd")
-POLKIT_USER = "polkitd"
-POLKIT_RULES_DIR = Path("/etc/polkit-1/rules.d")
-POLKIT_ACTIONS_DIR = Path("/usr/share/polkit-1/actions")
+POLKIT_BUS_NAME = polkit.BUS_NAME
 DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -251,27 +246,12 @@ class Stack:
         return True
 
     def _start_polkit(self, rules: Path) -> None:
-        polkit = pwd.getpwnam(POLKIT_USER)
-        actions = self.polkit_dir / "actions"
-        for directory in (self.polkit_rules_dir, actions):
-            directory.mkdir(parents=True, exist_ok=True)
-        for policy in sorted(self.config.project_polkit_actions_dir.glob("*.policy")):
-            shutil.copy(policy, actions / policy.name)
-        for rule in sorted(Path(rules).glob("*.rules")):
-            shutil.copy(rule, self.polkit_rules_dir / rule.name)
-        # polkitd (as user polkitd) refuses to read a rules dir it does not own.
-        for path in [self.polkit_rules_dir, *self.polkit_rules_dir.iterdir()]:
-            os.chown(path, polkit.pw_uid, polkit.pw_gid)
-        self.polkit_rules_dir.chmod(0o700)
-        daemon = Daemon(
-            name="polkitd",
-            argv=[str(POLKITD), "--no-debug"],
-            log_path=self.stack_dir / "polkitd.log",
-            env={"PATH": DAEMON_PATH, "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address},
-            preexec=functools.partial(
-                ns.private_binds,
-                [(self.polkit_rules_dir, POLKIT_RULES_DIR), (actions, POLKIT_ACTIONS_DIR)],
-            ),
+        daemon = polkit.polkitd_daemon(
+            self.polkit_dir,
+            rules,
+            self.config.project_polkit_actions_dir,
+            self.bus_address,
+            self.stack_dir / "polkitd.log",
         )
         self._launch(
             daemon, lambda: self.has_owner(POLKIT_BUS_NAME), f"{POLKIT_BUS_NAME} on the bus"
