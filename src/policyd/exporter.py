@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import random
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ async def deny_without_policy(
     raise errors.PolicyDenied(f"{operation} of {path}: no export policy is configured: deny")
 
 
+LOOP_BUSY_ATTEMPTS = 3
 XS_TIMEOUT_S = 5.0  # no XenStore request of ours takes anywhere near this long
 
 BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
@@ -125,14 +127,23 @@ class Exporter:
                 self.listener.manager_changed(["XenStoreConnected"])
 
     async def _broker(self, what: str, call: Callable[[], T]) -> T:
+        """Run a broker request on the broker thread. LOOP_BUSY (the broker's own bounded
+        retry lost every race for a free loop device to other allocators) is retried a few
+        times here, after a growing random pause, before it becomes Error.Busy."""
         loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._broker_thread, call)
-        except BrokerError as e:
-            self._set_broker_connected(not isinstance(e, brokerclient.BrokerUnavailable))
-            raise broker_error(e, what) from None
-        self._set_broker_connected(True)
-        return result
+        for attempt in range(LOOP_BUSY_ATTEMPTS):
+            try:
+                result = await loop.run_in_executor(self._broker_thread, call)
+            except BrokerError as e:
+                self._set_broker_connected(not isinstance(e, brokerclient.BrokerUnavailable))
+                if e.code == ErrorCode.LOOP_BUSY and attempt + 1 < LOOP_BUSY_ATTEMPTS:
+                    logfmt.warning("no free loop device; retrying", what=what, attempt=attempt)
+                    await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
+                    continue
+                raise broker_error(e, what) from None
+            self._set_broker_connected(True)
+            return result
+        raise AssertionError("unreachable")
 
     def _set_broker_connected(self, connected: bool) -> None:
         if connected != self.broker_connected:
@@ -312,7 +323,7 @@ class Exporter:
         return record
 
     def _own_backend_path(self, untrusted_path: str) -> validate.BackendPath:
-        be = validate.backend_path(untrusted_path)
+        be = validate.backend_path(untrusted_path, self.backend_domid)
         if be.backend_domid != self.backend_domid:
             raise errors.InvalidArgument(
                 f"{be.path} belongs to backend domain {be.backend_domid}; this policyd serves "

@@ -21,6 +21,7 @@ DEVID_RE = re.compile(r"[1-9][0-9]{0,9}")
 BACKEND_PATH_RE = re.compile(
     r"/local/domain/(0|[1-9][0-9]{0,4})/backend/vbd/(0|[1-9][0-9]{0,4})/([1-9][0-9]{0,9})"
 )
+RELATIVE_BACKEND_PREFIX = "backend/vbd/"
 BACKEND_TYPE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 MAX_PATH_BYTES = 4095
@@ -62,9 +63,16 @@ def domid(untrusted_text: str, error: type[PolicydError] = XenStoreError) -> int
     return int(untrusted_text)
 
 
-def backend_path(untrusted_path: object) -> BackendPath:
+def backend_path(untrusted_path: object, home_domid: int = 0) -> BackendPath:
+    """An absolute vbd backend path, or libxl's relative form.
+
+    libxl hands hotplug scripts XENBUS_PATH relative to the backend domain's home
+    ("backend/vbd/<fe>/<devid>"); that form is taken as below /local/domain/<home_domid>.
+    """
     if not isinstance(untrusted_path, str):
         raise InvalidArgument("backend path must be a string")
+    if untrusted_path.startswith(RELATIVE_BACKEND_PREFIX):
+        untrusted_path = f"/local/domain/{home_domid}/{untrusted_path}"
     m = BACKEND_PATH_RE.fullmatch(untrusted_path)
     if m is None:
         raise InvalidArgument(

@@ -44,8 +44,9 @@ def test_attach_writes_the_physical_device_trio(stack: Stack, api: Api) -> None:
         "physical-device-path": props["LoopDevice"],
         "diskseq": f"{props['Diskseq']:x}",
     }
-    # idempotent: the script may run twice
+    # idempotent: the script may run twice; libxl's relative XENBUS_PATH names the same backend
     assert api.ok("Attach", "s", [be]) == export
+    assert api.ok("Attach", "s", [be.removeprefix("/local/domain/0/")]) == export
     assert len(held_block_fds(stack)) == 1
 
     api.ok("Detach", "s", [be])
@@ -59,9 +60,10 @@ def test_attach_writes_the_physical_device_trio(stack: Stack, api: Api) -> None:
 def test_detach_tolerates_libxl_having_removed_the_backend(stack: Stack, api: Api) -> None:
     image = stack.make_image("attach-gone.img")
     be = write_libxl_vbd(stack, 2, XVDA, str(image))
-    api.ok("Attach", "s", [be])
+    relative = be.removeprefix("/local/domain/0/")  # as libxl passes XENBUS_PATH
+    api.ok("Attach", "s", [relative])
     remove_libxl_vbd(stack, be)
-    api.ok("Detach", "s", [be])
+    api.ok("Detach", "s", [relative])
     assert_clean(stack, image)
 
 

@@ -26,7 +26,16 @@ def test_backend_path() -> None:
     assert (be.backend_domid, be.frontend_domid, be.devid) == (0, 12, 51728)
     extended = (1 << 28) | (30 << 8)
     assert validate.backend_path(f"/local/domain/0/backend/vbd/1/{extended}").devid == extended
-    for bad in ("/local/domain/0/backend/vbd/32752/51728", "/local/domain/0/backend/vbd/1/51729"):
+    relative = validate.backend_path("backend/vbd/12/51728")  # libxl's XENBUS_PATH
+    assert relative.path == "/local/domain/0/backend/vbd/12/51728"
+    assert validate.backend_path("backend/vbd/1/51728", 5).backend_domid == 5
+    for bad in (
+        "/local/domain/0/backend/vbd/32752/51728",
+        "/local/domain/0/backend/vbd/1/51729",
+        "backend/vbd/1/51728/",
+        "backend/vbd/../vbd/1/51728",
+        "/backend/vbd/1/51728",
+    ):
         with pytest.raises(errors.InvalidArgument):
             validate.backend_path(bad)
 
