@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from client import output, policycmd
+from client import output, policycmd, request_export
 from client.api import (
     BACKEND_PATH_PREFIX,
     DEFAULT_TIMEOUT,
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_watch)
 
     _register_policy_commands(sub)
+    request_export.register(sub)  # in a VM: no policyd bus; runs via policy_handler
     return parser
 
 
