@@ -2,7 +2,8 @@
 
 Unprivileged policyd code; arguments arrive already validated by policyd.service, and XenStore
 content is validated by policyd.xenstore. The broker decides what may be opened at all; this
-module decides sharing, writes the nodes and holds the fds. Every operation runs under one
+module decides sharing (opening itself is policyd.sources), writes the nodes and holds the fds.
+Every operation runs under one
 asyncio lock, so registry checks and the XenStore/broker steps that follow cannot interleave.
 Blocking calls run on two single-thread executors (XenStore, broker). A failed operation undoes
 what it did (ExitStack, handed over with pop_all() only on success): no fd, node or loop device
@@ -13,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import os
 import random
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +24,12 @@ from typing import Protocol, TypeVar
 from broker.protocol import ErrorCode
 from policyd import brokerclient, errors, logfmt, validate
 from policyd.blkback import BlkbackWatcher
-from policyd.brokerclient import BrokerClient, BrokerError, Identity
-from policyd.registry import Backing, BackingKey, ExportRecord, Registry, block_key, file_key
-from policyd.xenstore import XENBUS_STATE_CLOSED, PhysicalDevice, VbdSpec, XenStore
+from policyd.brokerclient import BrokerClient, BrokerError
+from policyd.registry import Backing, ExportRecord, Registry
+from policyd.sources import Sources, device_path, physical
+from policyd.xenstore import XENBUS_STATE_CLOSED, VbdSpec, XenStore
 
 T = TypeVar("T")
-LOOP_MAJOR = 7
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
 # (operation, dom0 path, backend domid, frontend domid, writable) -> None, or PolicyDenied
@@ -95,6 +93,7 @@ class Exporter:
         self.listener = listener
         self.broker_connected = False
         self.blkback = BlkbackWatcher(sysfs_root, self._state_changed)
+        self.sources = Sources(self.registry, broker, self._broker)
         self.policy_check: PolicyCheck = deny_without_policy  # policyd.audit.PolicyGate's
         self._lock = asyncio.Lock()
         self._xs_thread = ThreadPoolExecutor(1, thread_name_prefix="xenstore")
@@ -155,116 +154,6 @@ class Exporter:
         with contextlib.suppress(errors.PolicydError):
             await self._xs(self.xenstore.domain_name, self.backend_domid)
 
-    # -- opening sources through the broker ----------------------------------------------------
-
-    async def _open_path(
-        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
-    ) -> Backing:
-        """The backing to use for `path`: a shared held one, or a fresh one from the broker.
-
-        policyd never opens the path itself: an lstat (which may be denied) finds a sharing
-        candidate, and the broker's answer (backing dev/inode, or major:minor) is checked
-        against it. A fresh fd is closed by `undo` unless the caller keeps it.
-        """
-        try:
-            st: os.stat_result | None = os.lstat(path)
-        except (FileNotFoundError, PermissionError):
-            # Not visible to policyd (permissions, or its sandbox's private /tmp or read-only
-            # /home view): the broker, which sees the real file system, decides.
-            st = None
-        except OSError as e:
-            raise errors.InvalidArgument(f"{path}: {e.strerror}") from None
-        if st is None:
-            return await self._open_unseen(path, writable, direct_io, undo)
-        if stat.S_ISLNK(st.st_mode):
-            raise errors.Refused(f"{path} is a symlink; symlinks are not followed: pass the target")
-        if stat.S_ISBLK(st.st_mode):
-            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            shared = self.registry.shareable(block_key(*dev), writable)
-            if shared is not None:
-                return shared
-            fd, ident = await self._broker(
-                path, lambda: self.broker.open_block(path, writable=writable, expect_dev=dev)
-            )
-            return self._fresh_or_shared(block_key(*dev), fd, ident, "block", writable, undo)
-        if not stat.S_ISREG(st.st_mode):
-            raise errors.InvalidArgument(f"{path} is neither a regular file nor a block device")
-        key = file_key(st.st_dev, st.st_ino)
-        shared = self.registry.shareable(key, writable)
-        if shared is not None:
-            return shared
-        fd, ident = await self._broker(
-            path,
-            lambda: self.broker.loop_file(path, writable=writable, direct_io=direct_io),
-        )
-        if file_key(ident.backing_dev, ident.backing_ino) != key:
-            os.close(fd)
-            raise errors.DeviceChanged(f"{path} was replaced while it was being opened; retry")
-        return self._fresh_or_shared(key, fd, ident, "file", writable, undo)
-
-    async def _open_unseen(
-        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
-    ) -> Backing:
-        """A path policyd may not stat: try it as a file, then as a block device."""
-        try:
-            fd, ident = await self._broker(
-                path,
-                lambda: self.broker.loop_file(path, writable=writable, direct_io=direct_io),
-            )
-        except errors.InvalidArgument:
-            fd, ident = await self._broker(
-                path, lambda: self.broker.open_block(path, writable=writable)
-            )
-            key = block_key(ident.major, ident.minor)
-            return self._fresh_or_shared(key, fd, ident, "block", writable, undo)
-        key = file_key(ident.backing_dev, ident.backing_ino)
-        return self._fresh_or_shared(key, fd, ident, "file", writable, undo)
-
-    def _fresh_or_shared(
-        self,
-        key: BackingKey,
-        fd: int,
-        ident: Identity,
-        kind: str,
-        writable: bool,
-        undo: contextlib.ExitStack,
-    ) -> Backing:
-        """Takes ownership of the fresh `fd`: closed at once if an existing backing is shared
-        (or the sharing rules refuse), else by `undo` unless the operation succeeds."""
-        try:
-            shared = self.registry.shareable(key, writable)
-        except BaseException:
-            os.close(fd)
-            raise
-        if shared is not None:
-            os.close(fd)
-            return shared
-        undo.callback(os.close, fd)
-        return self.registry.new_backing(key, fd, ident, kind, writable)
-
-    async def _adopt_fd(self, fd: int, writable: bool) -> Backing:
-        """A caller-supplied fd, re-verified by the broker. The caller owns (and closes) fd
-        unless the returned backing holds it."""
-        st = os.fstat(fd)
-        if not stat.S_ISBLK(st.st_mode):
-            raise errors.InvalidArgument(
-                "the fd is not a block device; pass an open block device, or a path to Export"
-            )
-        if writable and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
-            raise errors.InvalidArgument(
-                "a read-write export needs an fd opened O_RDWR; set read-only or reopen"
-            )
-        ident = await self._broker("the fd", lambda: self.broker.identify(fd))
-        dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-        if (ident.major, ident.minor) != dev:
-            raise errors.DeviceChanged(
-                f"the broker identifies the fd as {ident.major}:{ident.minor}, not {dev}"
-            )
-        shared = self.registry.shareable(block_key(*dev), writable)
-        if shared is not None:
-            return shared
-        return self.registry.new_backing(block_key(*dev), fd, ident, "block", writable)
-
     # -- operations ---------------------------------------------------------------------------
 
     async def export_path(
@@ -276,7 +165,9 @@ class Exporter:
                 "export", path, self.backend_domid, fe_domid, not opts.read_only
             )
             with contextlib.ExitStack() as undo:
-                backing = await self._open_path(path, not opts.read_only, opts.direct_io, undo)
+                backing = await self.sources.open_path(
+                    path, not opts.read_only, opts.direct_io, undo
+                )
                 record = await self._export(path, backing, fe_domid, frontend, opts)
                 undo.pop_all()
             return record
@@ -286,7 +177,7 @@ class Exporter:
             with contextlib.ExitStack() as undo:
                 undo.callback(os.close, fd)  # ours from here on; closed unless held
                 fe_domid = await self._xs(self.xenstore.find_domain, frontend)
-                backing = await self._adopt_fd(fd, not opts.read_only)
+                backing = await self.sources.adopt_fd(fd, not opts.read_only)
                 await self.policy_check(
                     "export", device_path(backing), self.backend_domid, fe_domid, not opts.read_only
                 )
@@ -344,7 +235,7 @@ class Exporter:
                 await self.policy_check(
                     "attach", nodes.params, be.backend_domid, be.frontend_domid, nodes.mode == "w"
                 )
-                backing = await self._open_path(nodes.params, nodes.mode == "w", False, undo)
+                backing = await self.sources.open_path(nodes.params, nodes.mode == "w", False, undo)
                 # the last step that can fail: once the trio is written, the fd is held
                 await self._xs(self.xenstore.write_physical_device, be.path, physical(backing))
                 record = self._record(
@@ -476,23 +367,3 @@ class Exporter:
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:
             self.listener.export_changed(record, ["State"])
-
-
-def physical(backing: Backing) -> PhysicalDevice:
-    ident = backing.identity
-    return PhysicalDevice(ident.major, ident.minor, device_path(backing), ident.diskseq)
-
-
-def device_path(backing: Backing) -> str:
-    """/dev/loopN for a loop device (N from sysfs, since max_part changes the minor), else
-    /dev/block/MAJ:MIN's target name."""
-    ident = backing.identity
-    try:
-        target = os.readlink(f"/sys/dev/block/{ident.major}:{ident.minor}")
-        return "/dev/" + os.path.basename(target)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-    if ident.major == LOOP_MAJOR:
-        return f"/dev/loop{ident.minor}"
-    return f"/dev/block/{ident.major}:{ident.minor}"

@@ -1,0 +1,168 @@
+"""Opening what is exported: paths and caller fds through the broker, shared where allowed.
+
+Unprivileged policyd code; paths arrive validated (policyd.validate), caller fds unverified.
+policyd never opens a path itself: an lstat (which may be denied) finds a sharing candidate in
+the registry, the broker opens (a regular file as an AUTOCLEAR loop device, a block device with
+its major:minor verified), and its answer is checked against the candidate. Every fresh fd has
+exactly one owner at any time: the caller's ExitStack until the operation succeeds, then the
+registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from policyd import errors
+from policyd.brokerclient import BrokerClient, Identity
+from policyd.registry import Backing, BackingKey, Registry, block_key, file_key
+from policyd.xenstore import PhysicalDevice
+
+T = TypeVar("T")
+LOOP_MAJOR = 7
+
+
+class BrokerCall(Protocol):
+    """Runs one broker request off the event loop; broker errors come back as PolicydError."""
+
+    def __call__(self, what: str, call: Callable[[], T]) -> Awaitable[T]: ...
+
+
+class Sources:
+    def __init__(self, registry: Registry, broker: BrokerClient, call: BrokerCall) -> None:
+        self.registry = registry
+        self.broker = broker
+        self.call = call
+
+    async def open_path(
+        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
+    ) -> Backing:
+        """The backing to use for `path`: a shared held one, or a fresh one from the broker.
+
+        policyd never opens the path itself: an lstat (which may be denied) finds a sharing
+        candidate, and the broker's answer (backing dev/inode, or major:minor) is checked
+        against it. A fresh fd is closed by `undo` unless the caller keeps it.
+        """
+        try:
+            st: os.stat_result | None = os.lstat(path)
+        except (FileNotFoundError, PermissionError):
+            # Not visible to policyd (permissions, or its sandbox's private /tmp or read-only
+            # /home view): the broker, which sees the real file system, decides.
+            st = None
+        except OSError as e:
+            raise errors.InvalidArgument(f"{path}: {e.strerror}") from None
+        if st is None:
+            return await self.open_unseen(path, writable, direct_io, undo)
+        if stat.S_ISLNK(st.st_mode):
+            raise errors.Refused(f"{path} is a symlink; symlinks are not followed: pass the target")
+        if stat.S_ISBLK(st.st_mode):
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            shared = self.registry.shareable(block_key(*dev), writable)
+            if shared is not None:
+                return shared
+            fd, ident = await self.call(
+                path, lambda: self.broker.open_block(path, writable=writable, expect_dev=dev)
+            )
+            return self.fresh_or_shared(block_key(*dev), fd, ident, "block", writable, undo)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.InvalidArgument(f"{path} is neither a regular file nor a block device")
+        key = file_key(st.st_dev, st.st_ino)
+        shared = self.registry.shareable(key, writable)
+        if shared is not None:
+            return shared
+        fd, ident = await self.call(
+            path,
+            lambda: self.broker.loop_file(path, writable=writable, direct_io=direct_io),
+        )
+        if file_key(ident.backing_dev, ident.backing_ino) != key:
+            os.close(fd)
+            raise errors.DeviceChanged(f"{path} was replaced while it was being opened; retry")
+        return self.fresh_or_shared(key, fd, ident, "file", writable, undo)
+
+    async def open_unseen(
+        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
+    ) -> Backing:
+        """A path policyd may not stat: try it as a file, then as a block device."""
+        try:
+            fd, ident = await self.call(
+                path,
+                lambda: self.broker.loop_file(path, writable=writable, direct_io=direct_io),
+            )
+        except errors.InvalidArgument:
+            fd, ident = await self.call(
+                path, lambda: self.broker.open_block(path, writable=writable)
+            )
+            key = block_key(ident.major, ident.minor)
+            return self.fresh_or_shared(key, fd, ident, "block", writable, undo)
+        key = file_key(ident.backing_dev, ident.backing_ino)
+        return self.fresh_or_shared(key, fd, ident, "file", writable, undo)
+
+    def fresh_or_shared(
+        self,
+        key: BackingKey,
+        fd: int,
+        ident: Identity,
+        kind: str,
+        writable: bool,
+        undo: contextlib.ExitStack,
+    ) -> Backing:
+        """Takes ownership of the fresh `fd`: closed at once if an existing backing is shared
+        (or the sharing rules refuse), else by `undo` unless the operation succeeds."""
+        try:
+            shared = self.registry.shareable(key, writable)
+        except BaseException:
+            os.close(fd)
+            raise
+        if shared is not None:
+            os.close(fd)
+            return shared
+        undo.callback(os.close, fd)
+        return self.registry.new_backing(key, fd, ident, kind, writable)
+
+    async def adopt_fd(self, fd: int, writable: bool) -> Backing:
+        """A caller-supplied fd, re-verified by the broker. The caller owns (and closes) fd
+        unless the returned backing holds it."""
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise errors.InvalidArgument(
+                "the fd is not a block device; pass an open block device, or a path to Export"
+            )
+        if writable and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise errors.InvalidArgument(
+                "a read-write export needs an fd opened O_RDWR; set read-only or reopen"
+            )
+        ident = await self.call("the fd", lambda: self.broker.identify(fd))
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if (ident.major, ident.minor) != dev:
+            raise errors.DeviceChanged(
+                f"the broker identifies the fd as {ident.major}:{ident.minor}, not {dev}"
+            )
+        shared = self.registry.shareable(block_key(*dev), writable)
+        if shared is not None:
+            return shared
+        return self.registry.new_backing(block_key(*dev), fd, ident, "block", writable)
+
+
+def physical(backing: Backing) -> PhysicalDevice:
+    ident = backing.identity
+    return PhysicalDevice(ident.major, ident.minor, device_path(backing), ident.diskseq)
+
+
+def device_path(backing: Backing) -> str:
+    """/dev/loopN for a loop device (N from sysfs, since max_part changes the minor), else
+    /dev/block/MAJ:MIN's target name."""
+    ident = backing.identity
+    try:
+        target = os.readlink(f"/sys/dev/block/{ident.major}:{ident.minor}")
+        return "/dev/" + os.path.basename(target)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    if ident.major == LOOP_MAJOR:
+        return f"/dev/loop{ident.minor}"
+    return f"/dev/block/{ident.major}:{ident.minor}"
