@@ -3,8 +3,8 @@
 Unprivileged policyd code; arguments arrive already validated by policyd.service, and XenStore
 content is validated by policyd.xenstore. The broker decides what may be opened at all; this
 module decides sharing (opening itself is policyd.sources), writes the nodes and holds the fds.
-Every operation runs under one
-asyncio lock, so registry checks and the XenStore/broker steps that follow cannot interleave.
+Every operation runs under one asyncio lock, so registry checks and the XenStore/broker steps
+that follow cannot interleave.
 Blocking calls run on two single-thread executors (XenStore, broker). A failed operation undoes
 what it did (ExitStack, handed over with pop_all() only on success): no fd, node or loop device
 is left behind.
