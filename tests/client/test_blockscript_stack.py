@@ -81,6 +81,35 @@ def test_add_then_remove(stack: Stack, vbd: Callable[..., str]) -> None:
     image.unlink()
 
 
+def test_add_remove_with_libxl_relative_path(stack: Stack, vbd: Callable[..., str]) -> None:
+    """libxl passes XENBUS_PATH relative to dom0's home: backend/vbd/<fe>/<devid>."""
+    image = stack.make_image("script-relative.img", 1 << 20)
+    be = vbd(str(image), "r", 51744)
+    relative = be.removeprefix("/local/domain/0/")
+    assert relative == f"backend/vbd/{WORK}/51744"
+    result = block_script(stack, "add", relative)
+    assert result.returncode == 0, result.stderr
+    assert stack.xs_read(f"{be}/hotplug-status") == "connected"
+    loop = stack.xs_read(f"{be}/physical-device-path") or ""
+    diskseq = int(stack.xs_read(f"{be}/diskseq") or "", 16)
+    assert loop_backing_file(loop) == str(image)
+    (export,) = [e for e in cli_json(stack, "list") if e["devid"] == 51744]
+    assert export["backend_path"] == be  # shown absolute
+    assert block_script(stack, "remove", relative).returncode == 0
+    assert wait_loop_released(loop, diskseq)
+    image.unlink()
+
+
+def test_failing_add_with_relative_path_writes_hotplug_error(
+    stack: Stack, vbd: Callable[..., str]
+) -> None:
+    be = vbd(str(stack.image_dir / "missing.img"), "r", 51760)
+    result = block_script(stack, "add", be.removeprefix("/local/domain/0/"))
+    assert result.returncode == 1
+    assert (stack.xs_read(f"{be}/hotplug-error") or "").startswith("org.qubes.BlockBroker1.Error.")
+    assert stack.xs_read(f"{be}/hotplug-status") == "error"
+
+
 def test_add_read_write(stack: Stack, vbd: Callable[..., str]) -> None:
     image = stack.make_image("script-rw.img", 1 << 20)
     be = vbd(str(image), "w", 51728)
@@ -121,7 +150,7 @@ def test_failing_add_writes_hotplug_error(
 
 
 def test_add_with_missing_nodes_fails_cleanly(stack: Stack) -> None:
-    be = backend_path(WORK, 51744)
+    be = backend_path(WORK, 51792)
     stack.xs_write(f"{be}/frontend-id", str(WORK))  # params and mode missing
     try:
         result = block_script(stack, "add", be)
@@ -134,7 +163,7 @@ def test_add_with_missing_nodes_fails_cleanly(stack: Stack) -> None:
 
 
 def test_failing_add_does_not_recreate_a_removed_dir(stack: Stack) -> None:
-    be = backend_path(WORK, 51760)
+    be = backend_path(WORK, 51808)
     result = block_script(stack, "add", be)
     assert result.returncode == 1
     assert not stack.xs_exists(be)

@@ -14,6 +14,7 @@ from blockscript import BLOCK_SCRIPT
     [
         (["add"], None, "XENBUS_PATH must be a backend path"),
         (["add"], "/etc/passwd", "XENBUS_PATH must be a backend path"),
+        (["add"], "frontend/vbd/1/51712", "XENBUS_PATH must be a backend path"),
         (["online"], "/local/domain/0/backend/vbd/1/51712", "unknown command 'online'"),
         ([], "/local/domain/0/backend/vbd/1/51712", "unknown command ''"),
     ],
