@@ -10,6 +10,8 @@ Measured, on the same stack and nodes:
   blockbroker-block        the shipped POSIX sh script (dbus-send + xenstore-write)
   candidate sh+busctl      the same script calling busctl instead of dbus-send
   candidate python         a minimal Python entry point (dbus-fast + pyxs), venv python -I
+  candidate C              bench_blockscript_candidate.c, built here with gcc -O2 -static: the
+                           same calls without sh/dbus-send/xenstore-write start-up (not shipped)
   xen block                Xen 4.17's /etc/xen/scripts/block (bash; losetup; xenstore-read/write)
   losetup                  `losetup -f --show -r` + `losetup -d` on the same image
   policyd Attach/Detach    the two calls over one open connection, no process spawned: the
@@ -25,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -233,16 +237,36 @@ def bench_floor(argv: Sequence[str], env: dict[str, str], log: Path, n: int) -> 
     return [timed(argv, env, log) for _ in range(WARMUP + n)][WARMUP:]
 
 
+def build_c_candidate(stack: Stack) -> Path | None:
+    source = Path(__file__).with_name("bench_blockscript_candidate.c")
+    binary = stack.stack_dir / "blockbroker-block-c"
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        print("candidate C skipped: no gcc")
+        return None
+    cmd = [gcc, "-O2", "-Wall", "-Wextra", "-static", "-o", str(binary), str(source)]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"candidate C skipped: {result.stderr.strip()[-500:]}")
+        return None
+    return binary
+
+
 def make_candidates(stack: Stack) -> tuple[Path, Path]:
     busctl_variant = stack.stack_dir / "blockbroker-block-busctl"
-    text = BLOCK_SCRIPT.read_text()
-    start = text.index("call() {")
-    end = text.index("}\n", start) + 2
-    call = (
-        "call() {\n\tbusctl --system --timeout=8 call org.qubes.BlockBroker1 "
-        '/org/qubes/BlockBroker1 org.qubes.BlockBroker1.Manager "$1" s "$XENBUS_PATH"\n}\n'
+    call = re.compile(
+        r"dbus-send --system --print-reply=literal --reply-timeout=8000 \\\n\s*"
+        r"--dest=org.qubes.BlockBroker1 /org/qubes/BlockBroker1 \\\n\s*"
+        r"org.qubes.BlockBroker1.Manager.(Attach|Detach) \"string:\$XENBUS_PATH\""
     )
-    busctl_variant.write_text(text[:start] + call + text[end:])
+    text, count = call.subn(
+        "busctl --system --timeout=8 call org.qubes.BlockBroker1 /org/qubes/BlockBroker1 "
+        'org.qubes.BlockBroker1.Manager \\1 s "$XENBUS_PATH"',
+        BLOCK_SCRIPT.read_text(),
+    )
+    if count != 2:
+        raise RuntimeError(f"expected 2 dbus-send calls in {BLOCK_SCRIPT}, found {count}")
+    busctl_variant.write_text(text)
     busctl_variant.chmod(0o755)
     python_variant = stack.stack_dir / "blockbroker-block.py"
     python_variant.write_text(PYTHON_CANDIDATE)
@@ -259,6 +283,7 @@ def main() -> int:
         image = stack.make_image("bench.img", 16 << 20)
         log = stack.stack_dir / "bench-scripts.log"
         busctl_variant, python_variant = make_candidates(stack)
+        c_variant = build_c_candidate(stack)
         runs: list[tuple[str, Callable[[], dict[str, list[float]]]]] = [
             ("blockbroker-block", lambda: bench_script(stack, [str(BLOCK_SCRIPT)], image, log, N)),
             (
@@ -273,6 +298,16 @@ def main() -> int:
             ),
             ("xen block", lambda: bench_script(stack, [str(XEN_BLOCK)], image, log, N_SLOW)),
             ("losetup CLI", lambda: bench_losetup(image, log, N)),
+            *(
+                [
+                    (
+                        "candidate C (static, raw D-Bus)",
+                        lambda: bench_script(stack, [str(c_variant)], image, log, N),
+                    )
+                ]
+                if c_variant is not None
+                else []
+            ),
             ("policyd Attach/Detach (in-process)", lambda: bench_service(stack, image, N)),
         ]
         for name, run in runs:
@@ -319,6 +354,10 @@ def main() -> int:
         f"xen block / blockbroker-block: add {ratio_add:.1f}x, add+remove {ratio_disk:.1f}x "
         f"(target {TARGET_RATIO:g}x: {'met' if ratio_disk >= TARGET_RATIO else 'NOT met'})"
     )
+    c_name = "candidate C (static, raw D-Bus)"
+    if c_name in results:
+        ratio_c = xen["per_disk"]["p50_ms"] / results[c_name]["per_disk"]["p50_ms"]
+        print(f"xen block / {c_name}: add+remove {ratio_c:.1f}x")
     result = {
         "results_ms": results,
         "ratio_add_p50": round(ratio_add, 2),
