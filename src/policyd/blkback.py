@@ -2,8 +2,9 @@
 
 Unprivileged policyd code; reads sysfs only. The sysfs root is a setting, so the host lane and the
 Xen lane run the same code. There is no uevent for this, so the watcher polls, with a bounded
-interval, and only while some export is still waiting. Without `<root>/bus/xen-backend` (a host
-without blkback) exports are "no-blkback" at once instead of waiting forever.
+interval (50 ms growing to 1 s), and only while some export is still waiting. Without
+`<root>/bus/xen-backend` (a host without blkback) exports are "no-blkback" at once instead of
+waiting forever.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Callable
 from policyd import logfmt
 from policyd.registry import STATE_CONNECTED, STATE_NO_BLKBACK, STATE_WAITING, ExportRecord
 
-POLL_INTERVAL_S = 0.1
+POLL_INTERVAL_S = 0.05
+MAX_POLL_INTERVAL_S = 1.0
 MAX_SYSFS_BYTES = 64
 
 
@@ -26,6 +28,7 @@ class BlkbackWatcher:
         self._changed = changed
         self._waiting: dict[int, ExportRecord] = {}
         self._task: asyncio.Task[None] | None = None
+        self._interval = POLL_INTERVAL_S
 
     @property
     def present(self) -> bool:
@@ -52,6 +55,7 @@ class BlkbackWatcher:
         if record.state != STATE_WAITING:
             return
         self._waiting[record.number] = record
+        self._interval = POLL_INTERVAL_S
         self._check(record)
         if self._waiting and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._poll())
@@ -64,10 +68,14 @@ class BlkbackWatcher:
             self._task.cancel()
 
     async def _poll(self) -> None:
+        """Check every waiting export; the interval grows from POLL_INTERVAL_S to
+        MAX_POLL_INTERVAL_S while nothing changes, and starts over with each new export."""
+        self._interval = POLL_INTERVAL_S
         while self._waiting:
-            await asyncio.sleep(POLL_INTERVAL_S)
+            await asyncio.sleep(self._interval)
             for record in list(self._waiting.values()):
                 self._check(record)
+            self._interval = min(self._interval * 2, MAX_POLL_INTERVAL_S)
 
     def _check(self, record: ExportRecord) -> None:
         try:
