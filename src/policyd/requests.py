@@ -202,7 +202,7 @@ def check_published(tx: Tx, source_domid: int, device: DeviceDescriptor) -> None
     if now != (device.major, device.minor) or seq != device.diskseq:
         raise errors.DeviceChanged(
             f"{device.name} in the VM is now {validate._show(untrusted_dev, 16)} diskseq "
-            f"{validate._show(untrusted_diskseq, 24)}, not the approved {want}: nothing was "
+            f"{validate._show(untrusted_diskseq, 24)}, not {want} as requested: nothing was "
             "written; the VM must ask again"
         )
 

@@ -4,6 +4,10 @@ Test helper, run as a child process, often as an unprivileged uid (setpriv), so 
 bus daemon and polkit see is really that uid. Arguments: ADDRESS DEST PATH IFACE MEMBER SIG
 BODY-JSON; in BODY-JSON an a{sv} is an object of [signature, value] pairs. Prints
 {"error": name or null, "message": ..., "body": [...]}.
+
+With --hold first, the connection stays open after the call (a requester that is still
+waiting, like the bridge): each line on stdin names a method (Withdraw, Approve, Deny) to call
+on the object path the first call returned, answered like the first; EOF disconnects.
 """
 
 from __future__ import annotations
@@ -33,8 +37,30 @@ def from_dbus(value: Any) -> Any:
     return value
 
 
+def outcome(reply: Message) -> dict[str, Any]:
+    if reply.message_type is MessageType.ERROR:
+        return {"error": reply.error_name, "message": str(reply.body[0] if reply.body else "")}
+    return {"error": None, "body": from_dbus(reply.body)}
+
+
+async def hold(bus: MessageBus, dest: str, first: Message) -> None:
+    print(json.dumps(outcome(first)), flush=True)
+    loop = asyncio.get_running_loop()
+    while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+        reply = await bus.call(
+            Message(
+                destination=dest,
+                path=first.body[0],
+                member=line,
+                interface="org.qubes.BlockBroker1.Request",
+            )
+        )
+        assert reply is not None
+        print(json.dumps(outcome(reply)), flush=True)
+
+
 async def main(address: str, dest: str, path: str, iface: str, member: str, sig: str,
-               body: str) -> None:  # fmt: skip
+               body: str, keep: bool = False) -> None:  # fmt: skip
     bus = await MessageBus(bus_address=address).connect()
     reply = await bus.call(
         Message(
@@ -47,13 +73,15 @@ async def main(address: str, dest: str, path: str, iface: str, member: str, sig:
         )
     )
     assert reply is not None
-    if reply.message_type is MessageType.ERROR:
-        out = {"error": reply.error_name, "message": str(reply.body[0] if reply.body else "")}
+    if keep and reply.message_type is MessageType.METHOD_RETURN:
+        await hold(bus, dest, reply)
     else:
-        out = {"error": None, "body": from_dbus(reply.body)}
-    print(json.dumps(out))
+        print(json.dumps(outcome(reply)), flush=True)
     bus.disconnect()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:8]))
+    if sys.argv[1] == "--hold":
+        asyncio.run(main(*sys.argv[2:9], keep=True))
+    else:
+        asyncio.run(main(*sys.argv[1:8]))

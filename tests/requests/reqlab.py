@@ -80,6 +80,46 @@ def call(
     return out
 
 
+class Holder:
+    """A requester that stays connected (like the bridge waiting for a decision), running as
+    `user` with `groups`; `send("Withdraw")` calls a method on its request with its connection."""
+
+    def __init__(self, stack: Stack, body: list[Any], user: int | str | None = None,
+                 groups: tuple[int, ...] = ()) -> None:  # fmt: skip
+        argv = [sys.executable, str(BUSCALL), "--hold", stack.bus_address, BUS_NAME, MANAGER,
+                MANAGER_IFACE, "RequestExport", "sa{sv}sa{sv}", json.dumps(body)]  # fmt: skip
+        if user is not None:
+            argv = [*as_user(user, groups), *argv]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        self.first = self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        out: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        if out["error"] and out["error"].startswith(ERROR):
+            out["error"] = out["error"][len(ERROR) :]
+        return out
+
+    @property
+    def path(self) -> str:
+        assert self.first["error"] is None, self.first
+        return str(self.first["body"][0])
+
+    def send(self, member: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(member + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
 def managed_requests(stack: Stack) -> dict[str, dict[str, Any]]:
     objects = call(stack, "GetManagedObjects", path=MANAGER, iface=OM_IFACE)["body"][0]
     return {p: i[REQUEST_IFACE] for p, i in objects.items() if REQUEST_IFACE in i}
