@@ -279,6 +279,7 @@ def main() -> int:
         return 1
     Path("/var/log/xen").mkdir(parents=True, exist_ok=True)  # Xen's script appends its stderr here
     results: dict[str, dict[str, dict[str, float]]] = {}
+    load_before = os.getloadavg()[0]
     with Stack(StackConfig(domains={"work": FE})) as stack:
         image = stack.make_image("bench.img", 16 << 20)
         log = stack.stack_dir / "bench-scripts.log"
@@ -358,7 +359,10 @@ def main() -> int:
     if c_name in results:
         ratio_c = xen["per_disk"]["p50_ms"] / results[c_name]["per_disk"]["p50_ms"]
         print(f"xen block / {c_name}: add+remove {ratio_c:.1f}x")
+    load = (load_before, os.getloadavg()[0])
+    print(f"1-minute load average: {load[0]:.2f} at start, {load[1]:.2f} at end (2 cores)")
     result = {
+        "load_average": [round(x, 2) for x in load],
         "results_ms": results,
         "ratio_add_p50": round(ratio_add, 2),
         "ratio_per_disk_p50": round(ratio_disk, 2),
