@@ -191,11 +191,15 @@ class Watcher:
     def __init__(self) -> None:
         self.props: dict[str, dict[str, Any]] = {}
         self.removed: set[str] = set()
+        self.service_lost = False
         self.changed = asyncio.Event()
 
     def on_message(self, msg: Message) -> bool:
         if msg.message_type is not MessageType.SIGNAL:
             return False
+        if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
+            # policyd went away (restart, crash): its pending requests are gone with it
+            self.service_lost = msg.signature == "sss" and msg.body[0] == BUS_NAME
         if msg.member == "InterfacesAdded" and msg.signature == "oa{sa{sv}}":
             path, ifaces = msg.body
             if REQUEST_IFACE in ifaces:
@@ -220,6 +224,8 @@ class Watcher:
             return props
         if path in self.removed:
             return {"State": "failed"}
+        if self.service_lost:
+            return {"State": "lost"}
         return None
 
 
@@ -261,8 +267,14 @@ async def ask(request: ExportRequest, timeout_s: float) -> str:
     watcher = Watcher()
     bus.add_message_handler(watcher.on_message)
     try:
-        match = f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'"
-        await call(bus, "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [match])
+        for match in (
+            f"type='signal',sender='{BUS_NAME}',path_namespace='{MANAGER_PATH}'",
+            f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
+            f"arg0='{BUS_NAME}'",
+        ):
+            await call(
+                bus, "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [match]
+            )
         reply = await call(
             bus,
             MANAGER_PATH,
@@ -308,6 +320,8 @@ def answer_for(props: dict[str, Any]) -> str:
         return "error Expired nobody decided in time"
     if state == "withdrawn":
         return "error Withdrawn the request was withdrawn"
+    if state == "lost":
+        return "error Unavailable policyd stopped while the request was pending; ask again"
     error = props.get("Error") or "Failed"
     if error == "DeviceChanged":
         return "error DeviceChanged the device changed after the request: nothing was exported"

@@ -52,6 +52,7 @@ MAX_EXPIRY_S = 86400
 PUBLISHED_DIR = "data/blockbroker"  # below /local/domain/<source-domid>/
 MAX_TOMBSTONES = 1024
 MAX_PENDING = 256  # all VMs together; a flood of requests cannot grow policyd without bound
+MAX_PENDING_PER_SOURCE = 16  # one VM cannot crowd out the others' requests
 
 DEVICE_NAME_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 DESCRIPTION_RE = re.compile(r"[ -~]{0,64}")  # printable ASCII, bounded
@@ -496,6 +497,12 @@ class Requests:
         await self._xs(check_published_now, self.exporter.xenstore, source_domid, device)
         if len(self.pending) >= MAX_PENDING:
             raise errors.Busy(f"{MAX_PENDING} requests are pending already; try again later")
+        if sum(r.source_domid == source_domid for r in self.pending.values()) >= (
+            MAX_PENDING_PER_SOURCE
+        ):
+            raise errors.Busy(
+                f"{source} has {MAX_PENDING_PER_SOURCE} requests pending already; wait for them"
+            )
         caller = audit.CALLER.get()
         now = _now_us()
         req = PendingRequest(

@@ -7,7 +7,11 @@ Withdraw only by the connection that made the request. Runs as root with real da
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from dbus_fast import Message, Variant
+from dbus_fast.aio import MessageBus
 from harness.stack import Stack
 from reqlab import (
     NOBODY,
@@ -104,3 +108,36 @@ def test_expired_request_is_removed_and_cannot_be_approved(stack: Stack, publish
         assert holder.send("Withdraw")["error"] == "Expired"
     finally:
         holder.close()
+
+
+async def flood(address: str, count: int) -> list[str | None]:
+    """`count` requests on one connection (root, like one bridge); their error names."""
+    bus = await MessageBus(bus_address=address).connect()
+    errors: list[str | None] = []
+    try:
+        for _ in range(count):
+            body = request_body("loop9", 4242)
+            body[1] = {k: Variant(*v) for k, v in body[1].items()}  # type: ignore[union-attr]
+            reply = await bus.call(
+                Message(
+                    destination="org.qubes.BlockBroker1",
+                    path="/org/qubes/BlockBroker1",
+                    interface="org.qubes.BlockBroker1.Manager",
+                    member="RequestExport",
+                    signature="sa{sv}sa{sv}",
+                    body=body,
+                )
+            )
+            assert reply is not None
+            errors.append(reply.error_name)
+    finally:
+        bus.disconnect()
+    return errors
+
+
+def test_one_vm_cannot_flood_the_pending_requests(stack: Stack, published: str) -> None:
+    errors = asyncio.run(flood(stack.bus_address, 17))
+    assert errors[:16] == [None] * 16
+    assert errors[16] == "org.qubes.BlockBroker1.Error.Busy"
+    # the connection is gone: all its requests are withdrawn
+    wait_for(lambda: True if managed_requests(stack) == {} else None, "the withdrawals")

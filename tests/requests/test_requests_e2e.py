@@ -122,3 +122,13 @@ def test_person_denies(stack: Stack, loop_dir: Path) -> None:
         assert vm_backends(stack, 5) == [] and frontends(stack, 1) == []
         again = call(stack, "Approve", path=path, iface=REQUEST_IFACE, user=NOBODY)
         assert again["error"] == "NotFound" and "denied" in again["message"]
+
+
+def test_bridge_answers_when_policyd_goes_away(stack: Stack, loop_dir: Path) -> None:
+    with vm_loop(loop_dir) as dev:
+        helper = start_helper(stack, helper_argv(dev, "work"))
+        wait_request(stack, dev.name)
+        stack.restart_policyd()  # pending requests do not survive a restart
+        status, answer, _ = finish(helper)
+        assert status == 1 and answer.startswith("error Unavailable "), answer
+        assert vm_backends(stack, 5) == [] and managed_requests(stack) == {}
