@@ -4,7 +4,9 @@ Runs as root (make bench) against the real host stack from tests/harness (real o
 system bus with the project's policy, broker, policyd as user blockbroker). Each iteration writes a
 vbd backend the way libxl does (not timed), then times one `add` and one `remove` of the script
 spawned as libxl spawns it (posix_spawn, XENBUS_PATH/XENBUS_TYPE/XENBUS_BASE_PATH in the
-environment), checks the result in XenStore, and deletes the nodes (not timed).
+environment), checks the result in XenStore, and deletes the nodes (not timed). Candidates run
+interleaved (one iteration of each per round), so load from other suites on the shared cores
+hits all of them alike.
 
 Measured, on the same stack and nodes:
   blockbroker-block        the shipped POSIX sh script (dbus-send + xenstore-write)
@@ -40,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from harness.stack import Stack, StackConfig  # noqa: E402
+
+from client.api import AsyncClient  # noqa: E402
 
 VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
 BLOCK_SCRIPT = VENV / "bin" / "blockbroker-block"
@@ -145,92 +149,97 @@ def remove_vbd(stack: Stack) -> None:
             stack.xs_rm(path)
 
 
-def bench_script(
-    stack: Stack, argv: Sequence[str], image: Path, log: Path, n: int
-) -> dict[str, list[float]]:
-    """add + remove of a hotplug script, `n` times (after WARMUP), checked in XenStore.
+Sample = tuple[float, float] | None  # (add ms, remove ms); None: the add failed
+Iteration = Callable[[], Sample]
 
-    A failed `add` is counted (key "failures") and the iteration repeated: Xen's script races
-    with any other loop user on the machine (`losetup -f`, then bind: EBUSY if someone took that
-    device in between); blockbroker-block is expected never to fail here.
-    """
-    adds, removes, totals, failures = [], [], [], []
-    done = 0
-    while done < WARMUP + n:
+
+def script_iteration(stack: Stack, argv: Sequence[str], image: Path, log: Path) -> Iteration:
+    """One libxl-like add + remove of a hotplug script, checked in XenStore."""
+
+    def run() -> Sample:
         be = write_vbd(stack, str(image))
         env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
         try:
             t_add = timed([*argv, "add"], env, log)
         except RuntimeError:
-            failures.append(1.0)
             remove_vbd(stack)
-            if len(failures) > n:
-                raise
-            continue
+            return None
         phys = stack.xs_read(f"{be}/physical-device")
         if not phys or stack.xs_read(f"{be}/hotplug-status") != "connected":
             raise RuntimeError(f"{argv[-1]} add left no physical-device/hotplug-status at {be}")
         t_remove = timed([*argv, "remove"], env, log)
         remove_vbd(stack)
-        if done >= WARMUP:
-            adds.append(t_add)
-            removes.append(t_remove)
-            totals.append(t_add + t_remove)
-        done += 1
-    return {"add": adds, "remove": removes, "per_disk": totals, "failures": failures}
+        return t_add, t_remove
+
+    return run
 
 
-def bench_losetup(image: Path, log: Path, n: int) -> dict[str, list[float]]:
+def losetup_iteration(image: Path, log: Path) -> Iteration:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     losetup = shutil.which("losetup", path=env["PATH"]) or "/sbin/losetup"
-    adds, removes, totals = [], [], []
     out = log.with_suffix(".losetup")
-    for i in range(WARMUP + n):
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+    def run() -> Sample:
         start = time.perf_counter()
+        argv = [losetup, "-f", "--show", "-r", str(image)]
         pid = os.posix_spawn(
-            losetup,
-            [losetup, "-f", "--show", "-r", str(image)],
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 1, str(out), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            ],
+            losetup, argv, env, file_actions=[(os.POSIX_SPAWN_OPEN, 1, str(out), flags, 0o644)]
         )
         _, status = os.waitpid(pid, 0)
         t_add = (time.perf_counter() - start) * 1e3
         if status != 0:
-            raise RuntimeError("losetup -f failed")
-        device = out.read_text().strip()
-        t_remove = timed([losetup, "-d", device], env, log)
-        if i >= WARMUP:
-            adds.append(t_add)
-            removes.append(t_remove)
-            totals.append(t_add + t_remove)
-    return {"add": adds, "remove": removes, "per_disk": totals}
+            return None
+        return t_add, timed([losetup, "-d", out.read_text().strip()], env, log)
+
+    return run
 
 
-def bench_service(stack: Stack, image: Path, n: int) -> dict[str, list[float]]:
+def service_iteration(
+    stack: Stack, image: Path, loop: asyncio.AbstractEventLoop, bb: AsyncClient
+) -> Iteration:
     """Attach + Detach over one open connection (client.api): policyd's own time per disk."""
-    from client.api import AsyncClient
 
-    async def run() -> dict[str, list[float]]:
-        adds, removes, totals = [], [], []
-        async with await AsyncClient.connect(stack.bus_address) as bb:
-            for i in range(WARMUP + n):
-                be = write_vbd(stack, str(image))
-                start = time.perf_counter()
-                await bb.attach(be)
-                mid = time.perf_counter()
-                await bb.detach_backend(be)
-                end = time.perf_counter()
-                remove_vbd(stack)
-                if i >= WARMUP:
-                    adds.append((mid - start) * 1e3)
-                    removes.append((end - mid) * 1e3)
-                    totals.append((end - start) * 1e3)
-        return {"add": adds, "remove": removes, "per_disk": totals}
+    def run() -> Sample:
+        be = write_vbd(stack, str(image))
+        start = time.perf_counter()
+        loop.run_until_complete(bb.attach(be))
+        mid = time.perf_counter()
+        loop.run_until_complete(bb.detach_backend(be))
+        end = time.perf_counter()
+        remove_vbd(stack)
+        return (mid - start) * 1e3, (end - mid) * 1e3
 
-    return asyncio.run(run())
+    return run
+
+
+def interleaved(candidates: list[tuple[str, Iteration, int]]) -> dict[str, dict[str, list[float]]]:
+    """Round robin: each round runs one iteration of every candidate still short of its count,
+    so a change in machine load (other suites share the cores) hits all candidates alike.
+    A failed add is counted and retried in a later round: Xen's script races with any other loop
+    user on the machine (`losetup -f`, then bind: EBUSY if someone took that device in between).
+    """
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"add": [], "remove": [], "per_disk": [], "failures": []} for name, _, _ in candidates
+    }
+    done = dict.fromkeys(samples, 0)
+    while any(done[name] < WARMUP + n for name, _, n in candidates):
+        for name, iteration, n in candidates:
+            if done[name] >= WARMUP + n:
+                continue
+            sample = iteration()
+            if sample is None:
+                samples[name]["failures"].append(1.0)
+                if len(samples[name]["failures"]) > n:
+                    raise RuntimeError(f"{name}: more failed adds than iterations")
+                continue
+            if done[name] >= WARMUP:
+                samples[name]["add"].append(sample[0])
+                samples[name]["remove"].append(sample[1])
+                samples[name]["per_disk"].append(sample[0] + sample[1])
+            done[name] += 1
+    return samples
 
 
 def bench_floor(argv: Sequence[str], env: dict[str, str], log: Path, n: int) -> list[float]:
@@ -285,37 +294,31 @@ def main() -> int:
         log = stack.stack_dir / "bench-scripts.log"
         busctl_variant, python_variant = make_candidates(stack)
         c_variant = build_c_candidate(stack)
-        runs: list[tuple[str, Callable[[], dict[str, list[float]]]]] = [
-            ("blockbroker-block", lambda: bench_script(stack, [str(BLOCK_SCRIPT)], image, log, N)),
-            (
-                "candidate sh+busctl",
-                lambda: bench_script(stack, [str(busctl_variant)], image, log, N),
-            ),
+        loop = asyncio.new_event_loop()
+        bb = loop.run_until_complete(AsyncClient.connect(stack.bus_address))
+        candidates: list[tuple[str, Iteration, int]] = [
+            ("blockbroker-block", script_iteration(stack, [str(BLOCK_SCRIPT)], image, log), N),
+            ("candidate sh+busctl", script_iteration(stack, [str(busctl_variant)], image, log), N),
             (
                 "candidate python (dbus-fast)",
-                lambda: bench_script(
-                    stack, [str(VENV / "bin/python"), "-I", str(python_variant)], image, log, N_SLOW
+                script_iteration(
+                    stack, [str(VENV / "bin/python"), "-I", str(python_variant)], image, log
                 ),
+                N_SLOW,
             ),
-            ("xen block", lambda: bench_script(stack, [str(XEN_BLOCK)], image, log, N_SLOW)),
-            ("losetup CLI", lambda: bench_losetup(image, log, N)),
-            *(
-                [
-                    (
-                        "candidate C (static, raw D-Bus)",
-                        lambda: bench_script(stack, [str(c_variant)], image, log, N),
-                    )
-                ]
-                if c_variant is not None
-                else []
-            ),
-            ("policyd Attach/Detach (in-process)", lambda: bench_service(stack, image, N)),
+            ("xen block", script_iteration(stack, [str(XEN_BLOCK)], image, log), N_SLOW),
+            ("losetup CLI", losetup_iteration(image, log), N),
+            ("policyd Attach/Detach (in-process)", service_iteration(stack, image, loop, bb), N),
         ]
-        for name, run in runs:
-            samples = run()
-            failed = len(samples.pop("failures", []))
+        if c_variant is not None:
+            c_iteration = script_iteration(stack, [str(c_variant)], image, log)
+            candidates.insert(4, ("candidate C (static, raw D-Bus)", c_iteration, N))
+        for name, samples in interleaved(candidates).items():
+            failed = len(samples.pop("failures"))
             results[name] = {k: summary(v) for k, v in samples.items()}
             results[name]["add"]["failures"] = failed
+        loop.run_until_complete(bb.close())
+        loop.close()
         env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         floors = {
             "spawn /bin/true": ["/bin/true"],
