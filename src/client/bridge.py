@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -42,6 +44,7 @@ REQUEST_IFACE = "org.qubes.BlockBroker1.Request"
 REQUEST_PATH_PREFIX = MANAGER_PATH + "/request/"
 ERROR_PREFIX = "org.qubes.BlockBroker1.Error."
 MAX_LINE = 512
+READ_TIMEOUT_S = 30.0  # for the VM to send its one line
 MAX_ANSWER = 400
 DEFAULT_TIMEOUT_S = 330.0  # policyd's default expiry (300 s) plus a margin
 FINAL_STATES = ("approved", "denied", "expired", "withdrawn", "failed")
@@ -91,17 +94,36 @@ class ExportRequest:
         }
 
 
-def read_request(stream: BinaryIO) -> bytes:
-    """At most one line of at most MAX_LINE bytes (newline included); never more is read."""
+def read_request(stream: BinaryIO, timeout_s: float = READ_TIMEOUT_S) -> bytes:
+    """At most one line of at most MAX_LINE bytes (newline included); never more is read.
+
+    A VM that sends nothing and keeps the connection open gets an answer after timeout_s
+    instead of holding a dom0 process forever."""
+    deadline = time.monotonic() + timeout_s
+    fd = stream.fileno() if _has_fileno(stream) else None
     data = b""
     while b"\n" not in data:
-        chunk = stream.read1(MAX_LINE + 1 - len(data)) if hasattr(stream, "read1") else b""
+        if fd is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise BridgeError("InvalidArgument", f"no complete request within {timeout_s:g} s")
+            chunk = os.read(fd, MAX_LINE + 1 - len(data))
+        else:
+            chunk = stream.read(MAX_LINE + 1 - len(data))
         if not chunk:
             break
         data += chunk
         if len(data) > MAX_LINE:
             raise BridgeError("InvalidArgument", f"request longer than {MAX_LINE} bytes")
     return data
+
+
+def _has_fileno(stream: BinaryIO) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, AttributeError, ValueError):  # io.BytesIO: UnsupportedOperation
+        return False
+    return True
 
 
 def _number(key: str, untrusted: str, maximum: int) -> int:
