@@ -3,8 +3,9 @@
 Unprivileged policyd code; pure bookkeeping, no I/O except closing fds it owns. Everything in
 here was validated before it arrived. Rules:
   - a backing (one file by (st_dev, st_ino), or one block device by major:minor) has one held
-    fd; read-only exports of it share that fd (and so one loop device), refcounted; a block
-    device that is the loop device of a held file counts as that file;
+    fd; read-only exports of it share that fd (and so one loop device), refcounted; a backing
+    also answers to its aliases: a file's loop device, or the file a held loop device is bound
+    to, so the rules below hold whichever way the data is named;
   - a read-write export is never shared, and a backing is never exported read-write while any
     other export of it exists (Busy);
   - removing the last export of a backing hands its fd back to the caller to close, so
@@ -42,6 +43,9 @@ class Backing:
     identity: Identity
     kind: str  # "file" (a loop device over a file) or "block"
     writable: bool
+    # other keys naming the same data: a file backing's loop device (block key); a loop device
+    # held as a block device: the file it is bound to (file key)
+    aliases: tuple[BackingKey, ...] = ()
     users: set[int] = field(default_factory=set)
 
     @property
@@ -77,7 +81,7 @@ class Registry:
         self._exports: dict[int, ExportRecord] = {}
         self._backings: dict[BackingKey, Backing] = {}
         self._by_backend_path: dict[str, int] = {}
-        self._by_device: dict[tuple[int, int], Backing] = {}  # (major, minor) of held devices
+        self._aliases: dict[BackingKey, list[Backing]] = {}
         self._next_number = 1
 
     def __len__(self) -> int:
@@ -95,12 +99,13 @@ class Registry:
 
     def shareable(self, key: BackingKey, writable: bool) -> Backing | None:
         """The held backing a new export of `key` must reuse, None for a fresh one, or Busy."""
-        backing = self._backings.get(key)
-        if backing is None and key[0] == "block":
-            # the device may be held under a file key: the loop device of a file export
-            backing = self._by_device.get((key[1], key[2]))
-        if backing is None:
+        held = self._backings.get(key)
+        candidates = ([held] if held else []) + self._aliases.get(key, [])
+        if not candidates:
             return None
+        if not writable:
+            candidates.sort(key=lambda b: b.writable, reverse=True)  # report a writer first
+        backing = candidates[0]
         if writable:
             raise Busy(
                 f"{describe(key)} is already exported ({len(backing.users)} export(s)); "
@@ -114,11 +119,17 @@ class Registry:
         return backing
 
     def new_backing(
-        self, key: BackingKey, fd: int, identity: Identity, kind: str, writable: bool
+        self,
+        key: BackingKey,
+        fd: int,
+        identity: Identity,
+        kind: str,
+        writable: bool,
+        aliases: tuple[BackingKey, ...] = (),
     ) -> Backing:
         if key in self._backings:
             raise AssertionError(f"backing {key} is already registered")
-        return Backing(key, fd, identity, kind, writable)
+        return Backing(key, fd, identity, kind, writable, tuple(a for a in aliases if a != key))
 
     def next_number(self) -> int:
         number = self._next_number
@@ -129,7 +140,9 @@ class Registry:
         backing = record.backing
         if self._backings.setdefault(backing.key, backing) is not backing:
             raise AssertionError(f"backing {backing.key} registered twice")
-        self._by_device[(backing.identity.major, backing.identity.minor)] = backing
+        if not backing.users:
+            for alias in backing.aliases:
+                self._aliases.setdefault(alias, []).append(backing)
         backing.users.add(record.number)
         self._exports[record.number] = record
         self._by_backend_path[record.backend_path] = record.number
@@ -143,7 +156,10 @@ class Registry:
         if backing.users:
             return None
         del self._backings[backing.key]
-        del self._by_device[(backing.identity.major, backing.identity.minor)]
+        for alias in backing.aliases:
+            others = [b for b in self._aliases.pop(alias, []) if b is not backing]
+            if others:
+                self._aliases[alias] = others
         return backing.fd
 
     def held_fds(self) -> list[int]:

@@ -68,7 +68,7 @@ class Sources:
             fd, ident = await self.call(
                 path, lambda: self.broker.open_block(path, writable=writable, expect_dev=dev)
             )
-            return self.fresh_or_shared(block_key(*dev), fd, ident, "block", writable, undo)
+            return await self.fresh_block(fd, ident, writable, undo)
         if not stat.S_ISREG(st.st_mode):
             raise errors.InvalidArgument(f"{path} is neither a regular file nor a block device")
         key = file_key(st.st_dev, st.st_ino)
@@ -97,10 +97,30 @@ class Sources:
             fd, ident = await self.call(
                 path, lambda: self.broker.open_block(path, writable=writable)
             )
-            key = block_key(ident.major, ident.minor)
-            return self.fresh_or_shared(key, fd, ident, "block", writable, undo)
+            return await self.fresh_block(fd, ident, writable, undo)
         key = file_key(ident.backing_dev, ident.backing_ino)
         return self.fresh_or_shared(key, fd, ident, "file", writable, undo)
+
+    async def fresh_block(
+        self, fd: int, ident: Identity, writable: bool, undo: contextlib.ExitStack
+    ) -> Backing:
+        """A block device fresh from the broker; for a loop device, also the file it is bound
+        to (the broker's IDENTIFY), so a file is never written through one name while it is
+        exported under another."""
+        try:
+            alias = await self.loop_file_alias(fd, ident)
+        except BaseException:
+            os.close(fd)
+            raise
+        key = block_key(ident.major, ident.minor)
+        return self.fresh_or_shared(key, fd, ident, "block", writable, undo, alias)
+
+    async def loop_file_alias(self, fd: int, ident: Identity) -> BackingKey | None:
+        if ident.major != LOOP_MAJOR:
+            return None
+        if not ident.backing_ino:
+            ident = await self.call("the loop device", lambda: self.broker.identify(fd))
+        return file_key(ident.backing_dev, ident.backing_ino) if ident.backing_ino else None
 
     def fresh_or_shared(
         self,
@@ -110,11 +130,15 @@ class Sources:
         kind: str,
         writable: bool,
         undo: contextlib.ExitStack,
+        alias: BackingKey | None = None,
     ) -> Backing:
         """Takes ownership of the fresh `fd`: closed at once if an existing backing is shared
         (or the sharing rules refuse), else by `undo` unless the operation succeeds."""
         try:
             shared = self.registry.shareable(key, writable)
+            if shared is None and alias is not None:
+                # the same file under another loop device: Busy unless both are read-only
+                self.registry.shareable(alias, writable)
         except BaseException:
             os.close(fd)
             raise
@@ -122,7 +146,10 @@ class Sources:
             os.close(fd)
             return shared
         undo.callback(os.close, fd)
-        return self.registry.new_backing(key, fd, ident, kind, writable)
+        if kind == "file":
+            alias = block_key(ident.major, ident.minor)
+        aliases = () if alias is None else (alias,)
+        return self.registry.new_backing(key, fd, ident, kind, writable, aliases)
 
     async def adopt_fd(self, fd: int, writable: bool) -> Backing:
         """A caller-supplied fd, re-verified by the broker. The caller owns (and closes) fd
@@ -145,7 +172,11 @@ class Sources:
         shared = self.registry.shareable(block_key(*dev), writable)
         if shared is not None:
             return shared
-        return self.registry.new_backing(block_key(*dev), fd, ident, "block", writable)
+        alias = file_key(ident.backing_dev, ident.backing_ino) if ident.backing_ino else None
+        if alias is not None:
+            self.registry.shareable(alias, writable)  # Busy on a read-write conflict
+        aliases = () if alias is None else (alias,)
+        return self.registry.new_backing(block_key(*dev), fd, ident, "block", writable, aliases)
 
 
 def physical(backing: Backing) -> PhysicalDevice:

@@ -7,6 +7,8 @@ Runs as root against the real stack; policyd runs as user blockbroker.
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from harness.stack import Stack
@@ -63,3 +65,52 @@ def test_different_files_get_different_loops(stack: Stack, api: Api) -> None:
     api.detach(ea)
     api.detach(eb)
     assert_clean(stack, a, b)
+
+
+def losetup(image: Path, *flags: str) -> str:
+    return subprocess.run(
+        ["losetup", "-f", "--show", *flags, str(image)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+
+
+def test_a_file_is_not_written_through_another_name(stack: Stack, api: Api) -> None:
+    """A loop device someone else bound to a file, exported as a block device, still counts as
+    that file: no read-write export of the file meanwhile; read-only ones share the device."""
+    image = stack.make_image("dedup-alias.img")
+    loop = losetup(image, "-r")
+    try:
+        by_device = api.export(loop)
+        assert api.props(by_device)["SourceKind"] == "block"
+        assert api.export_err(image, "untrusted", **{"read-only": ro(False)}) == "Busy"
+        by_file = api.export(image, "untrusted")
+        assert api.props(by_file)["LoopDevice"] in ("", loop)
+        assert (api.props(by_file)["Major"], api.props(by_file)["Minor"]) == (
+            api.props(by_device)["Major"],
+            api.props(by_device)["Minor"],
+        )
+        assert len(held_block_fds(stack)) == 1
+        api.detach(by_device)
+        api.detach(by_file)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True, timeout=30)
+    assert_clean(stack, image)
+
+
+def test_a_writable_loop_device_excludes_its_file(stack: Stack, api: Api) -> None:
+    image = stack.make_image("dedup-alias-rw.img")
+    loop = losetup(image)
+    try:
+        writer = api.export(loop, **{"read-only": ro(False)})
+        assert api.export_err(image, "untrusted") == "Busy"
+        assert len(loops_of(image)) == 1  # no second loop device was made
+        api.detach(writer)
+        reader = api.export(image, "untrusted")  # now fine: a loop device of its own
+        assert api.props(reader)["LoopDevice"] != loop
+        api.detach(reader)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True, timeout=30)
+    assert_clean(stack, image)
