@@ -11,11 +11,12 @@ refuses to start if a declared method is in neither table.
 from __future__ import annotations
 
 import grp
+from collections.abc import Mapping
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from policyd import polkit
+from policyd import audit, polkit
 from policyd.errors import AccessDenied
 from policyd.interfaces import EXPORT_IFACE, MANAGER_IFACE
 from policyd.requests import REQUEST_IFACE
@@ -108,8 +109,15 @@ async def in_bridge_group(bus: MessageBus, sender: str) -> bool:
     return groups is not None and groups.signature == "au" and gid in groups.value
 
 
-async def authorize(bus: MessageBus, sender: str | None, interface: str, member: str) -> int:
-    """The caller's uid if it may call interface.member, else AccessDenied."""
+async def authorize(
+    bus: MessageBus,
+    sender: str | None,
+    interface: str,
+    member: str,
+    details: Mapping[str, str] | None = None,
+) -> int:
+    """The caller's uid if it may call interface.member, else AccessDenied. `details` go to
+    polkit (policyd's own, validated values: polkit rules may test them with action.lookup)."""
     action = MUTATING_METHODS.get((interface, member))
     if action is None:
         if (interface, member) in READ_ONLY_METHODS:
@@ -119,12 +127,12 @@ async def authorize(bus: MessageBus, sender: str | None, interface: str, member:
         raise AccessDenied("the call has no sender; access denied")
     uid = await caller_uid(bus, sender)
     if action == POLKIT_APPROVE:  # polkit itself authorizes uid 0
-        await polkit.check_authorization(bus, sender, action)
+        await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
         return uid
     if action == POLKIT_REQUEST_EXPORT:
         if uid == ROOT_UID or await in_bridge_group(bus, sender):
             return uid
-        await polkit.check_authorization(bus, sender, action, interactive=False)
+        await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=False)
         return uid
     if uid != ROOT_UID:
         raise AccessDenied(
@@ -132,3 +140,28 @@ async def authorize(bus: MessageBus, sender: str | None, interface: str, member:
             "run it as root"
         )
     return uid
+
+
+async def _ask_polkit(
+    bus: MessageBus,
+    sender: str,
+    uid: int,
+    member: str,
+    action: str,
+    details: Mapping[str, str],
+    *,
+    interactive: bool,
+) -> None:
+    """polkit's decision; a refusal is audited (who tried what) and raised."""
+    try:
+        await polkit.check_authorization(bus, sender, action, details, interactive=interactive)
+    except AccessDenied as e:
+        audit.audit(
+            "refused",
+            operation=member,
+            decided_by=f"polkit {action}",
+            caller=f"uid={uid} bus={sender}",
+            reason=e.text,
+            **details,
+        )
+        raise

@@ -234,7 +234,8 @@ class Service:
         route = self.routes[key]
         uid: int | None = None
         try:
-            uid = await authz.authorize(self.bus, msg.sender, *key)
+            details = self.requests.polkit_details(msg.path) if key[0] == REQUEST_IFACE else None
+            uid = await authz.authorize(self.bus, msg.sender, *key, details=details)
             audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
             if msg.signature != route.in_signature:
                 raise errors.InvalidArgument(

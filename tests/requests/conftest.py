@@ -1,8 +1,9 @@
 """Export-request tests use the host stack with real polkitd and a test export policy.
 
 polkit rules: user nobody may approve, user daemon may not (a rule says no), user bin has no
-rule (the action's default auth_admin applies, and there is no agent to ask). Root is never the
-approving subject: polkit authorizes uid 0 always.
+rule (the action's default auth_admin applies, and there is no agent to ask), user games may
+approve only requests for sys-usb's loop5 (policyd passes the request's details to polkit).
+Root is never the approving subject: polkit authorizes uid 0 always.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ polkit.addRule(function(action, subject) {
     if (action.id == "org.qubes.blockbroker.approve") {
         if (subject.user == "nobody") return polkit.Result.YES;
         if (subject.user == "daemon") return polkit.Result.NO;
+        // policyd passes the request's details: a rule may look at them
+        if (subject.user == "games")
+            return action.lookup("device") == "loop5" && action.lookup("source") == "sys-usb"
+                ? polkit.Result.YES : polkit.Result.NO;
     }
 });
 """

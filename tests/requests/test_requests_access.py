@@ -25,6 +25,7 @@ from reqlab import (
     device_descriptor,
     managed_requests,
     publish,
+    remove_vbd,
     vm_backends,
     wait_for,
 )
@@ -141,3 +142,23 @@ def test_one_vm_cannot_flood_the_pending_requests(stack: Stack, published: str) 
     assert errors[16] == "org.qubes.BlockBroker1.Error.Busy"
     # the connection is gone: all its requests are withdrawn
     wait_for(lambda: True if managed_requests(stack) == {} else None, "the withdrawals")
+
+
+def test_polkit_rules_see_the_requests_details(stack: Stack, published: str) -> None:
+    publish(stack, 5, "loop5", "7:0", "55")
+    other = Holder(stack, request_body(published, 4242), user=NOBODY, groups=(bridge_gid(),))
+    wanted = Holder(stack, request_body("loop5", 55), user=NOBODY, groups=(bridge_gid(),))
+    try:
+        refused = call(stack, "Approve", path=other.path, iface=REQUEST_IFACE, user="games")
+        assert refused["error"] == "AccessDenied", refused
+        assert any("result=refused" in line and "device=loop9" in line and "uid=5 " in line
+                   for line in audit_lines(stack))  # fmt: skip
+        done = call(stack, "Approve", path=wanted.path, iface=REQUEST_IFACE, user="games")
+        assert done["error"] is None, done
+        (backend,) = vm_backends(stack, 5)
+        assert stack.xs_read(f"{backend}/diskseq") == f"{55:x}"
+        remove_vbd(stack, backend)
+    finally:
+        other.send("Withdraw")
+        other.close()
+        wanted.close()
