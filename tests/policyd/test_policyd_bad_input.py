@@ -168,3 +168,30 @@ def test_fds_sent_to_other_methods_are_closed(stack: Stack, api: Api, image: Pat
     api.pump()
     assert open_fd_count(stack) == before
     assert_clean(stack, image)
+
+
+def test_junk_domains_in_xenstore(stack: Stack, api: Api, image: Path) -> None:
+    """Entries under /local/domain that are not domains, or carry junk names, are ignored; a
+    name two domains claim is refused rather than guessed."""
+    junk = {
+        "/local/domain/notadomid/name": "work",
+        "/local/domain/00017/name": "work",
+        "/local/domain/99999/name": "work",
+        "/local/domain/40/name": "bad name!",
+        "/local/domain/41/name": "x" * 40,
+    }
+    for path, value in junk.items():
+        stack.xs_write(path, value)
+    try:
+        export = api.export(image, "work")
+        assert api.props(export)["FrontendDomid"] == 1
+        api.detach(export)
+        assert api.export_err(image, "bad name!") == "InvalidArgument"
+        stack.xs_write("/local/domain/42/name", "work")  # a second "work"
+        assert api.export_err(image, "work") == "XenStore"
+    finally:
+        for path in [*junk, "/local/domain/42/name"]:
+            stack.xs_rm(path.rsplit("/", 1)[0])
+    stack.xs_rm("/local/domain/0/backend/vbd/1")
+    stack.xs_rm("/local/domain/1/device/vbd")
+    assert_clean(stack, image)
