@@ -47,6 +47,11 @@ from client.watch import OBJECT_MANAGER_IFACE, PROPERTIES_IFACE, EventCallback, 
 DEFAULT_TIMEOUT: Final = 25.0  # seconds, as libdbus' default method-call timeout
 U32_MAX: Final = 0xFFFFFFFF
 BACKEND_PATH_PREFIX: Final = "/local/domain/"
+RELATIVE_BACKEND_PREFIX: Final = "backend/"  # libxl's XENBUS_PATH form, relative to the backend
+
+
+def is_backend_path(target: str) -> bool:
+    return target.startswith((BACKEND_PATH_PREFIX, RELATIVE_BACKEND_PREFIX))
 
 
 def export_path(target: str) -> str:
@@ -265,10 +270,13 @@ class AsyncClient:
         await self._call(path, REQUEST_IFACE, "Deny")
 
     async def find_by_backend_path(self, backend_path: str) -> ExportInfo:
+        """The export whose BackendPath is this (absolute, or libxl's relative backend/...)."""
+        wanted = backend_path.rstrip("/")
         for info in await self.list_exports():
-            if info.backend_path == backend_path.rstrip("/"):
+            absolute = f"{BACKEND_PATH_PREFIX}{info.backend_domid}/{wanted}"
+            if info.backend_path in (wanted, absolute):
                 return info
-        raise NotFound(f"no export has backend path {backend_path}")
+        raise NotFound(f"no export has backend path {backend_path}; see `blockbroker list`")
 
     async def detach(self, target: ExportInfo | str) -> None:
         """Detach an export: an ExportInfo, an object path, a short id, or its backend path.
@@ -278,7 +286,7 @@ class AsyncClient:
         """
         if isinstance(target, ExportInfo):
             path = target.export
-        elif target.startswith(BACKEND_PATH_PREFIX):
+        elif is_backend_path(target):
             path = (await self.find_by_backend_path(target)).export
         else:
             path = export_path(target)

@@ -30,10 +30,10 @@ from typing import Any
 
 from client import output, policycmd, request_export
 from client.api import (
-    BACKEND_PATH_PREFIX,
     DEFAULT_TIMEOUT,
     AsyncClient,
     export_path,
+    is_backend_path,
     request_path,
 )
 from client.errors import EXIT_OK, EXIT_USAGE, BlockBrokerError, UsageError
@@ -189,7 +189,7 @@ def _register_policy_commands(sub: Any) -> None:
 
 def _detach_target(text: str) -> str:
     """An export's object path, short id, or backend path; checked before connecting."""
-    if text.startswith(BACKEND_PATH_PREFIX):
+    if is_backend_path(text):
         return text
     try:
         return export_path(text)

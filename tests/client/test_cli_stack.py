@@ -119,6 +119,15 @@ def test_detach_by_backend_path_and_human_export_output(stack: Stack, image: Pat
     check_detached(stack, mine)
 
 
+def test_detach_by_libxl_relative_backend_path(stack: Stack, image: Path) -> None:
+    (export,) = cli_json(stack, "export", str(image), "--to", "work")
+    relative = export["backend_path"].removeprefix("/local/domain/0/")
+    assert relative.startswith("backend/vbd/1/")
+    result = cli(stack, "detach", relative)
+    assert result.returncode == 0, result.stderr
+    check_detached(stack, export)
+
+
 def test_relative_path_is_made_absolute(stack: Stack, image: Path) -> None:
     result = cli(stack, "export", os.path.relpath(image), "--to", "work", "--json")
     assert result.returncode == 0, result.stderr
