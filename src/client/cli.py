@@ -15,7 +15,9 @@ honoured). It has no privilege of its own: policyd and the bus policy decide.
 Exit statuses: 0 ok; 1 the service answered with an error (its D-Bus name is printed);
 2 usage error; 3 the service (or its broker) is not reachable; 4 access denied (by policyd,
 the bus policy, or the export policy). Errors go to stderr as
-`blockbroker: <D-Bus error name>: <message> (<what to do>)`.
+`blockbroker: <D-Bus error name>: <message>`; errors from the bus or the client itself add a
+hint in parentheses (policyd's own messages already say what to do). `policy` and
+`request-export` (client/request_export.py, run inside a VM) work without policyd's bus.
 """
 
 from __future__ import annotations
