@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from broker.protocol import ErrorCode
 from policyd import brokerclient, errors, logfmt, validate
@@ -43,6 +43,7 @@ async def deny_without_policy(
 
 
 LOOP_BUSY_ATTEMPTS = 3
+BROKER_TIMEOUT_S = 5.0  # a broker request takes milliseconds; far beyond that it is stuck
 XS_TIMEOUT_S = 5.0  # no XenStore request of ours takes anywhere near this long
 
 BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
@@ -131,8 +132,19 @@ class Exporter:
         times here, after a growing random pause, before it becomes Error.Busy."""
         loop = asyncio.get_running_loop()
         for attempt in range(LOOP_BUSY_ATTEMPTS):
+            work = loop.run_in_executor(self._broker_thread, call)
             try:
-                result = await loop.run_in_executor(self._broker_thread, call)
+                result = await asyncio.wait_for(asyncio.shield(work), BROKER_TIMEOUT_S)
+            except TimeoutError:
+                # The broker thread stays blocked; whatever it gets later is closed, and calls
+                # queued behind it time out the same way until the broker answers again.
+                work.add_done_callback(close_abandoned_fd)
+                self._set_broker_connected(False)
+                logfmt.warning("the broker does not answer; request abandoned", what=what)
+                raise errors.BrokerUnavailable(
+                    f"the broker did not answer within {BROKER_TIMEOUT_S:g} s; check "
+                    "blockbroker-broker.service"
+                ) from None
             except BrokerError as e:
                 self._set_broker_connected(not isinstance(e, brokerclient.BrokerUnavailable))
                 if e.code == ErrorCode.LOOP_BUSY and attempt + 1 < LOOP_BUSY_ATTEMPTS:
@@ -367,3 +379,13 @@ class Exporter:
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:
             self.listener.export_changed(record, ["State"])
+
+
+def close_abandoned_fd(work: asyncio.Future[Any]) -> None:
+    """Done-callback of a broker request nobody waits for any more: close the fd it returned."""
+    if work.cancelled() or work.exception() is not None:
+        return
+    result = work.result()
+    if isinstance(result, tuple) and result and isinstance(result[0], int):
+        os.close(result[0])
+        logfmt.info("closed the fd of an abandoned broker request")
