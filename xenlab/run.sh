@@ -1,10 +1,13 @@
 #!/bin/bash
 # xenlab/run.sh: boot the real-Xen lab once under QEMU (TCG) and run dom0 scenarios in it.
 #
-# usage: xenlab/run.sh [-t SECONDS] [-d RUN_DIR] SCENARIO[=SECONDS]...
+# usage: xenlab/run.sh [-t SECONDS] [-d RUN_DIR] [-p NAME=VALUE]... SCENARIO[=SECONDS]...
 #   SCENARIO is a script xenlab/scenarios/SCENARIO.sh, run in dom0 in the order given, each with
 #   its own time limit (default 300 s); -t bounds the whole QEMU run (default: sum + 120 s).
-#   -d keeps the run directory at RUN_DIR (default: a new one under $XENLAB_CACHE/runs).
+#   -d uses RUN_DIR as the run directory and keeps what the caller put there, e.g. images/
+#      (default: a new one under $XENLAB_CACHE/runs).
+#   -p writes VALUE to the file NAME in the run directory: a parameter for the scenarios
+#      (e.g. -p domstart.reps=3).
 # Prints the result lines (XENLAB CHECK/BENCH/TIMELINE/SCENARIO) as they come and exits 0 only
 # when dom0 reached its end marker, every scenario exited 0 and no check failed.
 # Environment: XENLAB_CACHE (default /var/cache/blockbroker/xenlab), XENLAB_MEM (QEMU MiB, 2048),
@@ -18,16 +21,18 @@ IMAGES=$CACHE/images
 
 die() { echo "XENLAB FATAL $*"; exit 2; }
 
-total_limit=""; run_dir=""
-while getopts "t:d:" opt; do
+total_limit=""; run_dir=""; params=()
+while getopts "t:d:p:" opt; do
   case $opt in
     t) total_limit=$OPTARG ;;
     d) run_dir=$OPTARG ;;
-    *) die "usage: $0 [-t SECONDS] [-d RUN_DIR] SCENARIO[=SECONDS]..." ;;
+    p) [[ $OPTARG =~ ^[a-z0-9._-]+=.*$ ]] || die "-p wants NAME=VALUE, got '$OPTARG'"
+       params+=("$OPTARG") ;;
+    *) die "usage: $0 [-t SECONDS] [-d RUN_DIR] [-p NAME=VALUE]... SCENARIO[=SECONDS]..." ;;
   esac
 done
 shift $((OPTIND - 1))
-[ $# -gt 0 ] || die "usage: $0 [-t SECONDS] [-d RUN_DIR] SCENARIO[=SECONDS]..."
+[ $# -gt 0 ] || die "usage: $0 [-t SECONDS] [-d RUN_DIR] [-p NAME=VALUE]... SCENARIO[=SECONDS]..."
 
 [ "$(id -u)" = 0 ] || die "the Xen lab needs root (loop devices, 9p export of /)"
 command -v qemu-system-x86_64 >/dev/null ||
@@ -40,13 +45,18 @@ if [ -z "$run_dir" ]; then
   ls -1dt "$CACHE"/runs/* 2>/dev/null | tail -n +8 | xargs -r rm -rf
   run_dir=$(mktemp -d "$CACHE/runs/$(date +%Y%m%d-%H%M%S).XXXX")
 else
-  rm -rf "$run_dir"; mkdir -p "$run_dir"
+  # a given directory is kept (the caller may have put files in it, e.g. images/); only the
+  # previous run's outputs go
+  mkdir -p "$run_dir" && rm -rf "$run_dir"/{plan,results,scenarios,dbus,policy.d,timeout.*,*.log}
 fi
 chmod 0755 "$run_dir"
 mkdir -p "$run_dir/scenarios" "$run_dir/dbus"
 cp "$LAB_SRC"/scenarios/*.sh "$run_dir/scenarios/"
 cp "$REPO"/dbus/*.conf "$run_dir/dbus/" 2>/dev/null
+# the project's default export policy, for policyd --policy-dir (the host root is read-only)
+rm -rf "$run_dir/policy.d"; cp -r "$REPO/policy/policy.d" "$run_dir/policy.d" 2>/dev/null
 : >"$run_dir/results"
+for param in "${params[@]}"; do echo "${param#*=}" >"$run_dir/${param%%=*}"; done
 sum=0
 for item in "$@"; do
   name=${item%%=*}; limit=300
@@ -83,7 +93,7 @@ timeout --foreground -k 5 "$total_limit" "${qemu[@]}" </dev/null 2>&1 |
     line=${line%$'\r'}
     printf '[%s] %s\n' "$(stamp)" "$line" >>"$run_dir/console.log"
     case $line in
-      "XENLAB CHECK "* | "XENLAB BENCH "* | "XENLAB SCENARIO "* | "XENLAB FATAL "* | "XENLAB END"* | "XENLAB T+"*)
+      "XENLAB CHECK "* | "XENLAB BENCH "* | "XENLAB NOTE "* | "XENLAB TIMELINE "* | "XENLAB DEMO "* | "XENLAB SCENARIO "* | "XENLAB FATAL "* | "XENLAB END"* | "XENLAB T+"*)
         echo "$line" ;;
     esac
   done

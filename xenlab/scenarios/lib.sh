@@ -12,6 +12,7 @@ GUEST_KERNEL=/usr/share/xenlab/guest-vmlinux.gz
 GUEST_RAMDISK=/usr/share/xenlab/guest.cpio
 GUEST_MEMORY_MB=128
 CONSOLE_DIR=/var/log/xen/console
+IMAGE_DIR=/tmp/images   # dom0's tmpfs; the same path inside the chroot
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/usr/lib/xen-4.17/bin
 
 now() { cut -d' ' -f1 /proc/uptime; }
@@ -62,19 +63,19 @@ on_poweroff = "destroy"
 on_crash = "destroy"
 EOF
   rm -f $CONSOLE_DIR/guest-$name.log
-  xl -vvv create "$@" /tmp/$name.cfg >$RUN/xl-create-$name.log 2>&1
+  xl -vvv -t create "$@" /tmp/$name.cfg >$RUN/xl-create-$name.log 2>&1
 }
 
 guest_console() { cat $CONSOLE_DIR/guest-$1.log 2>/dev/null | tr -d '\r'; }
 
 # guest_wait NAME PATTERN [SECONDS]: wait for a console line matching PATTERN; prints it
 guest_wait() {
-  i=0; limit=$((${3:-60} * 10))
-  while [ $i -lt $limit ]; do
+  deadline=$(awk -v t="$(now)" -v s="${3:-60}" 'BEGIN {print t + s}')
+  while :; do
     line=$(guest_console "$1" | grep -m1 -e "$2") && { echo "$line"; return 0; }
-    sleep 0.1; i=$((i + 1))
+    awk -v t="$(now)" -v d="$deadline" 'BEGIN {exit !(t > d)}' && return 1
+    sleep 0.2
   done
-  return 1
 }
 
 # guest_disk_md5 NAME DEV [SECONDS]: the md5 the guest reported for DEV ("" if none)
@@ -94,3 +95,16 @@ loop_count() { losetup -a 2>/dev/null | grep -c .; }
 vdev_number() {
   idx=$(printf '%d' "'$(echo "$1" | cut -c4)"); echo $((202 * 256 + (idx - 97) * 16))
 }
+
+# json_field NAME: a scalar field from one compact JSON object on stdin (the CLI's --json)
+json_field() { sed -n "s/.*\"$1\":\"\{0,1\}\([^\",}]*\).*/\1/p"; }
+
+# xvd_name DEVID: Xen's virtual device number -> the guest's disk name (51728 -> xvdb)
+xvd_name() {
+  case $1 in [0-9]*) ;; *) echo none; return 1 ;; esac
+  idx=$((($1 - 51712) / 16))
+  echo "xvd$(echo abcdefghijklmnopqrstuvwxyz | cut -c$((idx + 1)))"
+}
+
+# loops_of FILE: how many loop devices are bound to FILE
+loops_of() { losetup -j "$1" 2>/dev/null | grep -c .; }

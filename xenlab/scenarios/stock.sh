@@ -7,10 +7,10 @@ expect dom0-xenstored "xenstored answers; dom0 name=$(xenstore-read /local/domai
   test "$(xenstore-read /local/domain/0/name)" = Domain-0
 
 # -- Xen's stock block script: file target -> losetup -> physical-device -> blkback -> guest
-want=$(make_image /tmp/images/stock.img STOCK 8)
+want=$(make_image $IMAGE_DIR/stock.img STOCK 8)
 loops_before=$(loop_count)
 t0=$(now)
-if guest_create stock1 "format=raw, vdev=xvda, access=ro, target=/tmp/images/stock.img" \
+if guest_create stock1 "format=raw, vdev=xvda, access=ro, target=$IMAGE_DIR/stock.img" \
      "xenlab.wait=xvda"; then
   create_ms=$(elapsed_ms $t0)
   got=$(guest_disk_md5 stock1 xvda 90)
@@ -38,3 +38,10 @@ print(f"python {sys.version.split()[0]} pyxs name={name} domains={b','.join(doma
 PY
 )
 expect host-venv-pyxs "$out ($(elapsed_ms $t0) ms)" eval 'echo "$out" | grep -q "pyxs name=Domain-0"'
+
+# -- what a host program costs to start in the chroot (9p, TCG): the per-call price of the CLI
+for cmd in "python3 -S -c pass" "python3 -c pass" "blockbroker --help"; do
+  t0=$(now); in_host $cmd >/dev/null 2>&1; first=$(elapsed_ms $t0)
+  t0=$(now); in_host $cmd >/dev/null 2>&1; second=$(elapsed_ms $t0)
+  echo "XENLAB NOTE chroot-start '$cmd' first=${first}ms again=${second}ms" | tee -a $RUN/results
+done

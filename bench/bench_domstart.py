@@ -1,0 +1,92 @@
+"""Domain start in the real Xen lab: `xl create` of a PV guest with 4 file-backed disks, through
+Xen's stock `block` hotplug script and through blockbroker's `blockbroker-block`.
+
+Runs as root on the host (measurement only, never a pass/fail test): boots the lab once
+(xenlab/run.sh domstart) and reads its `XENLAB BENCH domstart` lines. Per variant it reports the
+median `xl create -p` time; the per-disk cost is (median(4 disks) - median(no disks)) / 4, since
+libxl returns only when every disk's hotplug script has finished. See docs/benchmarks.md.
+
+    bench/bench_domstart.py [--reps N] [--variants none,stock,blockbroker]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DISKS = 4
+BENCH_LINE = re.compile(
+    r"^XENLAB BENCH domstart variant=(?P<variant>\w+) rep=(?P<rep>\d+) "
+    r"(?:create_ms=(?P<ms>\d+) disks=\d+|error=(?P<error>\S+))"
+)
+
+
+def default_variants() -> str:
+    """blockbroker's variant only once its hotplug script is installed (`make install`)."""
+    installed = Path("/opt/blockbroker/venv/bin/blockbroker-block").exists()
+    return "none,stock,blockbroker" if installed else "none,stock"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=int(os.environ.get("DOMSTART_REPS", "5")))
+    parser.add_argument("--variants", default=os.environ.get("DOMSTART_VARIANTS", ""))
+    args = parser.parse_args(argv)
+    variants = (args.variants or default_variants()).split(",")
+    limit = 120 + 60 * args.reps * len(variants)
+    cmd = [
+        str(REPO / "xenlab" / "run.sh"),
+        "-p",
+        f"domstart.reps={args.reps}",
+        "-p",
+        f"domstart.variants={' '.join(variants)}",
+        f"domstart={limit}",
+    ]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    times: dict[str, list[int]] = {v: [] for v in variants}
+    errors: list[str] = []
+    for line in proc.stdout.splitlines():
+        match = BENCH_LINE.match(line.strip())
+        if not match:
+            continue
+        print(line, flush=True)
+        if match["error"]:
+            errors.append(f"{match['variant']} rep {match['rep']}: {match['error']}")
+        else:
+            times[match["variant"]].append(int(match["ms"]))
+    if proc.returncode != 0 or errors or not all(times.values()):
+        tail = "\n".join(proc.stdout.splitlines()[-15:])
+        print(f"domstart: lab run failed (exit {proc.returncode}) {errors}", file=sys.stderr)
+        print(tail, file=sys.stderr)
+        return 1
+
+    result: dict[str, object] = {"reps": args.reps, "disks": DISKS, "unit": "ms"}
+    medians = {v: statistics.median(ts) for v, ts in times.items()}
+    for variant, ts in times.items():
+        result[f"{variant}_create_ms"] = ts
+        result[f"{variant}_create_median_ms"] = medians[variant]
+        print(f"{variant:12} xl create -p median {medians[variant]:8.0f} ms  runs {ts}")
+    per_disk: dict[str, float] = {}
+    for variant in ("stock", "blockbroker"):
+        if variant in medians and "none" in medians:
+            per_disk[variant] = (medians[variant] - medians["none"]) / DISKS
+            result[f"{variant}_per_disk_ms"] = round(per_disk[variant], 1)
+            print(f"{variant:12} per disk {per_disk[variant]:8.1f} ms")
+    if per_disk.get("blockbroker", 0) > 0 and "stock" in per_disk:
+        speedup = per_disk["stock"] / per_disk["blockbroker"]
+        result["per_disk_speedup"] = round(speedup, 2)
+        print(f"per-disk speedup (stock / blockbroker): {speedup:.2f}x")
+    print("BENCH_RESULT " + json.dumps(result, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,31 @@
+#!/bin/bash
+# xenlab/demo.sh (make demo): blockbroker in real Xen, end to end, in one lab boot.
+# Makes a disk image on the host, boots the lab with the "demo" scenario (xenlab/scenarios/demo.sh:
+# export the image through blockbroker to a PV guest that reads it and prints its md5, share it
+# read-only with a second guest through the same loop device, detach both, nothing left), prints
+# the timeline and ends with `DEMO OK`, or `DEMO FAILED <reason>` and exit status 1.
+set -uo pipefail
+LAB_SRC=$(cd "$(dirname "$0")" && pwd)
+CACHE=${XENLAB_CACHE:-/var/cache/blockbroker/xenlab}
+run_dir=$CACHE/runs/demo
+
+failed() { echo "DEMO FAILED $*"; exit 1; }
+
+rm -rf "$run_dir"; mkdir -p "$run_dir/images" || failed "cannot make $run_dir"
+image=$run_dir/images/demo.img
+{ printf 'BLOCKBROKER-DEMO-IMAGE'; head -c $((16 * 1024 * 1024 - 22)) /dev/urandom; } >"$image"
+md5sum <"$image" | cut -d' ' -f1 >"$image.md5"
+echo "host image $image (16 MiB) md5=$(cat "$image.md5")"
+
+"$LAB_SRC/run.sh" -d "$run_dir" demo=900 | grep -v '^XENLAB T+'
+rc=${PIPESTATUS[0]}
+echo
+echo "timeline (dom0 uptime, s):"
+sed -n 's/^XENLAB TIMELINE t=\([0-9.]*\) /  \1  /p' "$run_dir/results"
+if grep -q '^XENLAB DEMO OK' "$run_dir/results" && [ "$rc" = 0 ]; then
+  echo "DEMO OK"
+  exit 0
+fi
+reason=$(sed -n 's/^XENLAB DEMO FAILED //p' "$run_dir/results" | head -1)
+[ -n "$reason" ] || reason=$(grep -h '^XENLAB FATAL' "$run_dir/results" "$run_dir/console.log" 2>/dev/null | head -1)
+failed "${reason:-the lab run failed (exit $rc); see $run_dir/console.log}"

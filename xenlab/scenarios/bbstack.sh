@@ -1,0 +1,93 @@
+# xenlab/scenarios/bbstack.sh: blockbroker's stack in the lab's dom0 (sourced after lib.sh).
+#
+# All from the host's root, chrooted (the project is installed in /opt/blockbroker/venv there):
+#   dbus-daemon  the system bus at the standard /run/dbus/system_bus_socket: a default-deny system
+#                policy plus the project's dbus/*.conf (copied into the run directory by run.sh)
+#   broker       as root; config: client_user blockbroker, file_roots = $IMAGE_DIR, majors [7]
+#   policyd      as user blockbroker (no supplementary groups) against this dom0's xenstored
+#                (its socket handed to group blockbroker) and the real sysfs (xen-blkback);
+#                the export policy is the project's default (policy/policy.d, via the run dir)
+# libxl runs hotplug scripts from dom0's own /etc/xen/scripts, so blockbroker-block is linked
+# there as a two-line wrapper that enters the chroot.
+BB_DIR=/run/xenlab-bb
+
+bb_wait() {  # bb_wait WHAT SECONDS COMMAND...: poll until COMMAND succeeds
+  what=$1; deadline=$(awk -v t="$(now)" -v s="$2" 'BEGIN {print t + s}'); shift 2
+  until "$@" >/dev/null 2>&1; do
+    awk -v t="$(now)" -v d="$deadline" 'BEGIN {exit !(t > d)}' &&
+      { echo "bbstack: timed out waiting for $what" >&2; return 1; }
+    sleep 0.1
+  done
+}
+
+bb_bus_config() {
+  cat <<CONF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <user>messagebus</user>
+  <listen>unix:path=/run/dbus/system_bus_socket</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <includedir>$RUN/dbus</includedir>
+</busconfig>
+CONF
+}
+
+bb_has_name() {
+  in_host dbus-send --system --print-reply=literal --dest=org.freedesktop.DBus \
+    /org/freedesktop/DBus org.freedesktop.DBus.NameHasOwner string:org.qubes.BlockBroker1 |
+    grep -q true
+}
+
+bb_broker_listening() { [ -S $BB_DIR/broker.sock ]; }
+
+# bb_stack_start: start the three daemons; returns non-zero (and says why) if one did not come up
+bb_stack_start() {
+  t_stack=$(now)
+  mkdir -p $BB_DIR /run/dbus $IMAGE_DIR
+  bb_bus_config >$BB_DIR/bus.conf
+  in_host dbus-daemon --config-file=$BB_DIR/bus.conf --fork --nopidfile --nosyslog \
+    >$RUN/dbus-daemon.log 2>&1 || { echo "bbstack: dbus-daemon failed" >&2; return 1; }
+  roots="\"$IMAGE_DIR\""
+  [ -d $RUN/images ] && roots="$roots, \"$RUN/images\""   # host images (9p), e.g. the demo's
+  printf 'client_user = "blockbroker"\nfile_roots = [%s]\nblock_majors = [7]\n' "$roots" \
+    >$BB_DIR/broker.toml
+  chmod 0644 $BB_DIR/broker.toml
+  (in_host setsid $VENV/bin/blockbroker-broker --config $BB_DIR/broker.toml \
+    --socket $BB_DIR/broker.sock >$RUN/broker.log 2>&1 &)
+  bb_wait "the broker's socket" 60 bb_broker_listening || return 1
+  # policyd needs XenStore: the socket goes to its group, as a packaged dom0 would set it up
+  in_host chgrp blockbroker /run/xenstored/socket && chmod 0660 /run/xenstored/socket
+  (in_host setsid setpriv --reuid=blockbroker --regid=blockbroker --clear-groups \
+    /usr/bin/env PYTHONUNBUFFERED=1 $VENV/bin/blockbroker-policyd \
+    --broker-socket $BB_DIR/broker.sock --sysfs-root /sys --policy-dir $RUN/policy.d \
+    >$RUN/policyd.log 2>&1 &)
+  bb_wait "policyd to own org.qubes.BlockBroker1" 120 bb_has_name || {
+    tail -20 $RUN/policyd.log >&2; return 1
+  }
+  printf '#!/bin/sh\nexec chroot %s %s/bin/blockbroker-block "$@"\n' $HOSTROOT $VENV \
+    >/etc/xen/scripts/blockbroker-block
+  chmod 0755 /etc/xen/scripts/blockbroker-block
+  BB_STACK_MS=$(elapsed_ms $t_stack)
+}
+
+# bb CLI_ARGS...: the blockbroker CLI, as root in dom0
+bb() { in_host blockbroker "$@"; }
