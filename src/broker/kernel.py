@@ -20,7 +20,8 @@ LO_NAME_SIZE = 64
 LO_KEY_SIZE = 32
 LOOP_MAJOR = 7  # <linux/major.h>
 
-# <linux/fs.h>: _IOR(0x12, 114, size_t) and _IOR(0x12, 128, __u64)
+# <linux/fs.h>: _IO(0x12, 94), _IOR(0x12, 114, size_t) and _IOR(0x12, 128, __u64)
+BLKROGET = 0x125E
 BLKGETSIZE64 = 0x80081272
 BLKGETDISKSEQ = 0x80081280
 
@@ -31,7 +32,9 @@ RESOLVE_BENEATH = 0x08
 SYS_openat2 = 437  # same number on every architecture (asm-generic unified table)
 
 # Every ioctl request number the broker issues; the seccomp filter allows exactly these.
-IOCTLS_USED = (LOOP_CONFIGURE, LOOP_GET_STATUS64, LOOP_CTL_GET_FREE, BLKGETSIZE64, BLKGETDISKSEQ)
+IOCTLS_USED = (
+    LOOP_CONFIGURE, LOOP_GET_STATUS64, LOOP_CTL_GET_FREE, BLKROGET, BLKGETSIZE64, BLKGETDISKSEQ
+)  # fmt: skip
 
 
 class loop_info64(ctypes.Structure):  # struct loop_info64, <linux/loop.h>

@@ -25,7 +25,8 @@ from broker import kernel
 from broker.config import Config, block_device_of, read_dev
 from broker.protocol import ErrorCode, Reply, ReplyKind, Request, RequestFlag
 
-LOOP_ATTEMPTS = 8
+LOOP_ATTEMPTS = 16
+LOOP_BACKOFF_MAX = 0.02  # seconds: cap of one jittered wait between attempts
 LOOP_RETRYABLE = (errno.EBUSY, errno.ENXIO)  # another allocator won the race for this device
 VALID_BLOCK_SIZES = (0, 512, 1024, 2048, 4096)
 RESOLVE = kernel.RESOLVE_BENEATH | kernel.RESOLVE_NO_SYMLINKS | kernel.RESOLVE_NO_MAGICLINKS
@@ -75,6 +76,12 @@ def ioctl_u64(fd: int, request: int) -> int:
     buf = bytearray(8)
     fcntl.ioctl(fd, request, buf)
     return int(struct.unpack("=Q", buf)[0])
+
+
+def ioctl_int(fd: int, request: int) -> int:
+    buf = bytearray(4)
+    fcntl.ioctl(fd, request, buf)
+    return int(struct.unpack("=i", buf)[0])
 
 
 def reopen(path_fd: int, writable: bool) -> int:
@@ -137,8 +144,11 @@ class Operations:
             expected = (request.expect_major, request.expect_minor)
             if request.flags & RequestFlag.EXPECT_DEV and dev != expected:
                 raise OpError(ErrorCode.IDENTITY_MISMATCH, f"device is {dev[0]}:{dev[1]}")
-            fd = reopen(path_fd, bool(request.flags & RequestFlag.WRITABLE))
+            writable = bool(request.flags & RequestFlag.WRITABLE)
+            fd = reopen(path_fd, writable)
             stack.callback(os.close, fd)
+            if writable and ioctl_int(fd, kernel.BLKROGET):  # open(O_RDWR) does not refuse it
+                raise OpError(ErrorCode.OPEN_FAILED, "the device is read-only", errno.EROFS)
             identity = block_identity(fd)
             if (identity.major, identity.minor) != dev:
                 raise OpError(ErrorCode.VERIFY_FAILED, "device changed while opening")
@@ -218,7 +228,7 @@ class Operations:
                         os.close(loop_fd)
                     if e.errno not in LOOP_RETRYABLE:
                         raise OpError.from_os(e, "loop", ErrorCode.LOOP_FAILED) from None
-                time.sleep(random.uniform(0, 0.001 * 2**attempt))
+                time.sleep(random.uniform(0, min(0.001 * 2**attempt, LOOP_BACKOFF_MAX)))
             raise OpError(ErrorCode.LOOP_BUSY, "no free loop device after retries", errno.EBUSY)
         finally:
             fcntl.flock(self.loop_control, fcntl.LOCK_UN)

@@ -27,6 +27,7 @@ ALLOWED_SYSCALLS = (
     "readlink",  # realpath of /sys/dev/block/M:m (partition check)
     "flock",  # the /dev/loop-control lock around allocation
     "poll",  # serve loop: listener + connection
+    "restart_syscall",  # the kernel resumes an interrupted poll/sleep with it (SIGSTOP+SIGCONT)
     "accept4", "getsockname",  # a new connection (CPython wraps it in a socket object)
     "getsockopt",  # SO_PEERCRED of that connection
     "recvmsg", "sendmsg",  # requests and replies (with their fds)

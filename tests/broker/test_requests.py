@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -202,3 +203,26 @@ def test_root_disk_is_never_opened(workdir: Path) -> None:
     finally:
         client.close()
         stop_broker(broker)
+
+
+def test_open_block_writable_refused_on_read_only_device(broker: Broker) -> None:
+    """open(O_RDWR) of a read-only block device succeeds in the kernel; the broker refuses it,
+    so a guest can never be handed a writable fd that silently fails every write."""
+    image = make_image(broker.root / "ro.img")
+    client = broker.client()
+    loop_fd, loop_id = client.loop_file(str(image), writable=False)
+    dev = f"/dev/{loop_name(loop_fd)}"
+    fds_before = broker.fd_count()
+    try:
+        with pytest.raises(BrokerError) as e:
+            client.open_block(dev, writable=True, expect_dev=(loop_id.major, loop_id.minor))
+        assert (e.value.code, e.value.errno) == (ErrorCode.OPEN_FAILED, errno.EROFS)
+        assert "read-only" in e.value.message
+        assert broker.fd_count() == fds_before
+        fd, _ = client.open_block(dev, writable=False, expect_diskseq=loop_id.diskseq)
+        os.close(fd)
+    finally:
+        os.close(loop_fd)
+        client.close()
+    assert wait_no_loops(broker.root) == []
+    broker.assert_serves()

@@ -3,10 +3,12 @@ the same filter kills a process that makes a forbidden syscall."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,30 @@ def test_running_broker_is_sandboxed(broker: Broker) -> None:
     for name in ("Max processes", "Max core file size", "Max file size"):
         line = next(line for line in limits.splitlines() if line.startswith(name))
         assert line.split()[-3:-1] == ["0", "0"], line  # stderr is a pipe here, so FSIZE=0
+
+
+def test_stop_and_continue_survives(broker: Broker) -> None:
+    """SIGSTOP + SIGCONT (a debugger, `kill -STOP`) must never kill the broker."""
+    os.kill(broker.pid, signal.SIGSTOP)
+    os.kill(broker.pid, signal.SIGCONT)
+    broker.assert_serves()
+    assert broker.proc.poll() is None
+    assert broker.status("Seccomp") == "2"
+
+
+def test_stopped_timed_wait_resumes_under_filter() -> None:
+    """A wait with a relative timeout (poll, futex) that is stopped and continued is resumed by
+    the kernel with restart_syscall, which the filter must allow."""
+    script = "import os, select\nfrom broker import sandbox\nsandbox.build_filter().load()\n"
+    script += "os.write(1, b'loaded\\n')\nselect.poll().poll(1000)\n"
+    script += "os.write(1, b'survived\\n')\nos._exit(0)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "loaded\n"
+    time.sleep(0.2)  # inside poll() by now
+    os.kill(proc.pid, signal.SIGSTOP)
+    os.kill(proc.pid, signal.SIGCONT)
+    assert proc.stdout.read() == "survived\n"
+    assert proc.wait(timeout=30) == 0
 
 
 def run_under_filter(body: str) -> subprocess.CompletedProcess[str]:
