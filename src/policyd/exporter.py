@@ -24,14 +24,15 @@ from typing import Any, Protocol, TypeVar
 from broker.protocol import ErrorCode
 from policyd import brokerclient, errors, logfmt, validate
 from policyd.blkback import BlkbackWatcher
-from policyd.brokerclient import BrokerClient, BrokerError
-from policyd.registry import Backing, ExportRecord, Registry
+from policyd.brokerclient import BrokerClient, BrokerError, Identity
+from policyd.registry import Backing, BackingKey, ExportRecord, Registry
 from policyd.sources import Sources, device_path, physical
 from policyd.xenstore import XENBUS_STATE_CLOSED, VbdSpec, XenStore
 
 T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
+NO_FD = -1  # a device in another domain (a VM's own, through a request): policyd holds no fd
 # (operation, dom0 path, backend domid, frontend domid, writable) -> None, or PolicyDenied
 PolicyCheck = Callable[[str, str, int, int, bool], Awaitable[None]]
 
@@ -299,7 +300,7 @@ class Exporter:
                     )
             self.blkback.forget(record)
             fd = self.registry.remove(record)
-            if fd is not None:
+            if fd is not None and fd != NO_FD:
                 os.close(fd)
             logfmt.info(
                 "detached",
@@ -313,6 +314,43 @@ class Exporter:
     async def xenstore_call(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking XenStore function on the XenStore thread (for policyd.requests)."""
         return await self._xs(fn, *args)
+
+    async def export_foreign(
+        self,
+        source: str,
+        identity: Identity,
+        backend: tuple[int, str],
+        frontend: tuple[int, str],
+        mode: str,
+        write_nodes: Callable[[XenStore], int],
+    ) -> ExportRecord:
+        """Register an export of a device in another domain (a VM's own device, approved
+        through policyd.requests): policyd holds no fd, the backend domain's blkback opens it;
+        it is listed and detached like any export. `write_nodes` runs on the XenStore thread,
+        writes the vbd in one transaction and returns the devid; nothing is registered if it
+        raises. The backing key names the domain, so it never matches dom0's own devices."""
+        (be_domid, be_name), (fe_domid, fe_name) = backend, frontend
+        key: BackingKey = (f"dom{be_domid}", identity.major, identity.minor)
+        async with self._lock:
+            shared = self.registry.shareable(key, mode == "w")
+            devid = await self._xs(write_nodes, self.xenstore)
+            backing = shared or self.registry.new_backing(key, NO_FD, identity, "vm", mode == "w")
+            record = ExportRecord(
+                number=self.registry.next_number(),
+                source=source,
+                backing=backing,
+                backend_domid=be_domid,
+                backend_domain=be_name,
+                frontend_domid=fe_domid,
+                frontend_domain=fe_name,
+                devid=devid,
+                backend_path=f"/local/domain/{be_domid}/backend/vbd/{fe_domid}/{devid}",
+                mode=mode,
+                since_us=time.time_ns() // 1000,
+                wrote_vbd=True,
+            )
+            self._register(record)
+            return record
 
     async def _wait_closed(self, record: ExportRecord) -> None:
         """Ask blkback to disconnect; go on once the backend is Closed or blkback has let go of

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from dbus_fast import PropertyAccess, Variant
-from dbus_fast.annotations import DBusBool, DBusStr, DBusUInt32, DBusUInt64
+from dbus_fast.annotations import DBusBool, DBusObjectPath, DBusStr, DBusUInt32, DBusUInt64
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from policyd import errors
@@ -44,6 +44,7 @@ class PendingRequest:
     requester: str  # the bridge connection's unique bus name
     location: str  # the policy rule that said "ask"
     state: str = STATE_PENDING
+    export: str = "/"  # the Export object, once approved
     backend_path: str = ""
     devid: int = 0
     error: str = ""  # the error name when State is failed (e.g. DeviceChanged)
@@ -74,6 +75,7 @@ REQUEST_SIGNATURES = {
     "Expires": "t",
     "State": "s",
     "Rule": "s",
+    "Export": "o",
     "BackendPath": "s",
     "Devid": "u",
     "Error": "s",
@@ -98,6 +100,7 @@ def request_values(req: PendingRequest) -> dict[str, Any]:
         "Expires": req.expires_us,
         "State": req.state,
         "Rule": req.location,
+        "Export": req.export,
         "BackendPath": req.backend_path,
         "Devid": req.devid,
         "Error": req.error,
@@ -190,6 +193,10 @@ class RequestInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Rule(self) -> DBusStr:
         return self.req.location
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Export(self) -> DBusObjectPath:
+        return self.req.export
 
     @dbus_property(access=PropertyAccess.READ)
     def BackendPath(self) -> DBusStr:

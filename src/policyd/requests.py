@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from policyd import audit, errors, logfmt, validate
 from policyd.audit import PolicyGate
+from policyd.brokerclient import Identity
 from policyd.exporter import Exporter
 from policyd.policy import Action
 from policyd.requestobj import (
@@ -37,13 +38,12 @@ from policyd.requestobj import (
     request_variants,
 )
 from policyd.vmdevice import (
-    DeviceDescriptor,
     check_published_now,
     device_descriptor,
     request_options,
     write_vm_vbd,
 )
-from policyd.xenstore import PhysicalDevice, VbdSpec
+from policyd.xenstore import PhysicalDevice, VbdSpec, XenStore
 
 __all__ = [  # what policyd.service and policyd.authz use
     "DEFAULT_EXPIRY_S",
@@ -167,13 +167,17 @@ class Requests:
             # BackendPath and Devid) and goes at once, so a requester watching the
             # ObjectManager signals sees the same sequence as for a person's approval.
             req.state = STATE_APPROVING
-            req.backend_path, req.devid = await self._write(
-                source_domid, target_domid, device, mode
-            )
+            await self._write(req)
             req.state = STATE_APPROVED
             self.pending[req.number] = req
             self.listener.request_added(req)
-            self._finish(req, STATE_APPROVED, f"rule {req.location}", backend=req.backend_path)
+            self._finish(
+                req,
+                STATE_APPROVED,
+                f"rule {req.location}",
+                export=req.export,
+                backend=req.backend_path,
+            )
             return req.object_path
         self.pending[req.number] = req
         req.timer = asyncio.get_running_loop().call_later(opts.expiry_s, self._expire, req)
@@ -191,25 +195,32 @@ class Requests:
         self.listener.request_added(req)
         return req.object_path
 
-    async def _write(
-        self, source_domid: int, target_domid: int, device: DeviceDescriptor, mode: str
-    ) -> tuple[str, int]:
-        """Write the vbd: backend = the source VM (params=/dev/NAME), frontend = the target.
-        Returns (backend path, devid)."""
+    async def _write(self, req: PendingRequest) -> None:
+        """Write the vbd: backend = the source VM (params=/dev/NAME), frontend = the target;
+        register it as an export (listed, detachable). Sets the request's Export,
+        BackendPath and Devid."""
+        device = req.device
         dev_path = f"/dev/{device.name}"
         phys = PhysicalDevice(device.major, device.minor, dev_path, device.diskseq)
-        spec = VbdSpec(source_domid, target_domid, dev_path, mode, phys)
-        devid = await self._xs(write_vm_vbd, self.exporter.xenstore, spec, source_domid, device)
-        be_path = spec.backend_dir(devid)
-        logfmt.info(
-            "exported",
-            source=f"domid {source_domid}:{dev_path}",
-            backend=be_path,
-            device=f"{device.major}:{device.minor}",
-            diskseq=device.diskseq,
-            mode=mode,
+        spec = VbdSpec(req.source_domid, req.target_domid, dev_path, req.mode, phys)
+        ident = Identity(device.major, device.minor, device.diskseq, device.size, 0, 0)
+
+        def write_nodes(xs: XenStore) -> int:
+            return write_vm_vbd(xs, spec, req.source_domid, device)
+
+        record = await self.exporter.export_foreign(
+            f"{req.source}:{dev_path}",
+            ident,
+            (req.source_domid, req.source),
+            (req.target_domid, req.target),
+            req.mode,
+            write_nodes,
         )
-        return be_path, devid
+        req.export, req.backend_path, req.devid = (
+            record.object_path,
+            record.backend_path,
+            record.devid,
+        )
 
     # -- Request methods --------------------------------------------------------------------
 
@@ -269,15 +280,14 @@ class Requests:
                 allow=(Action.ALLOW, Action.ASK),
                 diskseq=req.device.diskseq,
             )
-            be_path, devid = await self._write(
-                req.source_domid, req.target_domid, req.device, req.mode
-            )
+            await self._write(req)
         except Exception as e:
             req.error = e.name if isinstance(e, errors.PolicydError) else "Internal"
             self._finish(req, STATE_FAILED, who, error=req.error)
             raise
-        req.backend_path, req.devid = be_path, devid
-        self._finish(req, STATE_APPROVED, who, backend=be_path, devid=devid)
+        self._finish(
+            req, STATE_APPROVED, who, export=req.export, backend=req.backend_path, devid=req.devid
+        )
 
     async def deny(self, untrusted_path: object) -> None:
         req = self.lookup(untrusted_path)
@@ -327,7 +337,7 @@ class Requests:
             decided_by=decided_by,
             **extra,
         )
-        self.listener.request_changed(req, ["State", "BackendPath", "Devid", "Error"])
+        self.listener.request_changed(req, ["State", "Export", "BackendPath", "Devid", "Error"])
         self.listener.request_removed(req)
 
     def shutdown(self) -> None:

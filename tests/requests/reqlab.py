@@ -120,6 +120,19 @@ class Holder:
             self.proc.stdout.close()
 
 
+EXPORT_IFACE = "org.qubes.BlockBroker1.Export"
+
+
+def managed_exports(stack: Stack) -> dict[str, dict[str, Any]]:
+    objects = call(stack, "GetManagedObjects", path=MANAGER, iface=OM_IFACE)["body"][0]
+    return {p: i[EXPORT_IFACE] for p, i in objects.items() if EXPORT_IFACE in i}
+
+
+def detach_export(stack: Stack, export: str) -> None:
+    out = call(stack, "Detach", path=export, iface=EXPORT_IFACE)
+    assert out["error"] is None, out
+
+
 def managed_requests(stack: Stack) -> dict[str, dict[str, Any]]:
     objects = call(stack, "GetManagedObjects", path=MANAGER, iface=OM_IFACE)["body"][0]
     return {p: i[REQUEST_IFACE] for p, i in objects.items() if REQUEST_IFACE in i}

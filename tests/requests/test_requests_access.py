@@ -22,10 +22,11 @@ from reqlab import (
     audit_lines,
     bridge_gid,
     call,
+    detach_export,
     device_descriptor,
+    managed_exports,
     managed_requests,
     publish,
-    remove_vbd,
     vm_backends,
     wait_for,
 )
@@ -157,7 +158,9 @@ def test_polkit_rules_see_the_requests_details(stack: Stack, published: str) -> 
         assert done["error"] is None, done
         (backend,) = vm_backends(stack, 5)
         assert stack.xs_read(f"{backend}/diskseq") == f"{55:x}"
-        remove_vbd(stack, backend)
+        (export,) = managed_exports(stack)
+        detach_export(stack, export)
+        assert vm_backends(stack, 5) == []
     finally:
         other.send("Withdraw")
         other.close()

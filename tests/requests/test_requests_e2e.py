@@ -20,9 +20,11 @@ from reqlab import (
     XVDB,
     audit_lines,
     call,
+    detach_export,
     finish,
     frontends,
     helper_argv,
+    managed_exports,
     managed_requests,
     publish,
     remove_vbd,
@@ -69,8 +71,18 @@ def test_approval_writes_the_vbd_pinned_to_the_diskseq(stack: Stack, loop_dir: P
             approved = [line for line in audit_lines(stack) if path in line]
             assert any("result=approved" in line and "uid=65534" in line for line in approved)
             assert any(f"diskseq={diskseq}" in line for line in approved)
+            # the approved export is an Export object like dom0's: listed, detachable
+            ((export, props),) = managed_exports(stack).items()
+            assert (props["BackendDomain"], props["BackendDomid"]) == ("sys-usb", 5)
+            assert (props["FrontendDomain"], props["Devid"], props["Diskseq"]) == (
+                "work", XVDB, diskseq)  # fmt: skip
+            assert props["BackendPath"] == be and props["SourceKind"] == "vm"
+            detach_export(stack, export)
+            assert vm_backends(stack, 5) == [] and frontends(stack, 1) == []
+            assert managed_exports(stack) == {}
         finally:
-            remove_vbd(stack, be)
+            if stack.xs_exists(be):
+                remove_vbd(stack, be)
 
 
 def test_rebound_device_is_refused_with_device_changed(stack: Stack, loop_dir: Path) -> None:
@@ -108,8 +120,12 @@ def test_policy_allow_exports_at_once_through_the_bridge(stack: Stack, loop_dir:
             assert stack.xs_read(f"{be}/diskseq") == f"{int(sysfs(dev, 'diskseq')):x}"
             assert any("decided_by=\"rule " in line and "50-test.policy:3" in line
                        for line in audit_lines(stack))  # fmt: skip
+            (export,) = managed_exports(stack)
+            detach_export(stack, export)
+            assert vm_backends(stack, 5) == [] and frontends(stack, 2) == []
         finally:
-            remove_vbd(stack, be)
+            if stack.xs_exists(be):
+                remove_vbd(stack, be)
 
 
 def test_person_denies(stack: Stack, loop_dir: Path) -> None:
