@@ -289,7 +289,30 @@ class Service:
         return []
 
     async def _request_export(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
-        return [await self.requests.request_export(args[1], args[2], args[3], args[4])]
+        path = await self.requests.request_export(args[1], args[2], args[3], args[4])
+        # A requester that disconnected while the request was being made missed the
+        # NameOwnerChanged watch: withdraw its request now rather than at expiry.
+        caller = audit.CALLER.get()
+        if caller is not None and not await self._has_owner(caller.bus_name):
+            self.requests.requester_gone(caller.bus_name)
+        return [path]
+
+    async def _has_owner(self, name: str) -> bool:
+        reply = await self.bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="NameHasOwner",
+                signature="s",
+                body=[name],
+            )
+        )
+        return (
+            reply is None
+            or reply.message_type is not MessageType.METHOD_RETURN
+            or (reply.body == [True])
+        )
 
     async def _approve(self, args: list[Any], fds: ReceivedFds) -> list[Any]:
         await self.requests.approve(args[0])
