@@ -15,7 +15,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc linux-libc-dev libcap-dev l
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml src/client/blockbroker-block
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install lint test test-unit test-host bench demo clean
+.PHONY: all deps venv install install-system lint test bench demo clean
 
 all: install
 
@@ -55,6 +55,35 @@ $(VENV)/.install-stamp: $(VENV)/.venv-stamp $(SOURCES)
 	touch $@
 
 install: $(VENV)/.install-stamp
+
+# System integration for a real dom0 (not needed by the tests, which use private stacks):
+# bus policy and activation, systemd units, polkit actions, policy, broker config, qrexec files,
+# commands on PATH. DESTDIR stages it elsewhere (tests/test_install_system.py does).
+DESTDIR ?=
+install-system: install
+	install -d -m 0755 $(DESTDIR)/etc/blockbroker $(DESTDIR)/etc/blockbroker/policy.d
+	install -d -m 0750 $(DESTDIR)/var/lib/blockbroker/images
+	test -e $(DESTDIR)/etc/blockbroker/broker.toml || \
+		install -m 0644 policy/broker.toml $(DESTDIR)/etc/blockbroker/broker.toml
+	install -m 0644 policy/policy.d/*.policy $(DESTDIR)/etc/blockbroker/policy.d/
+	install -D -m 0644 dbus/org.qubes.BlockBroker1.conf \
+		$(DESTDIR)/usr/share/dbus-1/system.d/org.qubes.BlockBroker1.conf
+	install -D -m 0644 dbus/org.qubes.BlockBroker1.service \
+		$(DESTDIR)/usr/share/dbus-1/system-services/org.qubes.BlockBroker1.service
+	install -d -m 0755 $(DESTDIR)/usr/share/dbus-1/interfaces $(DESTDIR)/lib/systemd/system
+	install -m 0644 dbus/org.qubes.BlockBroker1.*.xml $(DESTDIR)/usr/share/dbus-1/interfaces/
+	install -m 0644 dbus/blockbroker-*.service dbus/blockbroker-*.socket \
+		$(DESTDIR)/lib/systemd/system/
+	install -D -m 0644 policy/org.qubes.blockbroker.policy \
+		$(DESTDIR)/usr/share/polkit-1/actions/org.qubes.blockbroker.policy
+	install -D -m 0755 policy/qrexec/blockbroker.RequestExport \
+		$(DESTDIR)/etc/qubes-rpc/blockbroker.RequestExport
+	install -D -m 0644 policy/qrexec/50-blockbroker.policy \
+		$(DESTDIR)/etc/qubes/policy.d/50-blockbroker.policy
+	install -d -m 0755 $(DESTDIR)/usr/bin $(DESTDIR)/etc/xen/scripts
+	for cmd in blockbroker blockbroker-block; do \
+		ln -sfn $(VENV)/bin/$$cmd $(DESTDIR)/usr/bin/$$cmd; done
+	ln -sfn $(VENV)/bin/blockbroker-block $(DESTDIR)/etc/xen/scripts/blockbroker-block
 
 lint: venv
 	$(VENV)/bin/ruff check src tests scripts bench
