@@ -168,8 +168,10 @@ class RequestInfo:
     expires: int = 0  # unix microseconds
     state: str = ""
     rule: str = ""
+    export: str = ""  # once approved: the Export object it became
     backend_path: str = ""
     devid: int = 0
+    error: str = ""  # why it failed, when State is "failed"
 
     @property
     def id(self) -> str:
@@ -194,8 +196,10 @@ class RequestInfo:
             expires=_get(props, "Expires", int, 0),
             state=_get(props, "State", str, ""),
             rule=_get(props, "Rule", str, ""),
+            export=_get(props, "Export", str, ""),
             backend_path=_get(props, "BackendPath", str, ""),
             devid=_get(props, "Devid", int, 0),
+            error=_get(props, "Error", str, ""),
         )
 
     def updated(self, changed: Mapping[str, Any]) -> RequestInfo:
@@ -227,8 +231,10 @@ _REQUEST_PROPERTY_NAMES: Final = {
     "expires": "Expires",
     "state": "State",
     "rule": "Rule",
+    "export": "Export",
     "backend_path": "BackendPath",
     "devid": "Devid",
+    "error": "Error",
 }
 
 

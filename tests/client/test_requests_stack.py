@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from dbus_fast import Variant
 from harness.stack import Stack, StackConfig
-from vbd import cli
+from vbd import cli, cli_json
 
 from client.model import MANAGER_IFACE, MANAGER_PATH
 from client.sync import Client
@@ -124,11 +124,20 @@ def test_requests_list_and_approve(stack: Stack, requester: Client) -> None:
     backends = stack.xs_ls(f"/local/domain/{SYS_USB}/backend/vbd/{WORK}")
     assert len(backends) == 1
     backend = f"/local/domain/{SYS_USB}/backend/vbd/{WORK}/{backends[0]}"
+    vm_exports = [e for e in cli_json(stack, "list") if e["backend_path"] == backend]
     try:
         assert stack.xs_read(f"{backend}/physical-device") == "7:0"
         assert stack.xs_read(f"{backend}/diskseq") == f"{4242:x}"
+        # the approved request became an Export (SourceKind vm), detachable like any other
+        (export,) = vm_exports
+        assert (export["source_kind"], export["diskseq"]) == ("vm", 4242)
+        assert (export["backend_domid"], export["frontend_domain"]) == (SYS_USB, "work")
+        detached = cli(stack, "detach", export["id"])
+        assert detached.returncode == 0, detached.stderr
+        assert not stack.xs_exists(backend)
     finally:
-        remove_written_vbd(stack, backend)
+        if stack.xs_exists(backend):
+            remove_written_vbd(stack, backend)
 
     again = cli(stack, "approve", listed["id"], user=NOBODY)
     assert again.returncode == 1  # decided and gone

@@ -32,16 +32,20 @@ PROPS: dict[str, Any] = {
     "Expires": 1_700_000_060_000_000,
     "State": "pending",
     "Rule": "/etc/blockbroker/policy.d/50-usb.policy:3",
+    "Export": "",
     "BackendPath": "",
     "Devid": 0,
+    "Error": "",
 }
 
 
 def test_request_from_properties_and_updated() -> None:
     req = RequestInfo.from_properties(REQ, PROPS)
     assert (req.id, req.number, req.source, req.diskseq) == ("4", 4, "sys-usb", 77)
-    approved = req.updated({"State": "approved", "Devid": 51712})
+    export = "/org/qubes/BlockBroker1/export/9"
+    approved = req.updated({"State": "approved", "Devid": 51712, "Export": export})
     assert (approved.state, approved.devid, approved.diskseq) == ("approved", 51712, 77)
+    assert approved.export == export
     assert req.state == "pending"
 
 
