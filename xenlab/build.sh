@@ -45,8 +45,19 @@ PACKAGES=(
 # The inputs: exact package versions, the lab's own files baked into the images, and the host
 # binaries copied in. Any change rebuilds; otherwise the cached images are reused as they are.
 declare -A CANDIDATE
-while read -r pkg version; do CANDIDATE[$pkg]=$version; done < <(
-  apt-cache policy "${PACKAGES[@]}" | awk '/^[^ ]/ {sub(":$", "", $1); pkg = $1} /Candidate:/ {print pkg, $2}')
+resolve_candidates() {
+  while read -r pkg version; do CANDIDATE[$pkg]=$version; done < <(
+    apt-cache policy "${PACKAGES[@]}" 2>/dev/null |
+      awk '/^[^ ]/ {sub(":$", "", $1); pkg = $1} /Candidate:/ {print pkg, $2}')
+}
+resolve_candidates
+for pkg in "${PACKAGES[@]}"; do
+  case ${CANDIDATE[$pkg]:-} in "" | "(none)")
+    log "apt does not know $pkg yet: apt-get update"
+    apt-get update -qq >&2 || die "apt-get update failed"
+    resolve_candidates; break ;;
+  esac
+done
 candidate_version() { echo "${CANDIDATE[$1]:-}"; }
 inputs() {
   local pkg

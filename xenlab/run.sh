@@ -109,6 +109,7 @@ if ! grep -q "XENLAB END" "$run_dir/console.log" 2>/dev/null; then
 fi
 grep -q "^XENLAB FATAL" "$run_dir/results" && status=1
 grep -q "^XENLAB CHECK [^ ]* FAIL" "$run_dir/results" && status=1
+grep -q "^XENLAB DEMO FAILED" "$run_dir/results" && status=1
 for item in "$@"; do
   name=${item%%=*}
   grep -q "^XENLAB SCENARIO $name rc=0$" "$run_dir/results" || {

@@ -106,5 +106,9 @@ xvd_name() {
   echo "xvd$(echo abcdefghijklmnopqrstuvwxyz | cut -c$((idx + 1)))"
 }
 
-# loops_of FILE: how many loop devices are bound to FILE
-loops_of() { losetup -j "$1" 2>/dev/null | grep -c .; }
+# loops_of FILE: how many loop devices are bound to FILE. sysfs shows the backing file's path
+# as seen from dom0's root: /hostroot/... when the broker opened it in the chroot (and
+# `losetup -j` does not find those at all).
+loops_of() {
+  cat /sys/block/loop*/loop/backing_file 2>/dev/null | grep -cxF -e "$1" -e "$HOSTROOT$1"
+}
