@@ -30,6 +30,21 @@ SCENARIOS: dict[str, tuple[int, tuple[str, ...]]] = {
             "host-venv-pyxs",
         ),
     ),
+    "blockbroker": (
+        900,
+        (
+            "bb-stack-up",
+            "bb-script-guest-reads",
+            "bb-script-destroy-frees-loop",
+            "bb-export-guest-reads",
+            "bb-export-state-connected",
+            "bb-shared-second-guest-reads",
+            "bb-shared-one-loop",
+            "bb-detach-one-keeps-other",
+            "bb-detach-all-frees-loop",
+            "bb-race-right-bytes",
+        ),
+    ),
 }
 
 CHECK_LINE = re.compile(
