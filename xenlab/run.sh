@@ -11,7 +11,8 @@
 # Prints the result lines (XENLAB CHECK/BENCH/TIMELINE/SCENARIO) as they come and exits 0 only
 # when dom0 reached its end marker, every scenario exited 0 and no check failed.
 # Environment: XENLAB_CACHE (default /var/cache/blockbroker/xenlab), XENLAB_MEM (QEMU MiB, 2048),
-# XENLAB_DOM0_MEM (MiB, 1024), XENLAB_SHELL=1 (leave a dom0 shell on the serial port at the end).
+# XENLAB_DOM0_MEM (MiB, 1024), XENLAB_SHELL=1 (leave a dom0 shell on the serial port at the end),
+# XENLAB_QEMU (the QEMU binary, default qemu-system-x86_64).
 set -uo pipefail
 
 LAB_SRC=$(cd "$(dirname "$0")" && pwd)
@@ -34,9 +35,13 @@ done
 shift $((OPTIND - 1))
 [ $# -gt 0 ] || die "usage: $0 [-t SECONDS] [-d RUN_DIR] [-p NAME=VALUE]... SCENARIO[=SECONDS]..."
 
+for item in "$@"; do
+  [ -f "$LAB_SRC/scenarios/${item%%=*}.sh" ] || die "no scenario xenlab/scenarios/${item%%=*}.sh"
+done
 [ "$(id -u)" = 0 ] || die "the Xen lab needs root (loop devices, 9p export of /)"
-command -v qemu-system-x86_64 >/dev/null ||
-  die "qemu-system-x86_64 is missing: the Xen lab cannot run (install qemu-system-x86: make install)"
+QEMU=${XENLAB_QEMU:-qemu-system-x86_64}
+command -v "$QEMU" >/dev/null ||
+  die "$QEMU is missing: the Xen lab cannot run (install qemu-system-x86: make install)"
 "$LAB_SRC/build.sh" || die "building the Xen lab images failed (see above)"
 
 if [ -z "$run_dir" ]; then
@@ -61,7 +66,6 @@ sum=0
 for item in "$@"; do
   name=${item%%=*}; limit=300
   [ "$item" != "$name" ] && limit=${item#*=}
-  [ -f "$LAB_SRC/scenarios/$name.sh" ] || die "no scenario xenlab/scenarios/$name.sh"
   echo "$name" >>"$run_dir/plan"
   echo "$limit" >"$run_dir/timeout.$name"
   sum=$((sum + limit))
@@ -74,7 +78,7 @@ xen_args+=" bootscrub=false loglvl=warning guest_loglvl=warning"
 dom0_args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4"
 [ -n "${XENLAB_SHELL:-}" ] && dom0_args+=" xenlab.shell"
 p9="security_model=none,multidevs=remap"
-qemu=(qemu-system-x86_64
+qemu=("$QEMU"
   # TCG only: this host's /dev/kvm cannot run Xen. qemu64 (+svm as Xen's CI) because -cpu max
   # crashes dom0 early; +rdrand, else the dom0 crng starves and xl create stalls ~3 s.
   -accel tcg,thread=multi -cpu qemu64,+svm,+rdrand -m "${XENLAB_MEM:-2048}" -smp 2
