@@ -51,6 +51,11 @@ def audit(result: str, **fields: object) -> None:
     logfmt.info("decision", event="audit", result=result, **fields)
 
 
+def policy_name(domid: int, xenstore_name: str) -> str:
+    """The policy's name for a domain: `dom0` for domid 0, else its XenStore name."""
+    return ADMIN_DOMAIN if domid == 0 else xenstore_name
+
+
 class PolicyGate:
     """Evaluates the export policy for attach, export and request-export, and audits it."""
 
@@ -68,9 +73,7 @@ class PolicyGate:
 
     async def name_of(self, domid: int) -> str:
         """The policy's name for a domain: `dom0` for domid 0, else its XenStore name."""
-        if domid == 0:
-            return ADMIN_DOMAIN
-        return await self.domain_name(domid)
+        return policy_name(domid, "" if domid == 0 else await self.domain_name(domid))
 
     def evaluate(
         self, operation: str, device: str, source: str, target: str, mode: str
@@ -80,19 +83,26 @@ class PolicyGate:
         return self.watcher.policy.evaluate(Request(operation, device, source, target, mode))
 
     async def check_path(
-        self, operation: str, path: str, backend_domid: int, frontend_domid: int, writable: bool
+        self,
+        operation: str,
+        path: str,
+        backend: tuple[int, str],
+        frontend: tuple[int, str],
+        writable: bool,
     ) -> None:
         """attach/export of a dom0 path: allow, or PolicyDenied naming the deciding rule.
 
-        `ask` cannot be honoured here (the caller is already an authorized admin or libxl,
-        who waits synchronously), so only `allow` passes.
+        backend and frontend are (domid, name as the caller just read it from XenStore, "" if
+        none), so the check costs no XenStore round trip of its own. `ask` cannot be honoured
+        here (the caller is already an authorized admin or libxl, who waits synchronously), so
+        only `allow` passes.
         """
         try:
             device = device_for_path(path)
         except ValueError:
             device = path  # the engine denies it as an invalid request, with the reason
-        source = await self.name_of(backend_domid)
-        target = await self.name_of(frontend_domid)
+        source = policy_name(*backend)
+        target = policy_name(*frontend)
         mode = "rw" if writable else "ro"
         decision = self.evaluate(operation, device, source, target, mode)
         self.enforce(decision, operation, device, source, target, mode, allow=(Action.ALLOW,))

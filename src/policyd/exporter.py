@@ -33,12 +33,13 @@ T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
 NO_FD = -1  # a device in another domain (a VM's own, through a request): policyd holds no fd
-# (operation, dom0 path, backend domid, frontend domid, writable) -> None, or PolicyDenied
-PolicyCheck = Callable[[str, str, int, int, bool], Awaitable[None]]
+Domain = tuple[int, str]  # domid, and its name as read from XenStore ("" if it has none)
+# (operation, dom0 path, backend, frontend, writable) -> None, or PolicyDenied
+PolicyCheck = Callable[[str, str, Domain, Domain, bool], Awaitable[None]]
 
 
 async def deny_without_policy(
-    operation: str, path: str, backend_domid: int, frontend_domid: int, writable: bool
+    operation: str, path: str, backend: Domain, frontend: Domain, writable: bool
 ) -> None:
     raise errors.PolicyDenied(f"{operation} of {path}: no export policy is configured: deny")
 
@@ -173,15 +174,18 @@ class Exporter:
         self, path: str, frontend: str, opts: validate.ExportOptions
     ) -> ExportRecord:
         async with self._lock:
-            fe_domid = await self._xs(self.xenstore.find_domain, frontend)
+            fe_domid, be_name = await self._xs(
+                self.xenstore.find_export_domains, frontend, self.backend_domid
+            )
+            backend = (self.backend_domid, be_name)
             await self.policy_check(
-                "export", path, self.backend_domid, fe_domid, not opts.read_only
+                "export", path, backend, (fe_domid, frontend), not opts.read_only
             )
             with contextlib.ExitStack() as undo:
                 backing = await self.sources.open_path(
                     path, not opts.read_only, opts.direct_io, undo
                 )
-                record = await self._export(path, backing, fe_domid, frontend, opts)
+                record = await self._export(path, backing, fe_domid, frontend, be_name, opts)
                 undo.pop_all()
             return record
 
@@ -189,13 +193,19 @@ class Exporter:
         async with self._lock:
             with contextlib.ExitStack() as undo:
                 undo.callback(os.close, fd)  # ours from here on; closed unless held
-                fe_domid = await self._xs(self.xenstore.find_domain, frontend)
+                fe_domid, be_name = await self._xs(
+                    self.xenstore.find_export_domains, frontend, self.backend_domid
+                )
                 backing = await self.sources.adopt_fd(fd, not opts.read_only)
                 await self.policy_check(
-                    "export", device_path(backing), self.backend_domid, fe_domid, not opts.read_only
+                    "export",
+                    device_path(backing),
+                    (self.backend_domid, be_name),
+                    (fe_domid, frontend),
+                    not opts.read_only,
                 )
                 source = f"fd:{backing.identity.major}:{backing.identity.minor}"
-                record = await self._export(source, backing, fe_domid, frontend, opts)
+                record = await self._export(source, backing, fe_domid, frontend, be_name, opts)
                 if backing.fd == fd:
                     undo.pop_all()
             return record
@@ -206,10 +216,10 @@ class Exporter:
         backing: Backing,
         fe_domid: int,
         frontend: str,
+        be_name: str,
         opts: validate.ExportOptions,
     ) -> ExportRecord:
         mode = "r" if opts.read_only else "w"
-        be_name = await self._xs(self.xenstore.domain_name, self.backend_domid)
         spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing))
         devid = await self._xs(self.xenstore.add_vbd, spec, opts.devid)
         record = self._record(
@@ -241,12 +251,14 @@ class Exporter:
             existing = self.registry.by_backend_path(be.path)
             if existing is not None:
                 return existing
-            nodes = await self._xs(self.xenstore.read_backend, be)
+            nodes, fe_name, be_name = await self._xs(self.xenstore.read_backend, be)
             with contextlib.ExitStack() as undo:
-                fe_name = await self._xs(self.xenstore.domain_name, be.frontend_domid)
-                be_name = await self._xs(self.xenstore.domain_name, be.backend_domid)
                 await self.policy_check(
-                    "attach", nodes.params, be.backend_domid, be.frontend_domid, nodes.mode == "w"
+                    "attach",
+                    nodes.params,
+                    (be.backend_domid, be_name),
+                    (be.frontend_domid, fe_name),
+                    nodes.mode == "w",
                 )
                 backing = await self.sources.open_path(nodes.params, nodes.mode == "w", False, undo)
                 # the last step that can fail: once the trio is written, the fd is held

@@ -9,8 +9,7 @@ Transactions are retried on conflict (EAGAIN at commit), at most MAX_TX_ATTEMPTS
 from __future__ import annotations
 
 import contextlib
-import errno
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -20,9 +19,10 @@ from pyxs.exceptions import PyXSError
 
 from policyd import validate
 from policyd.errors import Busy, NotFound, PolicydError, UnknownDomain, XenStoreError
+from policyd.xstx import Tx, exists_request, is_enoent, mkdir_requests, write_request
 
+__all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
 MAX_TX_ATTEMPTS = 16
-MAX_VALUE_BYTES = 4096
 MAX_DOMAINS = 4096
 T = TypeVar("T")
 
@@ -60,67 +60,6 @@ class VbdSpec:
 
     def frontend_dir(self, devid: int) -> str:
         return f"/local/domain/{self.frontend_domid}/device/vbd/{devid}"
-
-
-class Tx:
-    """String-typed operations inside one transaction of one pyxs client."""
-
-    def __init__(self, client: Any, owner: XenStore) -> None:
-        self._client = client
-        self._owner = owner
-
-    @property
-    def _c(self) -> Any:
-        if self._owner.aborted:
-            raise XenStoreError("XenStore stopped answering; the request was abandoned")
-        return self._client
-
-    def read(self, path: str) -> str | None:
-        try:
-            raw: bytes = self._c.read(path.encode())
-        except PyXSError as e:
-            if e.args and e.args[0] == errno.ENOENT:
-                return None
-            raise
-        if len(raw) > MAX_VALUE_BYTES:
-            raise XenStoreError(f"{path}: value longer than {MAX_VALUE_BYTES} bytes")
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise XenStoreError(f"{path}: value is not ASCII") from None
-        if not text.isprintable():
-            raise XenStoreError(f"{path}: value contains control characters")
-        return text
-
-    def exists(self, path: str) -> bool:
-        return bool(self._c.exists(path.encode()))
-
-    def children(self, path: str) -> list[str]:
-        try:
-            names: list[bytes] = self._c.list(path.encode())
-        except PyXSError as e:
-            if e.args and e.args[0] == errno.ENOENT:
-                return []
-            raise
-        return [n.decode("ascii", "replace") for n in names]
-
-    def write(self, path: str, value: str) -> None:
-        self._c.write(path.encode(), value.encode("ascii"))
-
-    def write_all(self, base: str, nodes: Iterable[tuple[str, str]]) -> None:
-        for name, value in nodes:
-            self.write(f"{base}/{name}", value)
-
-    def mkdir(self, path: str, perms: list[str]) -> None:
-        self._c.mkdir(path.encode())
-        self._c.set_perms(path.encode(), [p.encode() for p in perms])
-
-    def rm(self, path: str) -> None:
-        try:
-            self._c.delete(path.encode())
-        except PyXSError as e:
-            if not (e.args and e.args[0] == errno.ENOENT):
-                raise
 
 
 class XenStore:
@@ -202,41 +141,32 @@ class XenStore:
 
     def find_domain(self, name: str) -> int:
         """Domain id of the running domain called `name` (from /local/domain/*/name)."""
-
-        def body(tx: Tx) -> list[int]:
-            found = []
-            entries = tx.children("/local/domain")[:MAX_DOMAINS]
-            for entry in entries:
-                try:
-                    domid = validate.domid(entry)
-                except XenStoreError:
-                    continue  # junk under /local/domain is not a domain
-                if tx.read(f"/local/domain/{domid}/name") == name:
-                    found.append(domid)
-            return found
-
-        found = self.transact(body)
-        if not found:
-            raise UnknownDomain(f"no running domain is named {name!r}; check `xl list`")
-        if len(found) > 1:
-            raise XenStoreError(f"several domains are named {name!r} ({found}); refusing")
-        return found[0]
+        return self.transact(lambda tx: domid_named(tx, name))
 
     def domain_name(self, domid: int) -> str:
         """The domain's validated name, or "" when it has none or a malformed one."""
-        untrusted = self.read_one(f"/local/domain/{domid}/name")
-        try:
-            return validate.domain_name(untrusted, XenStoreError)
-        except XenStoreError:
-            return ""
+        return self.transact(lambda tx: names_of(tx, [domid])[0])
+
+    def find_export_domains(self, frontend: str, backend_domid: int) -> tuple[int, str]:
+        """Export's reads in one transaction: the frontend's domid and the backend's name."""
+
+        def body(tx: Tx) -> tuple[int, str]:
+            return domid_named(tx, frontend), names_of(tx, [backend_domid])[0]
+
+        return self.transact(body)
 
     # -- libxl-made backends (Attach) --------------------------------------------------------
 
-    def read_backend(self, be: validate.BackendPath) -> BackendNodes:
-        def body(tx: Tx) -> BackendNodes:
+    def read_backend(self, be: validate.BackendPath) -> tuple[BackendNodes, str, str]:
+        """What libxl wrote for the backend, and the frontend's and backend's domain names,
+        read in one transaction (pipelined)."""
+
+        def body(tx: Tx) -> tuple[BackendNodes, str, str]:
+            names = ("params", "mode", "type", "frontend-id")
+            name_paths = [f"/local/domain/{d}/name" for d in (be.frontend_domid, be.backend_domid)]
+            found = tx.read_many([f"{be.path}/{name}" for name in names] + name_paths)
             values = {}
-            for name in ("params", "mode", "type", "frontend-id"):
-                value = tx.read(f"{be.path}/{name}")
+            for name, value in zip(names, found, strict=False):
                 if value is None:
                     raise NotFound(
                         f"{be.path}/{name} does not exist; Attach is for a backend that "
@@ -249,30 +179,37 @@ class XenStore:
                 raise XenStoreError(
                     f"{be.path}/frontend-id is {frontend_id}, the path says {be.frontend_domid}"
                 )
-            return BackendNodes(
+            nodes = BackendNodes(
                 params,
                 validate.mode(values["mode"]),
                 validate.backend_type(values["type"]),
                 frontend_id,
             )
+            return nodes, valid_name(found[len(names)]), valid_name(found[len(names) + 1])
 
         return self.transact(body)
 
     def write_physical_device(self, be_path: str, phys: PhysicalDevice) -> None:
+        """The trio and hotplug-status = connected (what a hotplug script's success() writes),
+        in one transaction, sent as one batch behind the check that the backend still exists
+        (if it does not, the transaction is rolled back: nothing is written)."""
+
         def body(tx: Tx) -> None:
-            if not tx.exists(be_path):
+            nodes = [*physical_nodes(phys), ("hotplug-status", "connected")]
+            exists, *written = tx.batch(
+                [exists_request(be_path), *(write_request(f"{be_path}/{n}", v) for n, v in nodes)]
+            )
+            if is_enoent(exists):
                 raise NotFound(f"{be_path} disappeared while attaching; nothing was written")
-            tx.write_all(be_path, physical_nodes(phys))
+            for reply in [exists, *written]:
+                if isinstance(reply, PyXSError):
+                    raise reply
 
         self.transact(body)
 
     def remove_physical_device(self, be_path: str) -> None:
-        def body(tx: Tx) -> None:
-            if tx.exists(be_path):
-                for name, _ in physical_nodes(None):
-                    tx.rm(f"{be_path}/{name}")
-
-        self.transact(body)
+        """Remove the trio (a node already gone, or the whole backend, is no error)."""
+        self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n, _ in physical_nodes(None)]))
 
     # -- hot-plug vbds (Export) ---------------------------------------------------------------
 
@@ -283,36 +220,69 @@ class XenStore:
         """
 
         def body(tx: Tx) -> int:
+            # the first candidate's check also asks for the parents (one round trip)
+            first = devid if devid is not None else validate.hotplug_devids()[0]
+            be_dir, fe_dir, *parents = tx.exists_many(
+                [spec.backend_dir(first), spec.frontend_dir(first), *vbd_parents(spec)]
+            )
             if devid is not None:
-                if vbd_in_use(tx, spec, devid):
+                if be_dir or fe_dir:
                     raise Busy(f"devid {devid} is in use in domain {spec.frontend_domid}")
                 chosen = devid
+            elif not (be_dir or fe_dir):
+                chosen = first
             else:
-                free = (d for d in validate.hotplug_devids() if not vbd_in_use(tx, spec, d))
-                chosen = next(free, 0)
+                later = validate.hotplug_devids()[1:]
+                chosen = next((d for d in later if not vbd_in_use(tx, spec, d)), 0)
                 if not chosen:
                     raise Busy(f"no free xvd device number in domain {spec.frontend_domid}")
-            write_vbd(tx, spec, chosen)
+            write_vbd(tx, spec, chosen, (parents[0], parents[1]))
             return chosen
 
         return self.transact(body)
 
     def remove_vbd(self, spec: VbdSpec, devid: int) -> None:
-        def body(tx: Tx) -> None:
-            tx.rm(spec.backend_dir(devid))
-            tx.rm(spec.frontend_dir(devid))
-
-        self.transact(body)
+        self.transact(lambda tx: tx.rm_many([spec.backend_dir(devid), spec.frontend_dir(devid)]))
 
     def set_backend_closing(self, be_path: str) -> None:
         """Ask blkback to disconnect (online=0, state=Closing) before the nodes go away."""
 
         def body(tx: Tx) -> None:
             if tx.exists(be_path):
-                tx.write(f"{be_path}/online", "0")
-                tx.write(f"{be_path}/state", str(XENBUS_STATE_CLOSING))
+                tx.write_many(
+                    [(f"{be_path}/online", "0"), (f"{be_path}/state", str(XENBUS_STATE_CLOSING))]
+                )
 
         self.transact(body)
+
+
+def valid_name(untrusted: str | None) -> str:
+    """A domain's validated name, or "" when it has none or a malformed one."""
+    try:
+        return validate.domain_name(untrusted, XenStoreError)
+    except XenStoreError:
+        return ""
+
+
+def names_of(tx: Tx, domids: list[int]) -> list[str]:
+    return [valid_name(n) for n in tx.read_many([f"/local/domain/{d}/name" for d in domids])]
+
+
+def domid_named(tx: Tx, name: str) -> int:
+    """The one running domain called `name` (every /local/domain/*/name, read pipelined)."""
+    domids = []
+    for entry in tx.children("/local/domain")[:MAX_DOMAINS]:
+        try:
+            domids.append(validate.domid(entry))
+        except XenStoreError:
+            continue  # junk under /local/domain is not a domain
+    untrusted = tx.read_many([f"/local/domain/{d}/name" for d in domids])
+    found = [d for d, n in zip(domids, untrusted, strict=True) if n == name]
+    if not found:
+        raise UnknownDomain(f"no running domain is named {name!r}; check `xl list`")
+    if len(found) > 1:
+        raise XenStoreError(f"several domains are named {name!r} ({found}); refusing")
+    return found[0]
 
 
 XENBUS_STATE_INITIALISING = 1
@@ -331,10 +301,17 @@ def physical_nodes(phys: PhysicalDevice | None) -> list[tuple[str, str]]:
 
 
 def vbd_in_use(tx: Tx, spec: VbdSpec, devid: int) -> bool:
-    return tx.exists(spec.backend_dir(devid)) or tx.exists(spec.frontend_dir(devid))
+    return any(tx.exists_many([spec.backend_dir(devid), spec.frontend_dir(devid)]))
 
 
-def write_vbd(tx: Tx, spec: VbdSpec, devid: int) -> None:
+def vbd_parents(spec: VbdSpec) -> tuple[str, str]:
+    be, fe = spec.backend_domid, spec.frontend_domid
+    return f"/local/domain/{be}/backend/vbd/{fe}", f"/local/domain/{fe}/device/vbd"
+
+
+def write_vbd(
+    tx: Tx, spec: VbdSpec, devid: int, parents_exist: tuple[bool, bool] | None = None
+) -> None:
     """The node set libxl's device_disk_add writes, plus the physical-device trio.
 
     Permissions as libxl sets them: the backend side is owned by the backend domain and readable
@@ -342,40 +319,41 @@ def write_vbd(tx: Tx, spec: VbdSpec, devid: int) -> None:
     Parents are created with those permissions first (nodes inherit their parent's).
     """
     be, fe = spec.backend_domid, spec.frontend_domid
-    be_parent = f"/local/domain/{be}/backend/vbd/{fe}"
-    fe_parent = f"/local/domain/{fe}/device/vbd"
-    if not tx.exists(be_parent):
-        tx.mkdir(be_parent, [f"n{be}", f"r{fe}"])
-    if not tx.exists(fe_parent):
-        tx.mkdir(fe_parent, [f"n{fe}", f"r{be}"])
+    be_parent, fe_parent = vbd_parents(spec)
     be_dir, fe_dir = spec.backend_dir(devid), spec.frontend_dir(devid)
-    tx.mkdir(be_dir, [f"n{be}", f"r{fe}"])
-    tx.mkdir(fe_dir, [f"n{fe}", f"r{be}"])
-    tx.write_all(
-        be_dir,
+    be_perms, fe_perms = [f"n{be}", f"r{fe}"], [f"n{fe}", f"r{be}"]
+    if parents_exist is None:
+        parents_exist = (tx.exists(be_parent), tx.exists(fe_parent))
+    have_be_parent, have_fe_parent = parents_exist
+    dirs = [] if have_be_parent else [(be_parent, be_perms)]
+    dirs += [] if have_fe_parent else [(fe_parent, fe_perms)]
+    dirs += [(be_dir, be_perms), (fe_dir, fe_perms)]
+    be_nodes = [
+        ("frontend", fe_dir),
+        ("frontend-id", str(fe)),
+        ("params", spec.params),
+        ("online", "1"),
+        ("removable", "0"),
+        ("bootable", "1"),
+        ("state", str(XENBUS_STATE_INITIALISING)),
+        ("dev", validate.vdev_name(devid)),
+        ("type", "phy"),
+        ("mode", spec.mode),
+        ("device-type", "disk"),
+        ("discard-enable", "0"),
+        *physical_nodes(spec.physical),
+    ]
+    fe_nodes = [
+        ("backend", be_dir),
+        ("backend-id", str(be)),
+        ("state", str(XENBUS_STATE_INITIALISING)),
+        ("virtual-device", str(devid)),
+        ("device-type", "disk"),
+    ]
+    tx.run(
         [
-            ("frontend", fe_dir),
-            ("frontend-id", str(fe)),
-            ("params", spec.params),
-            ("online", "1"),
-            ("removable", "0"),
-            ("bootable", "1"),
-            ("state", str(XENBUS_STATE_INITIALISING)),
-            ("dev", validate.vdev_name(devid)),
-            ("type", "phy"),
-            ("mode", spec.mode),
-            ("device-type", "disk"),
-            ("discard-enable", "0"),
-            *physical_nodes(spec.physical),
-        ],
-    )
-    tx.write_all(
-        fe_dir,
-        [
-            ("backend", be_dir),
-            ("backend-id", str(be)),
-            ("state", str(XENBUS_STATE_INITIALISING)),
-            ("virtual-device", str(devid)),
-            ("device-type", "disk"),
-        ],
+            *(r for path, perms in dirs for r in mkdir_requests(path, perms)),
+            *(write_request(f"{be_dir}/{n}", v) for n, v in be_nodes),
+            *(write_request(f"{fe_dir}/{n}", v) for n, v in fe_nodes),
+        ]
     )
