@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grp
 from collections.abc import Mapping
+from typing import TypeVar
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
@@ -46,6 +47,7 @@ MUTATING_METHODS: dict[tuple[str, str], str] = {
 READ_ONLY_METHODS: frozenset[tuple[str, str]] = frozenset()
 
 ROOT_UID = 0
+_V = TypeVar("_V")
 
 
 class StartupError(Exception):
@@ -62,7 +64,37 @@ def check_table(declared: set[tuple[str, str]]) -> None:
         raise StartupError(f"polkit table names methods that do not exist: {sorted(stale)}")
 
 
-async def caller_uid(bus: MessageBus, sender: str) -> int:
+class CallerCache:
+    """What the bus daemon said about each caller (uid; membership of BRIDGE_GROUP), by unique
+    name. A unique name is never reused while the bus runs and a connection's credentials never
+    change, so an entry stays right until the name goes; Service drops it on NameOwnerChanged
+    (see forget). Bounded: when full, the oldest entries go. Saves a bus round trip per call."""
+
+    MAX_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        self.uids: dict[str, int] = {}
+        self.bridge: dict[str, bool] = {}
+
+    def forget(self, name: str) -> None:
+        self.uids.pop(name, None)
+        self.bridge.pop(name, None)
+
+    def store(self, table: dict[str, _V], name: str, value: _V) -> _V:
+        while len(table) >= self.MAX_ENTRIES:
+            del table[next(iter(table))]
+        table[name] = value
+        return value
+
+
+async def caller_uid(bus: MessageBus, sender: str, cache: CallerCache | None = None) -> int:
+    if cache is not None and sender in cache.uids:
+        return cache.uids[sender]
+    uid = await _caller_uid(bus, sender)
+    return uid if cache is None else cache.store(cache.uids, sender, uid)
+
+
+async def _caller_uid(bus: MessageBus, sender: str) -> int:
     reply = await bus.call(
         Message(
             destination="org.freedesktop.DBus",
@@ -88,8 +120,16 @@ def bridge_gid() -> int | None:
         return None
 
 
-async def in_bridge_group(bus: MessageBus, sender: str) -> bool:
+async def in_bridge_group(bus: MessageBus, sender: str, cache: CallerCache | None = None) -> bool:
     """True if the caller's groups (as the bus daemon saw them) include BRIDGE_GROUP."""
+    if cache is not None and sender in cache.bridge:
+        return cache.bridge[sender]
+    member = await _in_bridge_group(bus, sender)
+    # a failed lookup (False without an answer) is not remembered
+    return member if cache is None or not member else cache.store(cache.bridge, sender, member)
+
+
+async def _in_bridge_group(bus: MessageBus, sender: str) -> bool:
     gid = bridge_gid()
     if gid is None:
         return False
@@ -115,6 +155,7 @@ async def authorize(
     interface: str,
     member: str,
     details: Mapping[str, str] | None = None,
+    cache: CallerCache | None = None,
 ) -> int:
     """The caller's uid if it may call interface.member, else AccessDenied. `details` go to
     polkit (policyd's own, validated values: polkit rules may test them with action.lookup)."""
@@ -125,12 +166,12 @@ async def authorize(
         raise AccessDenied(f"{interface}.{member} is not in the authorization table")
     if not sender:
         raise AccessDenied("the call has no sender; access denied")
-    uid = await caller_uid(bus, sender)
+    uid = await caller_uid(bus, sender, cache)
     if action == POLKIT_APPROVE:  # polkit itself authorizes uid 0
         await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
         return uid
     if action == POLKIT_REQUEST_EXPORT:
-        if uid == ROOT_UID or await in_bridge_group(bus, sender):
+        if uid == ROOT_UID or await in_bridge_group(bus, sender, cache):
             return uid
         await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=False)
         return uid

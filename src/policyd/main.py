@@ -22,10 +22,11 @@ from dbus_fast.constants import NameFlag
 
 from policyd import authz, logfmt, validate
 from policyd.brokerclient import BrokerClient
+from policyd.bus import PolicydBus
 from policyd.interfaces import BUS_NAME
 from policyd.policy import DEFAULT_POLICY_DIR
 from policyd.requests import DEFAULT_EXPIRY_S, MAX_EXPIRY_S
-from policyd.service import PolicydBus, Service
+from policyd.service import Service
 from policyd.xenstore import XenStore
 
 DEFAULT_XENSTORE = "/run/xenstored/socket"

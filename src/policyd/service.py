@@ -25,18 +25,17 @@ from dbus_fast.service import ServiceInterface
 from policyd import audit, authz, errors, logfmt, validate
 from policyd.audit import PolicyGate
 from policyd.brokerclient import BrokerClient
+from policyd.bus import PolicydBus
 from policyd.exporter import Exporter
 from policyd.interfaces import (
     EXPORT_IFACE,
     EXPORT_PATH_PREFIX,
     MANAGER_IFACE,
     MANAGER_PATH,
-    OBJECT_MANAGER_IFACE,
     ExportInterface,
     ManagerInterface,
     ManagerState,
     export_values,
-    export_variants,
 )
 from policyd.registry import ExportRecord
 from policyd.requests import (
@@ -47,53 +46,10 @@ from policyd.requests import (
     RequestInterface,
     Requests,
     request_values,
-    request_variants,
 )
 from policyd.xenstore import XenStore
 
 EXPORT_PATH_RE = re.compile(re.escape(EXPORT_PATH_PREFIX) + r"([1-9][0-9]{0,9})")
-
-
-class PolicydBus(MessageBus):
-    """A MessageBus whose ObjectManager signals come from the manager's path.
-
-    dbus-fast sends InterfacesAdded/Removed from the exported object's own path; the D-Bus
-    specification (and GDBus/sd-bus clients) expect them from the ObjectManager's path.
-    """
-
-    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
-        if isinstance(interface, ExportInterface) and not self._disconnected:
-            self.send(
-                Message.new_signal(
-                    MANAGER_PATH,
-                    OBJECT_MANAGER_IFACE,
-                    "InterfacesAdded",
-                    "oa{sa{sv}}",
-                    [path, {interface.name: export_variants(interface.record)}],
-                )
-            )
-        if isinstance(interface, RequestInterface) and not self._disconnected:
-            self.send(
-                Message.new_signal(
-                    MANAGER_PATH,
-                    OBJECT_MANAGER_IFACE,
-                    "InterfacesAdded",
-                    "oa{sa{sv}}",
-                    [path, {interface.name: request_variants(interface.req)}],
-                )
-            )
-
-    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
-        if path.startswith((EXPORT_PATH_PREFIX, REQUEST_PATH_PREFIX)) and not self._disconnected:
-            self.send(
-                Message.new_signal(
-                    MANAGER_PATH,
-                    OBJECT_MANAGER_IFACE,
-                    "InterfacesRemoved",
-                    "oas",
-                    [path, removed_interfaces],
-                )
-            )
 
 
 class ReceivedFds:
@@ -162,6 +118,7 @@ class Service:
         self.requests = Requests(self.exporter, self.gate, self, request_expiry_s)
         self._request_objects: dict[int, RequestInterface] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.callers = authz.CallerCache()
         self.routes: dict[tuple[str, str], Route] = {
             (MANAGER_IFACE, "Attach"): Route("s", "o", self._attach),
             (MANAGER_IFACE, "Detach"): Route("s", "", self._detach_backend),
@@ -230,12 +187,25 @@ class Service:
         return key if key in self.routes else None
 
     async def _run(self, msg: Message, key: tuple[str, str]) -> None:
+        """Handle one call; the signals it causes are sent after its reply (PolicydBus)."""
+        if not isinstance(self.bus, PolicydBus):
+            await self._call(msg, key)
+            return
+        self.bus.hold_signals()
+        try:
+            await self._call(msg, key)
+        finally:
+            self.bus.send_held()
+
+    async def _call(self, msg: Message, key: tuple[str, str]) -> None:
         fds = ReceivedFds(msg.unix_fds)
         route = self.routes[key]
         uid: int | None = None
         try:
             details = self.requests.polkit_details(msg.path) if key[0] == REQUEST_IFACE else None
-            uid = await authz.authorize(self.bus, msg.sender, *key, details=details)
+            uid = await authz.authorize(
+                self.bus, msg.sender, *key, details=details, cache=self.callers
+            )
             audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
             if msg.signature != route.in_signature:
                 raise errors.InvalidArgument(
@@ -395,5 +365,6 @@ class Service:
             and msg.body[0].startswith(":")
             and msg.body[2] == ""
         ):
+            self.callers.forget(msg.body[0])
             self.requests.requester_gone(msg.body[0])
         return False

@@ -1,0 +1,91 @@
+"""policyd's bus connection: ObjectManager signals from the manager's path, held until replies.
+
+Unprivileged policyd code; it only changes where and when policyd's own signals are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dbus_fast import Message, MessageType
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import ServiceInterface
+
+from policyd.interfaces import (
+    EXPORT_PATH_PREFIX,
+    MANAGER_PATH,
+    OBJECT_MANAGER_IFACE,
+    ExportInterface,
+    export_variants,
+)
+from policyd.requests import REQUEST_PATH_PREFIX, RequestInterface, request_variants
+
+
+class PolicydBus(MessageBus):
+    """A MessageBus whose ObjectManager signals come from the manager's path.
+
+    dbus-fast sends InterfacesAdded/Removed from the exported object's own path; the D-Bus
+    specification (and GDBus/sd-bus clients) expect them from the ObjectManager's path.
+
+    Signals that the task handling a method call emits are held and sent, in order, right
+    after its reply (the caller waits for the reply, not for them): see hold_signals. Signals
+    from anywhere else (other tasks, timers) go out at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held: dict[asyncio.Task[Any] | None, list[Message]] = {}
+
+    def hold_signals(self) -> None:
+        """Hold the current task's signals until it calls send_held() (which it must)."""
+        self._held[asyncio.current_task()] = []
+
+    def send(self, msg: Message) -> asyncio.Future[Any]:  # type: ignore[override]
+        if self._held and msg.message_type is MessageType.SIGNAL:
+            queue = self._held.get(asyncio.current_task())
+            if queue is not None:
+                queue.append(msg)
+                done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
+        return super().send(msg)
+
+    def send_held(self) -> None:
+        for msg in self._held.pop(asyncio.current_task(), []):
+            if not self._disconnected:
+                super().send(msg)
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if isinstance(interface, ExportInterface) and not self._disconnected:
+            self.send(
+                Message.new_signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER_IFACE,
+                    "InterfacesAdded",
+                    "oa{sa{sv}}",
+                    [path, {interface.name: export_variants(interface.record)}],
+                )
+            )
+        if isinstance(interface, RequestInterface) and not self._disconnected:
+            self.send(
+                Message.new_signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER_IFACE,
+                    "InterfacesAdded",
+                    "oa{sa{sv}}",
+                    [path, {interface.name: request_variants(interface.req)}],
+                )
+            )
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if path.startswith((EXPORT_PATH_PREFIX, REQUEST_PATH_PREFIX)) and not self._disconnected:
+            self.send(
+                Message.new_signal(
+                    MANAGER_PATH,
+                    OBJECT_MANAGER_IFACE,
+                    "InterfacesRemoved",
+                    "oas",
+                    [path, removed_interfaces],
+                )
+            )
