@@ -147,11 +147,16 @@ modules_in_load_order() {  # module names -> .ko paths, dependencies first, each
 
 pack() { (cd "$1" && find . | cpio -H newc -o --quiet); }
 
-# 3. guest initramfs: busybox + xen-blkfront + guest/init
+# 3. guest initramfs: busybox + xen-blkfront (+ loop, xen-blkback for a driver domain) + guest/init
 guest=$work/guest-root
 new_root "$guest"
 modules_in_load_order xen-blkfront | while read -r ko; do
   cp "$ko" "$guest/lib/modules/"; basename "$ko" >>"$guest/etc/modules.order"
+done
+# a driver domain (xenlab.driver=...): loop and xen-blkback, loaded only in that mode
+modules_in_load_order loop xen-blkback | while read -r ko; do
+  grep -qxF "$(basename "$ko")" "$guest/etc/modules.order" && continue
+  cp "$ko" "$guest/lib/modules/"; basename "$ko" >>"$guest/etc/modules.driver"
 done
 install -m 0755 "$LAB_SRC/guest/init" "$guest/init"
 pack "$guest" >"$work/out/guest.cpio"

@@ -45,6 +45,16 @@ SCENARIOS: dict[str, tuple[int, tuple[str, ...]]] = {
             "bb-race-right-bytes",
         ),
     ),
+    "vmexport": (
+        150,
+        (
+            "vm-export-stack-up",
+            "vm-export-driver-loop",
+            "vm-export-stale-diskseq-refused",
+            "vm-export-request-approved",
+            "vm-export-target-reads",
+        ),
+    ),
 }
 
 CHECK_LINE = re.compile(
