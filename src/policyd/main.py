@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import signal
 import sys
+from pathlib import Path
 
 from dbus_fast import BusType, RequestNameReply
 from dbus_fast.constants import NameFlag
@@ -24,12 +25,13 @@ from policyd import authz, logfmt, validate
 from policyd.brokerclient import BrokerClient
 from policyd.bus import PolicydBus
 from policyd.interfaces import BUS_NAME
-from policyd.policy import DEFAULT_POLICY_DIR
+from policyd.policy import DEFAULT_POLICY_DIR, FileTagProvider
 from policyd.requests import DEFAULT_EXPIRY_S, MAX_EXPIRY_S
 from policyd.service import Service
 from policyd.xenstore import XenStore
 
 DEFAULT_XENSTORE = "/run/xenstored/socket"
+DEFAULT_TAGS_FILE = Path("/etc/blockbroker/tags")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,6 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--policy-dir",
         default=str(DEFAULT_POLICY_DIR),
         help="the export policy's directory (default %(default)s; see docs/policy.md)",
+    )
+    p.add_argument(
+        "--tags-file",
+        default=str(DEFAULT_TAGS_FILE),
+        help="domain tags for @tag:NAME policy rules (default %(default)s; a missing or "
+        "malformed file makes every @tag rule deny; see docs/policy.md)",
     )
     p.add_argument(
         "--request-expiry",
@@ -83,6 +91,7 @@ async def run(args: argparse.Namespace) -> int:
         backend_domid=args.backend_domid,
         sysfs_root=args.sysfs_root,
         policy_dir=args.policy_dir,
+        tags=FileTagProvider(args.tags_file),
         request_expiry_s=args.request_expiry,
     )
     service.start()

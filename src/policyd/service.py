@@ -37,6 +37,7 @@ from policyd.interfaces import (
     ManagerState,
     export_values,
 )
+from policyd.policy import TagProvider, no_tags
 from policyd.registry import ExportRecord
 from policyd.requests import (
     DEFAULT_EXPIRY_S,
@@ -101,6 +102,7 @@ class Service:
         backend_domid: int,
         sysfs_root: str,
         policy_dir: str = "/etc/blockbroker/policy.d",
+        tags: TagProvider = no_tags,
         request_expiry_s: int = DEFAULT_EXPIRY_S,
     ) -> None:
         self.bus = bus
@@ -113,6 +115,7 @@ class Service:
         self.gate = PolicyGate(
             policy_dir,
             lambda domid: self.exporter.xenstore_call(self.exporter.xenstore.domain_name, domid),
+            tags,
         )
         self.exporter.policy_check = self.gate.check_path
         self.requests = Requests(self.exporter, self.gate, self, request_expiry_s)
