@@ -1,13 +1,15 @@
 """blockbroker-block against the real stack, with the vbd nodes written as libxl writes them.
 
 Runs as root with real daemons: the script's `add` must leave physical-device (and its trio) and
-hotplug-status=connected; a failing `add` must write hotplug-error, exit non-zero and leak
-nothing; `remove` must release the loop device.
+hotplug-status=connected (written by policyd's Attach in the trio's transaction; the script
+itself writes nothing on success); a failing `add` must write hotplug-error, exit non-zero and
+leak nothing; `remove` must release the loop device.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -108,6 +110,28 @@ def test_failing_add_with_relative_path_writes_hotplug_error(
     assert result.returncode == 1
     assert (stack.xs_read(f"{be}/hotplug-error") or "").startswith("org.qubes.BlockBroker1.Error.")
     assert stack.xs_read(f"{be}/hotplug-status") == "error"
+
+
+def test_attach_alone_writes_hotplug_status(stack: Stack, vbd: Callable[..., str]) -> None:
+    """The script's success path relies on Attach writing hotplug-status=connected itself."""
+    image = stack.make_image("attach-alone.img", 1 << 20)
+    be = vbd(str(image), "r", 51824)
+    attach = subprocess.run(
+        [
+            "dbus-send", "--system", "--print-reply=literal", "--dest=org.qubes.BlockBroker1",
+            "/org/qubes/BlockBroker1", "org.qubes.BlockBroker1.Manager.Attach", f"string:{be}",
+        ],
+        env=stack.env(), capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert attach.returncode == 0, attach.stderr
+    assert stack.xs_read(f"{be}/hotplug-status") == "connected"
+    assert stack.xs_exists(f"{be}/physical-device")
+    assert not stack.xs_exists(f"{be}/hotplug-error")
+    loop = stack.xs_read(f"{be}/physical-device-path") or ""
+    diskseq = loop_diskseq(loop)
+    assert block_script(stack, "remove", be).returncode == 0
+    assert wait_loop_released(loop, diskseq)
+    image.unlink()
 
 
 def test_add_read_write(stack: Stack, vbd: Callable[..., str]) -> None:
