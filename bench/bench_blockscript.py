@@ -9,11 +9,13 @@ interleaved (one iteration of each per round), so load from other suites on the 
 hits all of them alike.
 
 Measured, on the same stack and nodes:
-  blockbroker-block        the shipped POSIX sh script (dbus-send + xenstore-write)
+  blockbroker-block        the shipped POSIX sh script (dbus-send; policyd's Attach writes
+                           hotplug-status=connected itself)
   candidate sh+busctl      the same script calling busctl instead of dbus-send
-  candidate python         a minimal Python entry point (dbus-fast + pyxs), venv python -I
+  candidate python         a minimal Python entry point (dbus-fast), venv python -I
   candidate C              bench_blockscript_candidate.c, built here with gcc -O2 -static: the
-                           same calls without sh/dbus-send/xenstore-write start-up (not shipped)
+                           same calls without sh/dbus-send start-up (not shipped; it still
+                           writes hotplug-status itself over the raw xenstored socket)
   xen block                Xen 4.17's /etc/xen/scripts/block (bash; losetup; xenstore-read/write)
   losetup                  `losetup -f --show -r` + `losetup -d` on the same image
   policyd Attach/Detach    the two calls over one open connection, no process spawned: the
@@ -59,7 +61,6 @@ PYTHON_CANDIDATE = """
 import asyncio, os, sys
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
-from pyxs import Client
 
 async def main() -> int:
     be = os.environ["XENBUS_PATH"]
@@ -70,10 +71,7 @@ async def main() -> int:
     if reply.message_type == MessageType.ERROR:
         print(reply.error_name, reply.body, file=sys.stderr)
         return 1
-    if sys.argv[1] == "add":
-        with Client(unix_socket_path=os.environ["XENSTORED_PATH"]) as xs:
-            xs.write((be + "/hotplug-status").encode(), b"connected")
-    return 0
+    return 0  # Attach wrote hotplug-status=connected itself
 
 sys.exit(asyncio.run(main()))
 """
