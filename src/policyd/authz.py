@@ -2,7 +2,8 @@
 
 Unprivileged policyd code; the caller's identity comes from the bus daemon
 (GetConnectionUnixUser on the message's unique sender name), never from the message body.
-Export/Attach/Detach need uid 0 for now; Approve/Deny of a VM's request ask polkit (subject =
+Attach/Detach (libxl's path) need uid 0; Export/ExportFd/DetachExport/Export.Detach pass for
+uid 0 and ask polkit for anyone else; Approve/Deny of a VM's request ask polkit (subject =
 the caller's bus name, policyd.polkit); RequestExport/Withdraw take root or the qrexec bridge's
 group (from GetConnectionCredentials), else polkit. The service
 refuses to start if a declared method is in neither table.
@@ -175,12 +176,14 @@ async def authorize(
             return uid
         await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=False)
         return uid
-    if uid != ROOT_UID:
-        raise AccessDenied(
-            f"{member} needs uid 0 (polkit action {action}); the caller is uid {uid}: "
-            "run it as root"
-        )
-    return uid
+    if uid == ROOT_UID:
+        return uid
+    if action in (POLKIT_EXPORT, POLKIT_DETACH):  # an admin's GUI/CLI: polkit may say yes
+        await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
+        return uid
+    raise AccessDenied(
+        f"{member} needs uid 0 (polkit action {action}); the caller is uid {uid}: run it as root"
+    )
 
 
 async def _ask_polkit(

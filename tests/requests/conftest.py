@@ -3,6 +3,7 @@
 polkit rules: user nobody may approve, user daemon may not (a rule says no), user bin has no
 rule (the action's default auth_admin applies, and there is no agent to ask), user games may
 approve only requests for sys-usb's loop5 (policyd passes the request's details to polkit).
+For export/detach by a non-root admin: nobody may, daemon may not, bin has no rule.
 Root is never the approving subject: polkit authorizes uid 0 always.
 """
 
@@ -24,6 +25,11 @@ polkit.addRule(function(action, subject) {
         if (subject.user == "games")
             return action.lookup("device") == "loop5" && action.lookup("source") == "sys-usb"
                 ? polkit.Result.YES : polkit.Result.NO;
+    }
+    if (["org.qubes.blockbroker.export", "org.qubes.blockbroker.detach"]
+            .indexOf(action.id) >= 0) {
+        if (subject.user == "nobody") return polkit.Result.YES;
+        if (subject.user == "daemon") return polkit.Result.NO;
     }
 });
 """
