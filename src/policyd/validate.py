@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,19 +157,28 @@ def hotplug_devids() -> list[int]:
     return [devid_of_disk(d) for d in range(FIRST_HOTPLUG_DISK, LAST_HOTPLUG_DISK + 1)]
 
 
-def export_options(untrusted_options: object) -> ExportOptions:
-    if not isinstance(untrusted_options, dict):
-        raise InvalidArgument("options must be a{sv}")
+def typed_dict(
+    untrusted: object, types: Mapping[str, str], *, container: str, item: str
+) -> dict[str, Any]:
+    """The values of an a{sv} whose every key is in `types` with exactly that signature;
+    InvalidArgument names the offending key (e.g. container "options", item "option")."""
+    if not isinstance(untrusted, dict):
+        raise InvalidArgument(f"{container} must be a{{sv}}")
     values: dict[str, Any] = {}
-    for key, variant in untrusted_options.items():
-        expected = OPTION_TYPES.get(key) if isinstance(key, str) else None
+    for untrusted_key, untrusted_variant in untrusted.items():
+        expected = types.get(untrusted_key) if isinstance(untrusted_key, str) else None
         if expected is None:
             raise InvalidArgument(
-                f"unknown option {_show(key)}; known options: {', '.join(sorted(OPTION_TYPES))}"
+                f"unknown {item} {_show(untrusted_key)}; known {item}s: {', '.join(sorted(types))}"
             )
-        if getattr(variant, "signature", None) != expected:
-            raise InvalidArgument(f"option {key} must have type '{expected}'")
-        values[key] = variant.value
+        if getattr(untrusted_variant, "signature", None) != expected:
+            raise InvalidArgument(f"{item} {untrusted_key} must have type '{expected}'")
+        values[untrusted_key] = untrusted_variant.value
+    return values
+
+
+def export_options(untrusted_options: object) -> ExportOptions:
+    values = typed_dict(untrusted_options, OPTION_TYPES, container="options", item="option")
     devid = values.get("devid")
     if devid is not None and not is_disk_devid(devid):
         raise InvalidArgument(

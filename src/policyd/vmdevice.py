@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from policyd import errors, validate
 from policyd.xenstore import (
@@ -69,19 +68,9 @@ class RequestOptions:
 
 def device_descriptor(untrusted_device: object) -> DeviceDescriptor:
     """The one validation of a VM's device descriptor (a{sv}); InvalidArgument names the field."""
-    if not isinstance(untrusted_device, dict):
-        raise errors.InvalidArgument("device must be a{sv}")
-    values: dict[str, Any] = {}
-    for untrusted_key, untrusted_variant in untrusted_device.items():
-        expected = DESCRIPTOR_TYPES.get(untrusted_key) if isinstance(untrusted_key, str) else None
-        if expected is None:
-            raise errors.InvalidArgument(
-                f"unknown device field {validate._show(untrusted_key)}; known fields: "
-                f"{', '.join(sorted(DESCRIPTOR_TYPES))}"
-            )
-        if getattr(untrusted_variant, "signature", None) != expected:
-            raise errors.InvalidArgument(f"device field {untrusted_key} must have type {expected}")
-        values[untrusted_key] = untrusted_variant.value
+    values = validate.typed_dict(
+        untrusted_device, DESCRIPTOR_TYPES, container="device", item="device field"
+    )
     missing = REQUIRED_KEYS - set(values)
     if missing:
         raise errors.InvalidArgument(f"device fields missing: {', '.join(sorted(missing))}")
@@ -122,19 +111,9 @@ def request_options(
     untrusted_options: object, device: DeviceDescriptor, max_expiry_s: int
 ) -> RequestOptions:
     """read-only (b, default true), timeout (u seconds, 1 to policyd's --request-expiry)."""
-    if not isinstance(untrusted_options, dict):
-        raise errors.InvalidArgument("options must be a{sv}")
-    values: dict[str, Any] = {}
-    for key, variant in untrusted_options.items():
-        expected = OPTION_TYPES.get(key) if isinstance(key, str) else None
-        if expected is None:
-            raise errors.InvalidArgument(
-                f"unknown option {validate._show(key)}; known options: "
-                f"{', '.join(sorted(OPTION_TYPES))}"
-            )
-        if getattr(variant, "signature", None) != expected:
-            raise errors.InvalidArgument(f"option {key} must have type '{expected}'")
-        values[key] = variant.value
+    values = validate.typed_dict(
+        untrusted_options, OPTION_TYPES, container="options", item="option"
+    )
     read_only = bool(values.get("read-only", True))
     if device.read_only and not read_only:
         raise errors.InvalidArgument(f"{device.name} is read-only in its VM; ask for read-only")
