@@ -16,7 +16,7 @@ import stat
 import tomllib
 from dataclasses import dataclass
 
-KNOWN_KEYS = {"client_user", "file_roots", "block_majors"}
+KNOWN_KEYS = {"client_user", "file_roots", "block_majors", "root_without_block_device"}
 
 
 class ConfigError(Exception):
@@ -28,6 +28,7 @@ class Config:
     client_uid: int
     file_roots: tuple[str, ...]
     block_majors: frozenset[int]
+    root_without_block_device: bool = False  # / is on 9p, overlay, btrfs...: start anyway
 
 
 def resolve_uid(user: object) -> int:
@@ -68,8 +69,22 @@ def load_config(path: str) -> Config:
         raise ConfigError("file_roots and block_majors must be lists")
     if not all(type(m) is int and 0 < m < 4096 for m in majors):
         raise ConfigError("block_majors must be integers in 1..4095")
+    diskless = data.get("root_without_block_device", False)
+    if type(diskless) is not bool:
+        raise ConfigError("root_without_block_device must be true or false")
     roots = tuple(check_file_root(r) for r in roots)
-    return Config(resolve_uid(data["client_user"]), roots, frozenset(majors))
+    return Config(resolve_uid(data["client_user"]), roots, frozenset(majors), diskless)
+
+
+def check_root_protected(config: Config, root_devices: frozenset[int]) -> None:
+    """Fail closed when the root disk cannot be found (btrfs, ZFS, overlay, 9p roots have no
+    block device behind stat("/")), unless the config says the admin knows."""
+    if not root_devices and not config.root_without_block_device:
+        raise ConfigError(
+            "the root filesystem is on no block device, so its disk cannot be protected by "
+            "number; set root_without_block_device = true if that is expected (mounted and "
+            "swap devices are still refused: the kernel's O_EXCL says they are in use)"
+        )
 
 
 def block_device_of(dev: int) -> str | None:

@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable
 
 from broker import protocol, sandbox
-from broker.config import ConfigError, load_config, root_disk_devices
+from broker.config import ConfigError, check_root_protected, load_config, root_disk_devices
 from broker.ops import Operations, OpError, Result
 from broker.protocol import ErrorCode, FrameError, Reply, ReplyKind, Request, RequestKind
 
@@ -88,7 +88,9 @@ def answer(conn: socket.socket, ops: Operations, request: Request, fds: list[int
     fds_out = [] if result.fd is None else [result.fd]
     try:
         fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))]
-        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg if fds_out else [])
+        # never block on a peer that does not read its replies (EAGAIN ends the connection)
+        flags = socket.MSG_DONTWAIT
+        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg if fds_out else [], flags)
     finally:
         close_all(fds_out)  # policyd holds the only reference now (or none: AUTOCLEAR)
 
@@ -123,8 +125,8 @@ def accept_client(listener: socket.socket, client_uid: int) -> socket.socket | N
     except OSError as e:
         log("accept_failed", reason=e.strerror)
         return None
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    pid, uid, _gid = struct.unpack("iII", creds)  # struct ucred: pid_t, uid_t, gid_t
     if uid != client_uid:
         log("peer_rejected", pid=pid, uid=uid, expected_uid=client_uid)
         conn.close()
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         ops = Operations(config, root_disk_devices())
+        check_root_protected(config, ops.forbidden)
         listener = listening_socket(args.socket, config.client_uid)
         sandbox.enter()
     except (ConfigError, OSError) as e:

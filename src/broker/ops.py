@@ -84,6 +84,20 @@ def ioctl_int(fd: int, request: int) -> int:
     return int(struct.unpack("=i", buf)[0])
 
 
+def refuse_if_in_use(path_fd: int) -> None:
+    """The kernel knows what dom0 itself uses: an O_EXCL open of a block device fails with
+    EBUSY while it is mounted, active swap, a dm/md member, or a whole disk one of whose
+    partitions is claimed. This covers every filesystem type, btrfs and ZFS roots included."""
+    try:
+        probe = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            reason = "dom0 uses this device (mounted, swap, dm/md)"
+            raise OpError(ErrorCode.IN_USE, reason, e.errno) from None
+        raise OpError.from_os(e, "open") from None
+    os.close(probe)
+
+
 def reopen(path_fd: int, writable: bool) -> int:
     """Open the inode behind an O_PATH fd for I/O: what fstat checked is what gets opened."""
     access = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY
@@ -149,6 +163,7 @@ class Operations:
             stack.callback(os.close, fd)
             if writable and ioctl_int(fd, kernel.BLKROGET):  # open(O_RDWR) does not refuse it
                 raise OpError(ErrorCode.OPEN_FAILED, "the device is read-only", errno.EROFS)
+            refuse_if_in_use(path_fd)
             identity = block_identity(fd)
             if (identity.major, identity.minor) != dev:
                 raise OpError(ErrorCode.VERIFY_FAILED, "device changed while opening")
@@ -200,7 +215,8 @@ class Operations:
             info = loop_status(loop_fd)
             if (info.lo_device, info.lo_inode) != (st.st_dev, st.st_ino):
                 raise OpError(ErrorCode.VERIFY_FAILED, "the loop device is bound to another file")
-            if info.lo_flags & flags != flags:  # the kernel drops flags it cannot honour
+            read_only = bool(info.lo_flags & kernel.LO_FLAGS_READ_ONLY)
+            if info.lo_flags & flags != flags or read_only == writable:  # kernels drop/add flags
                 raise OpError(ErrorCode.VERIFY_FAILED, f"kernel set flags {info.lo_flags:#x}")
             identity = block_identity(loop_fd)
             stack.pop_all()

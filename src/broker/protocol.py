@@ -72,6 +72,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 15
     PROTOCOL = 16  # client side only: the reply broke the protocol
     UNAVAILABLE = 17  # client side only: the broker cannot be reached
+    IN_USE = 18  # mounted, swap, a dm/md member, or a disk holding one (O_EXCL refused)
 
 
 NO_FLAGS = RequestFlag(0)

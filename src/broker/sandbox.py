@@ -2,7 +2,8 @@
 
 TRUST LEVEL: runs as root once, after every import and all start-up opens, before the first
 request. After enter() the process can only do what ALLOWED_SYSCALLS lists (default: kill the
-whole process), holds no capability, and cannot fork, exec, create files or gain privileges.
+whole process), holds no capability, and cannot fork, exec or gain privileges; openat cannot
+create or truncate files (openat2's flags are out of seccomp's reach: docs/broker.md).
 docs/broker.md explains every entry.
 """
 

@@ -57,6 +57,7 @@ BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
     ErrorCode.IDENTITY_MISMATCH: errors.DeviceChanged,
     ErrorCode.VERIFY_FAILED: errors.DeviceChanged,
     ErrorCode.LOOP_BUSY: errors.Busy,
+    ErrorCode.IN_USE: errors.Refused,
     ErrorCode.UNAVAILABLE: errors.BrokerUnavailable,
     ErrorCode.PROTOCOL: errors.BrokerUnavailable,
     ErrorCode.INTERNAL: errors.Internal,

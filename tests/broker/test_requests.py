@@ -226,3 +226,30 @@ def test_open_block_writable_refused_on_read_only_device(broker: Broker) -> None
         client.close()
     assert wait_no_loops(broker.root) == []
     broker.assert_serves()
+
+
+def test_open_block_refuses_a_device_dom0_uses(broker: Broker) -> None:
+    """A device the kernel reports busy for O_EXCL (mounted, swap, dm/md member, or claimed
+    exclusively as here) is refused with IN_USE, whatever the root filesystem is."""
+    image = make_image(broker.root / "inuse.img")
+    client = broker.client()
+    loop_fd, loop_id = client.loop_file(str(image), writable=True)
+    dev = f"/dev/{loop_name(loop_fd)}"
+    claim = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)  # what mount/swapon hold
+    fds_before = broker.fd_count()
+    try:
+        with pytest.raises(BrokerError) as e:
+            client.open_block(dev, writable=False, expect_diskseq=loop_id.diskseq)
+        assert (e.value.code, e.value.errno) == (ErrorCode.IN_USE, errno.EBUSY)
+        assert broker.fd_count() == fds_before
+        os.close(claim)
+        claim = -1
+        fd, _ = client.open_block(dev, writable=False, expect_diskseq=loop_id.diskseq)
+        os.close(fd)
+    finally:
+        if claim >= 0:
+            os.close(claim)
+        os.close(loop_fd)
+        client.close()
+    assert wait_no_loops(broker.root) == []
+    broker.assert_serves()

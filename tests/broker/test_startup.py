@@ -16,6 +16,7 @@ import pytest
 from brokerlab import BROKER_BIN, Broker, make_image, start_broker, stop_broker, write_config
 
 from broker import protocol
+from broker.config import ConfigError, check_root_protected, load_config
 from broker.protocol import Request, RequestKind
 
 pytestmark = pytest.mark.root
@@ -36,7 +37,7 @@ def run_broker(config: Path, sock: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "problem",
     ["world-writable", "group-writable", "not root-owned", "unknown key", "no such user",
-     "bad toml", "symlinked root", "missing root", "bad major"],
+     "bad toml", "symlinked root", "missing root", "bad major", "diskless not bool"],
 )  # fmt: skip
 def test_unsafe_or_invalid_config_refuses_to_start(workdir: Path, problem: str) -> None:
     root = workdir / "root"
@@ -60,6 +61,8 @@ def test_unsafe_or_invalid_config_refuses_to_start(workdir: Path, problem: str) 
         write_config(config, "root", [workdir / "missing"], [7])
     elif problem == "bad major":
         write_config(config, "root", [root], [-1])
+    elif problem == "diskless not bool":
+        config.write_text(config.read_text() + 'root_without_block_device = "yes"\n')
     result = run_broker(config, workdir / "broker.sock")
     assert result.returncode == 2, result.stderr
     assert "event=startup_failed" in result.stderr
@@ -169,3 +172,16 @@ def test_without_socket_or_activation_refuses(workdir: Path) -> None:
         check=False,
     )  # fmt: skip
     assert result.returncode == 2 and "LISTEN_FDS" in result.stderr
+
+
+def test_root_on_no_block_device_fails_closed(workdir: Path) -> None:
+    """A btrfs/ZFS/overlay/9p root has no block device behind stat("/"): the root disk cannot
+    be protected by number, so the broker refuses to start unless the config says so."""
+    config = load_config(str(write_config(workdir / "broker.toml", "root", [workdir], [7])))
+    with pytest.raises(ConfigError, match="root_without_block_device"):
+        check_root_protected(config, frozenset())
+    check_root_protected(config, frozenset({os.makedev(8, 0)}))  # a root disk was found
+    (workdir / "broker.toml").write_text(
+        (workdir / "broker.toml").read_text() + "root_without_block_device = true\n"
+    )
+    check_root_protected(load_config(str(workdir / "broker.toml")), frozenset())

@@ -68,7 +68,9 @@ bb_stack_start() {
     >$RUN/dbus-daemon.log 2>&1 || { echo "bbstack: dbus-daemon failed" >&2; return 1; }
   roots="\"$IMAGE_DIR\""
   [ -d $RUN/images ] && roots="$roots, \"$RUN/images\""   # host images (9p), e.g. the demo's
-  printf 'client_user = "blockbroker"\nfile_roots = [%s]\nblock_majors = [7]\n' "$roots" \
+  # dom0's root here is the host's / over 9p: no block device behind it (the broker fails
+  # closed unless told so); mounted devices are still refused by its O_EXCL probe.
+  printf 'client_user = "blockbroker"\nfile_roots = [%s]\nblock_majors = [7]\nroot_without_block_device = true\n' "$roots" \
     >$BB_DIR/broker.toml
   chmod 0644 $BB_DIR/broker.toml
   (in_host setsid $VENV/bin/blockbroker-broker --config $BB_DIR/broker.toml \
