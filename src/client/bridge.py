@@ -208,45 +208,59 @@ def one_line(text: str) -> str:
 
 
 class Watcher:
-    """Collects the service's request signals from before the call on, per object path."""
+    """Collects request signals from before the call on, per sender and object path.
+
+    Only signals from policyd's own unique name (the one that answered RequestExport) count:
+    anyone on the bus may send a unicast signal to the bridge, and a fake "approved" must not
+    reach the VM. policyd is lost when that unique name loses org.qubes.BlockBroker1; a
+    NameOwnerChanged for policyd *taking* the name (activation, restart) is not a loss.
+    """
 
     def __init__(self) -> None:
-        self.props: dict[str, dict[str, Any]] = {}
-        self.removed: set[str] = set()
-        self.service_lost = False
+        self.owner: str | None = None  # policyd's unique name, once RequestExport answered
+        self.props: dict[tuple[str, str], dict[str, Any]] = {}
+        self.removed: set[tuple[str, str]] = set()
+        self.lost_owners: set[str] = set()
         self.changed = asyncio.Event()
 
     def on_message(self, msg: Message) -> bool:
-        if msg.message_type is not MessageType.SIGNAL:
+        if msg.message_type is not MessageType.SIGNAL or not msg.sender:
             return False
-        if msg.member == "NameOwnerChanged" and msg.sender == "org.freedesktop.DBus":
-            # policyd went away (restart, crash): its pending requests are gone with it
-            self.service_lost = msg.signature == "sss" and msg.body[0] == BUS_NAME
+        if (
+            msg.member == "NameOwnerChanged"
+            and msg.sender == "org.freedesktop.DBus"
+            and msg.signature == "sss"
+            and msg.body[0] == BUS_NAME
+            and msg.body[1]
+        ):
+            self.lost_owners.add(msg.body[1])  # that owner's pending requests are gone
         if msg.member == "InterfacesAdded" and msg.signature == "oa{sa{sv}}":
             path, ifaces = msg.body
             if REQUEST_IFACE in ifaces:
                 values = {k: v.value for k, v in ifaces[REQUEST_IFACE].items()}
-                self.props.setdefault(path, {}).update(values)
+                self.props.setdefault((msg.sender, path), {}).update(values)
         elif msg.member == "PropertiesChanged" and msg.signature == "sa{sv}as":
             if msg.body[0] == REQUEST_IFACE and msg.path:
                 values = {k: v.value for k, v in msg.body[1].items()}
-                self.props.setdefault(msg.path, {}).update(values)
+                self.props.setdefault((msg.sender, msg.path), {}).update(values)
         elif (
             msg.member == "InterfacesRemoved"
             and msg.signature == "oas"
             and REQUEST_IFACE in msg.body[1]
         ):
-            self.removed.add(msg.body[0])
+            self.removed.add((msg.sender, msg.body[0]))
         self.changed.set()
         return False
 
     def final(self, path: str) -> dict[str, Any] | None:
-        props = self.props.get(path, {})
+        if self.owner is None:
+            return None
+        props = self.props.get((self.owner, path), {})
         if props.get("State") in FINAL_STATES:
             return props
-        if path in self.removed:
+        if (self.owner, path) in self.removed:
             return {"State": "failed"}
-        if self.service_lost:
+        if self.owner in self.lost_owners:
             return {"State": "lost"}
         return None
 
@@ -313,8 +327,9 @@ async def ask(request: ExportRequest, timeout_s: float) -> str:
         if reply.message_type is MessageType.ERROR:
             return error_answer(reply)
         path = str(reply.body[0])
-        if not path.startswith(REQUEST_PATH_PREFIX):
+        if not path.startswith(REQUEST_PATH_PREFIX) or not reply.sender:
             return "error Internal unexpected reply from policyd"
+        watcher.owner = reply.sender
         try:
             props = await asyncio.wait_for(_decision(watcher, path), timeout_s)
         except TimeoutError:

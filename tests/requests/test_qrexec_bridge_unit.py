@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from dbus_fast import Variant
+from dbus_fast import Message, MessageType, Variant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -145,3 +145,57 @@ def test_policyd_descriptor_grammar() -> None:
     with pytest.raises(errors.InvalidArgument, match="read-only"):
         request_options({"read-only": Variant("b", False)}, ro, 300)
     assert request_options({}, ro, 300).expiry_s == 300
+
+
+def _signal(sender: str, member: str, signature: str, body: list[object], path: str) -> Message:
+    return Message(
+        message_type=MessageType.SIGNAL,
+        sender=sender,
+        path=path,
+        interface="org.freedesktop.DBus" if sender == "org.freedesktop.DBus" else "x.y",
+        member=member,
+        signature=signature,
+        body=body,
+    )
+
+
+def _owner_changed(old: str, new: str) -> Message:
+    body: list[object] = [bridge.BUS_NAME, old, new]
+    return _signal("org.freedesktop.DBus", "NameOwnerChanged", "sss", body, "/org/freedesktop/DBus")
+
+
+def _state(sender: str, path: str, state: str) -> Message:
+    body: list[object] = [bridge.REQUEST_IFACE, {"State": Variant("s", state)}, []]
+    return _signal(sender, "PropertiesChanged", "sa{sv}as", body, path)
+
+
+REQ = "/org/qubes/BlockBroker1/request/1"
+
+
+def test_watcher_policyd_taking_the_name_is_not_a_loss() -> None:
+    """D-Bus activation or a restart makes policyd *take* the name: not "lost"."""
+    watcher = bridge.Watcher()
+    watcher.on_message(_owner_changed("", ":1.7"))
+    watcher.owner = ":1.7"
+    assert watcher.final(REQ) is None
+    watcher.on_message(_owner_changed(":1.7", ""))  # now it really goes away
+    assert watcher.final(REQ) == {"State": "lost"}
+
+
+def test_watcher_ignores_request_signals_from_others() -> None:
+    """Anyone may send the bridge a unicast signal; only policyd's own unique name counts."""
+    watcher = bridge.Watcher()
+    watcher.on_message(_state(":1.99", REQ, "approved"))  # before the reply: kept per sender
+    watcher.owner = ":1.7"
+    assert watcher.final(REQ) is None
+    watcher.on_message(_state(":1.99", REQ, "approved"))
+    assert watcher.final(REQ) is None
+    watcher.on_message(_state(":1.7", REQ, "denied"))
+    assert watcher.final(REQ) == {"State": "denied"}
+
+
+def test_watcher_owner_replaced_is_lost() -> None:
+    watcher = bridge.Watcher()
+    watcher.owner = ":1.7"
+    watcher.on_message(_owner_changed(":1.7", ":1.9"))  # replaced: its requests are gone
+    assert watcher.final(REQ) == {"State": "lost"}
