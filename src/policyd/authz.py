@@ -198,7 +198,8 @@ async def _ask_polkit(
 ) -> None:
     """polkit's decision; a refusal is audited (who tried what) and raised."""
     try:
-        await polkit.check_authorization(bus, sender, action, details, interactive=interactive)
+        async with polkit.LIMITER.slot(uid):
+            await polkit.check_authorization(bus, sender, action, details, interactive=interactive)
     except AccessDenied as e:
         audit.audit(
             "refused",
