@@ -77,6 +77,9 @@ def broker_error(e: BrokerError, what: str) -> errors.PolicydError:
     cls = BROKER_ERRORS.get(e.code, errors.Refused)
     if cls is errors.BrokerUnavailable:
         return cls(f"the broker is unavailable ({e}); check blockbroker-broker.service")
+    if cls is errors.Internal:  # the detail goes to the log, never onto the wire
+        logfmt.error("broker internal error", what=what, detail=str(e))
+        return cls("internal error in the broker; see the broker's and policyd's logs")
     return cls(f"broker refused {what}: {e}")
 
 
