@@ -64,6 +64,11 @@ class XenStoreError(PolicydError):
     name = "XenStore"
 
 
+class CommitUnknown(XenStoreError):
+    """The connection failed during a transaction's commit: it may or may not have been
+    applied. Whatever it wrote may name a device, so the caller must keep that device's fd."""
+
+
 class BrokerUnavailable(PolicydError):
     name = "BrokerUnavailable"
 

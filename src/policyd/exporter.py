@@ -96,6 +96,7 @@ class Exporter:
         self.broker = broker
         self.xenstore = xenstore
         self.backend_domid = backend_domid
+        self.kept_after_unknown_commit: list[contextlib.ExitStack] = []
         self.registry = Registry()
         self.listener = listener
         self.broker_connected = False
@@ -107,11 +108,25 @@ class Exporter:
         self._broker_thread = ThreadPoolExecutor(1, thread_name_prefix="broker")
 
     def shutdown(self) -> None:
+        for kept in self.kept_after_unknown_commit:
+            kept.close()
         self.blkback.stop()
         self._xs_thread.shutdown(wait=True)
         self._broker_thread.shutdown(wait=True)
         self.xenstore.close()
         self.broker.close()
+
+    async def _keep_if_unknown(self, undo: contextlib.ExitStack, step: Awaitable[T]) -> T:
+        """Run a step that publishes a device in XenStore. If its commit's outcome is unknown,
+        XenStore may name the device now: closing its fd would let AUTOCLEAR free the number
+        for reuse under that name (the race blockbroker exists to close). So the fds are kept,
+        until policyd stops, and the error is still reported."""
+        try:
+            return await step
+        except errors.CommitUnknown:
+            self.kept_after_unknown_commit.append(undo.pop_all())
+            logfmt.warning("commit outcome unknown: keeping the device's fd until policyd stops")
+            raise
 
     # -- blocking work on the worker threads ---------------------------------------------------
 
@@ -189,7 +204,9 @@ class Exporter:
                 backing = await self.sources.open_path(
                     path, not opts.read_only, opts.direct_io, undo
                 )
-                record = await self._export(path, backing, fe_domid, frontend, be_name, opts)
+                record = await self._keep_if_unknown(
+                    undo, self._export(path, backing, fe_domid, frontend, be_name, opts)
+                )
                 undo.pop_all()
             return record
 
@@ -209,7 +226,9 @@ class Exporter:
                     not opts.read_only,
                 )
                 source = f"fd:{backing.identity.major}:{backing.identity.minor}"
-                record = await self._export(source, backing, fe_domid, frontend, be_name, opts)
+                record = await self._keep_if_unknown(
+                    undo, self._export(source, backing, fe_domid, frontend, be_name, opts)
+                )
                 if backing.fd == fd:
                     undo.pop_all()
             return record
@@ -266,7 +285,9 @@ class Exporter:
                 )
                 backing = await self.sources.open_path(nodes.params, nodes.mode == "w", False, undo)
                 # the last step that can fail: once the trio is written, the fd is held
-                await self._xs(self.xenstore.write_physical_device, be.path, physical(backing))
+                await self._keep_if_unknown(
+                    undo, self._xs(self.xenstore.write_physical_device, be.path, physical(backing))
+                )
                 record = self._record(
                     nodes.params,
                     backing,

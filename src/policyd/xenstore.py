@@ -18,7 +18,14 @@ from pyxs._internal import Op, Packet
 from pyxs.exceptions import PyXSError
 
 from policyd import validate
-from policyd.errors import Busy, NotFound, PolicydError, UnknownDomain, XenStoreError
+from policyd.errors import (
+    Busy,
+    CommitUnknown,
+    NotFound,
+    PolicydError,
+    UnknownDomain,
+    XenStoreError,
+)
 from policyd.xstx import Tx, exists_request, is_enoent, mkdir_requests, write_request
 
 __all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
@@ -121,7 +128,14 @@ class XenStore:
                     if not self.aborted:
                         client.rollback()
                     raise
-                if client.commit():
+                try:
+                    committed = client.commit()
+                except (PyXSError, OSError, ValueError) as e:
+                    self.close()
+                    raise CommitUnknown(
+                        f"XenStore failed during a commit ({e}); it may have been applied"
+                    ) from None
+                if committed:
                     return result
             except PolicydError:
                 if self.aborted:
