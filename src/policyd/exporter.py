@@ -25,9 +25,16 @@ from broker.protocol import ErrorCode
 from policyd import brokerclient, errors, logfmt, validate
 from policyd.blkback import BlkbackWatcher
 from policyd.brokerclient import BrokerClient, BrokerError, Identity
-from policyd.registry import Backing, BackingKey, ExportRecord, Registry
+from policyd.registry import (
+    STATE_CONNECTED,
+    STATE_REMOTE,
+    Backing,
+    BackingKey,
+    ExportRecord,
+    Registry,
+)
 from policyd.sources import Sources, device_path, physical
-from policyd.xenstore import XENBUS_STATE_CLOSED, VbdSpec, XenStore
+from policyd.xenstore import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED, VbdSpec, XenStore
 
 T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
@@ -322,7 +329,9 @@ class Exporter:
                 physical(record.backing),
             )
             if record.wrote_vbd:
-                if record.state == "connected":
+                if record.state == STATE_CONNECTED or (
+                    record.state == STATE_REMOTE and await self._remote_connected(record)
+                ):
                     await self._wait_closed(record)
                 await self._xs(self.xenstore.remove_vbd, spec, record.devid)
             else:
@@ -389,6 +398,11 @@ class Exporter:
             self._register(record)
             return record
 
+    async def _remote_connected(self, record: ExportRecord) -> bool:
+        """A VM's blkback is invisible in dom0's sysfs; its backend state node tells."""
+        state = await self._xs(self.xenstore.read_one, f"{record.backend_path}/state")
+        return state == str(XENBUS_STATE_CONNECTED)
+
     async def _wait_closed(self, record: ExportRecord) -> None:
         """Ask blkback to disconnect; go on once the backend is Closed or blkback has let go of
         the device (its sysfs node is gone), or after CLOSE_WAIT_S (a guest that ignores the
@@ -398,7 +412,9 @@ class Exporter:
         deadline = time.monotonic() + CLOSE_WAIT_S
         while time.monotonic() < deadline:
             state = await self._xs(self.xenstore.read_one, f"{be_path}/state")
-            if state in (None, str(XENBUS_STATE_CLOSED)) or not self.blkback.holds(record):
+            if state in (None, str(XENBUS_STATE_CLOSED)):
+                return
+            if record.state != STATE_REMOTE and not self.blkback.holds(record):
                 return
             await asyncio.sleep(CLOSE_POLL_S)
         logfmt.warning("backend did not reach Closed; removing its nodes anyway", path=be_path)
@@ -435,7 +451,8 @@ class Exporter:
 
     def _register(self, record: ExportRecord) -> None:
         self.registry.add(record)
-        record.state = self.blkback.initial_state()
+        remote = record.backing.kind == "vm"  # dom0's sysfs cannot see another domain's blkback
+        record.state = STATE_REMOTE if remote else self.blkback.initial_state()
         ident = record.backing.identity
         logfmt.info(
             "exported",
@@ -449,7 +466,8 @@ class Exporter:
         )
         self.listener.export_added(record)
         self.listener.manager_changed(["ExportCount"])
-        self.blkback.watch(record)
+        if not remote:
+            self.blkback.watch(record)
 
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:

@@ -26,6 +26,7 @@ BackingKey = tuple[str, int, int]  # ("file", st_dev, st_ino) or ("block", major
 STATE_WAITING = "waiting-for-blkback"
 STATE_CONNECTED = "connected"
 STATE_NO_BLKBACK = "no-blkback"
+STATE_REMOTE = "backend-in-vm"  # a VM's own device: its blkback, not dom0's sysfs
 
 
 def file_key(st_dev: int, st_ino: int) -> BackingKey:

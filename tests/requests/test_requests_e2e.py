@@ -77,6 +77,7 @@ def test_approval_writes_the_vbd_pinned_to_the_diskseq(stack: Stack, loop_dir: P
             assert (props["FrontendDomain"], props["Devid"], props["Diskseq"]) == (
                 "work", XVDB, diskseq)  # fmt: skip
             assert props["BackendPath"] == be and props["SourceKind"] == "vm"
+            assert props["State"] == "backend-in-vm"  # its blkback is the VM's, not dom0's
             detach_export(stack, export)
             assert vm_backends(stack, 5) == [] and frontends(stack, 1) == []
             assert managed_exports(stack) == {}
