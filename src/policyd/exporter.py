@@ -34,7 +34,13 @@ from policyd.registry import (
     Registry,
 )
 from policyd.sources import Sources, device_path, physical
-from policyd.xenstore import XENBUS_STATE_CLOSED, XENBUS_STATE_CONNECTED, VbdSpec, XenStore
+from policyd.xenstore import (
+    XENBUS_STATE_CLOSED,
+    XENBUS_STATE_CONNECTED,
+    VbdSpec,
+    XenStore,
+    backend_dir,
+)
 
 T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
@@ -381,19 +387,18 @@ class Exporter:
             shared = self.registry.shareable(key, mode == "w")
             devid = await self._xs(write_nodes, self.xenstore)
             backing = shared or self.registry.new_backing(key, NO_FD, identity, "vm", mode == "w")
-            record = ExportRecord(
-                number=self.registry.next_number(),
-                source=source,
-                backing=backing,
-                backend_domid=be_domid,
-                backend_domain=be_name,
-                frontend_domid=fe_domid,
-                frontend_domain=fe_name,
-                devid=devid,
-                backend_path=f"/local/domain/{be_domid}/backend/vbd/{fe_domid}/{devid}",
-                mode=mode,
-                since_us=time.time_ns() // 1000,
+            be_path = backend_dir(be_domid, fe_domid, devid)
+            record = self._record(
+                source,
+                backing,
+                fe_domid,
+                fe_name,
+                devid,
+                be_path,
+                mode,
+                be_name,
                 wrote_vbd=True,
+                be_domid=be_domid,
             )
             self._register(record)
             return record
@@ -433,12 +438,13 @@ class Exporter:
         be_name: str,
         *,
         wrote_vbd: bool,
+        be_domid: int | None = None,  # another domain's backend (a VM's own device)
     ) -> ExportRecord:
         return ExportRecord(
             number=self.registry.next_number(),
             source=source,
             backing=backing,
-            backend_domid=self.backend_domid,
+            backend_domid=self.backend_domid if be_domid is None else be_domid,
             backend_domain=be_name,
             frontend_domid=fe_domid,
             frontend_domain=fe_name,

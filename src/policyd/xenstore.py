@@ -63,7 +63,7 @@ class VbdSpec:
     physical: PhysicalDevice
 
     def backend_dir(self, devid: int) -> str:
-        return f"/local/domain/{self.backend_domid}/backend/vbd/{self.frontend_domid}/{devid}"
+        return backend_dir(self.backend_domid, self.frontend_domid, devid)
 
     def frontend_dir(self, devid: int) -> str:
         return f"/local/domain/{self.frontend_domid}/device/vbd/{devid}"
@@ -303,6 +303,11 @@ XENBUS_STATE_INITIALISING = 1
 XENBUS_STATE_CONNECTED = 4
 XENBUS_STATE_CLOSING = 5
 XENBUS_STATE_CLOSED = 6
+
+
+def backend_dir(backend_domid: int, frontend_domid: int, devid: int) -> str:
+    """The vbd backend directory, as libxl names it."""
+    return f"/local/domain/{backend_domid}/backend/vbd/{frontend_domid}/{devid}"
 
 
 def physical_nodes(phys: PhysicalDevice | None) -> list[tuple[str, str]]:
