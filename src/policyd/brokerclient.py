@@ -2,13 +2,15 @@
 
 TRUST LEVEL: unprivileged (runs in policyd). The broker is trusted to tell the truth about what
 it opened, but its replies are still parsed strictly: a malformed reply or a wrong number of fds
-is a BrokerError(PROTOCOL) and drops the connection. Synchronous and thread-safe (one lock around
-each request/reply pair). docs/protocol.md describes the wire format.
+is a BrokerError(PROTOCOL) and drops the connection. Two transports share the framing and the
+checks: AsyncBrokerClient (policyd's, on its event loop) and BrokerClient (blocking,
+thread-safe; tools and tests). docs/protocol.md describes the wire format.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import os
 import socket
 import stat
@@ -54,95 +56,170 @@ def _identity(reply: Reply) -> Identity:
     )
 
 
-class BrokerClient:
-    def __init__(self, socket_path: str) -> None:
+def open_block_request(
+    path: str,
+    *,
+    writable: bool,
+    expect_dev: tuple[int, int] | None = None,
+    expect_diskseq: int | None = None,
+) -> Request:
+    flags = RequestFlag.WRITABLE if writable else RequestFlag(0)
+    major = minor = diskseq = 0
+    if expect_dev is not None:
+        flags |= RequestFlag.EXPECT_DEV
+        major, minor = expect_dev
+    if expect_diskseq is not None:
+        flags |= RequestFlag.EXPECT_DISKSEQ
+        diskseq = expect_diskseq
+    return Request(RequestKind.OPEN_BLOCK, flags, 0, major, minor, diskseq, os.fsencode(path))
+
+
+def loop_file_request(
+    path: str, *, writable: bool, direct_io: bool = False, block_size: int = 0
+) -> Request:
+    flags = RequestFlag.WRITABLE if writable else RequestFlag(0)
+    if direct_io:
+        flags |= RequestFlag.DIRECT_IO
+    return Request(RequestKind.LOOP_FILE, flags, block_size, path=os.fsencode(path))
+
+
+def _encode(request: Request, fds: list[int]) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    try:
+        frame = protocol.encode_request(request)
+    except protocol.FrameError as e:
+        raise BrokerError(ErrorCode.BAD_ARGUMENT, 0, str(e)) from None
+    fd_bytes = array.array("i", fds).tobytes()
+    return frame, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_bytes)] if fds else []
+
+
+def _recvmsg(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+    data, ancdata, flags, _ = sock.recvmsg(
+        protocol.MAX_REPLY + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    return data, ancdata, flags
+
+
+def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
+    return fds
+
+
+class _ProtocolViolation(BrokerError):
+    """A malformed reply or wrong fd count: the connection must be dropped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.PROTOCOL, 0, message)
+
+
+def _decode(
+    data: bytes, ancdata: list[tuple[int, int, bytes]], flags: int, want_fd: bool
+) -> tuple[Reply, int] | None:
+    """The reply and its fd (-1 if none); None if the broker ended the connection. Raises
+    _ProtocolViolation (every received fd closed) or the BrokerError the broker answered."""
+    received = _fds(ancdata)
+    if not data and not received:
+        return None
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise protocol.FrameError("truncated reply")
+        reply = protocol.parse_reply(data)
+        expected = 1 if want_fd and reply.kind == ReplyKind.OK else 0
+        if len(received) != expected:
+            raise protocol.FrameError(f"expected {expected} fds, got {len(received)}")
+        fd = received[0] if received else -1
+        if fd >= 0:
+            _check_fd(fd, reply)
+    except protocol.FrameError as e:
+        for fd in received:
+            os.close(fd)
+        raise _ProtocolViolation(str(e)) from None
+    if reply.kind == ReplyKind.ERROR:
+        raise BrokerError(reply.code, reply.errno, reply.message)
+    return reply, fd
+
+
+def _check_fd(fd: int, reply: Reply) -> None:
+    """The fd is the block device the reply names, or FrameError."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (
+        reply.major,
+        reply.minor,
+    ):
+        raise protocol.FrameError("the fd is not the device the reply names")
+
+
+class _Connection:
+    """The socket both clients share the handling of: connect lazily, drop on any failure."""
+
+    def __init__(self, socket_path: str, blocking: bool) -> None:
         self.socket_path = socket_path
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        self.blocking = blocking
+        self.sock: socket.socket | None = None
 
-    def close(self) -> None:
-        with self._lock:
-            self._disconnect()
+    def disconnect(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
-    def _disconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _connect(self) -> socket.socket:
-        if self._sock is None:
+    def connect(self) -> socket.socket:
+        if self.sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 sock.connect(self.socket_path)
             except OSError as e:
                 sock.close()
                 raise BrokerUnavailable(f"cannot connect to {self.socket_path}", e.errno) from e
-            self._sock = sock
-        return self._sock
+            # connect() above is local and immediate; only the reply is waited for
+            sock.setblocking(self.blocking)
+            self.sock = sock
+        return self.sock
 
-    def _exchange(self, request: Request, fds: list[int]) -> tuple[Reply, list[int]]:
-        try:
-            frame = protocol.encode_request(request)
-        except protocol.FrameError as e:
-            raise BrokerError(ErrorCode.BAD_ARGUMENT, 0, str(e)) from None
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    def failed(self, attempt: int, error: OSError | None) -> None:
+        """A stale connection (broker restarted) fails on send or with EOF: the request is
+        retried once on a new connection. Retrying is safe: an fd the broker had already sent
+        on the dead connection is closed with it (AUTOCLEAR)."""
+        self.disconnect()
+        if attempt == 2 and error is not None:
+            raise BrokerUnavailable(f"broker connection failed: {error}", error.errno) from error
+        if attempt == 2:
+            raise BrokerUnavailable("broker closed the connection")
+
+
+class BrokerClient:
+    """Blocking client, thread-safe (one lock around each request/reply pair); for tools and
+    tests. policyd itself uses AsyncBrokerClient."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._lock = threading.Lock()
+        self._conn = _Connection(socket_path, blocking=True)
+
+    def close(self) -> None:
         with self._lock:
-            # A connection that went stale (broker restarted) fails on send or with EOF; the
-            # request is then retried once on a new connection. Retrying is safe: an fd the
-            # broker had already sent on the dead connection is closed with it (AUTOCLEAR).
-            for attempt in (1, 2):
-                sock = self._connect()
-                try:
-                    sock.sendmsg([frame], ancillary)
-                    data, ancdata, flags, _ = sock.recvmsg(
-                        protocol.MAX_REPLY + 1,
-                        socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4),
-                        socket.MSG_CMSG_CLOEXEC,
-                    )
-                except OSError as e:
-                    self._disconnect()
-                    if attempt == 2:
-                        raise BrokerUnavailable(f"broker connection failed: {e}", e.errno) from e
-                    continue
-                received = self._fds(ancdata)
-                if not data and not received:
-                    self._disconnect()  # the broker ended the connection
-                    if attempt == 2:
-                        raise BrokerUnavailable("broker closed the connection")
-                    continue
-                try:
-                    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                        raise protocol.FrameError("truncated reply")
-                    return protocol.parse_reply(data), received
-                except protocol.FrameError as e:
-                    for fd in received:
-                        os.close(fd)
-                    self._disconnect()
-                    raise BrokerError(ErrorCode.PROTOCOL, 0, str(e)) from e
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", payload[: len(payload) - len(payload) % 4]))
-        return fds
+            self._conn.disconnect()
 
     def _request(self, request: Request, fds: list[int], want_fd: bool) -> tuple[Reply, int]:
-        reply, received = self._exchange(request, fds)
-        expected = 1 if want_fd and reply.kind == ReplyKind.OK else 0
-        if len(received) != expected:
-            for fd in received:
-                os.close(fd)
-            with self._lock:
-                self._disconnect()
-            raise BrokerError(
-                ErrorCode.PROTOCOL, 0, f"expected {expected} fds, got {len(received)}"
-            )
-        if reply.kind == ReplyKind.ERROR:
-            raise BrokerError(reply.code, reply.errno, reply.message)
-        return reply, received[0] if received else -1
+        frame, ancillary = _encode(request, fds)
+        with self._lock:
+            for attempt in (1, 2):
+                sock = self._conn.connect()
+                try:
+                    sock.sendmsg([frame], ancillary)
+                    decoded = _decode(*_recvmsg(sock), want_fd)
+                except OSError as e:
+                    self._conn.failed(attempt, e)
+                    continue
+                except _ProtocolViolation:
+                    self._conn.disconnect()
+                    raise
+                if decoded is None:
+                    self._conn.failed(attempt, None)
+                    continue
+                return decoded
+        raise AssertionError("unreachable")
 
     def open_block(
         self,
@@ -152,42 +229,110 @@ class BrokerClient:
         expect_dev: tuple[int, int] | None = None,
         expect_diskseq: int | None = None,
     ) -> tuple[int, Identity]:
-        flags = RequestFlag.WRITABLE if writable else RequestFlag(0)
-        major = minor = diskseq = 0
-        if expect_dev is not None:
-            flags |= RequestFlag.EXPECT_DEV
-            major, minor = expect_dev
-        if expect_diskseq is not None:
-            flags |= RequestFlag.EXPECT_DISKSEQ
-            diskseq = expect_diskseq
-        request = Request(
-            RequestKind.OPEN_BLOCK, flags, 0, major, minor, diskseq, os.fsencode(path)
+        request = open_block_request(
+            path, writable=writable, expect_dev=expect_dev, expect_diskseq=expect_diskseq
         )
         reply, fd = self._request(request, [], want_fd=True)
-        return self._checked_fd(fd, reply), _identity(reply)
+        return fd, _identity(reply)
 
     def loop_file(
         self, path: str, *, writable: bool, direct_io: bool = False, block_size: int = 0
     ) -> tuple[int, Identity]:
-        flags = RequestFlag.WRITABLE if writable else RequestFlag(0)
-        if direct_io:
-            flags |= RequestFlag.DIRECT_IO
-        request = Request(RequestKind.LOOP_FILE, flags, block_size, path=os.fsencode(path))
+        request = loop_file_request(
+            path, writable=writable, direct_io=direct_io, block_size=block_size
+        )
         reply, fd = self._request(request, [], want_fd=True)
-        return self._checked_fd(fd, reply), _identity(reply)
+        return fd, _identity(reply)
 
     def identify(self, fd: int) -> Identity:
         reply, _ = self._request(Request(RequestKind.IDENTIFY), [fd], want_fd=False)
         return _identity(reply)
 
-    @staticmethod
-    def _checked_fd(fd: int, reply: Reply) -> int:
-        """The fd is the block device the reply names, or BrokerError(PROTOCOL)."""
-        st = os.fstat(fd)
-        if not stat.S_ISBLK(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (
-            reply.major,
-            reply.minor,
-        ):
-            os.close(fd)
-            raise BrokerError(ErrorCode.PROTOCOL, 0, "the fd is not the device the reply names")
-        return fd
+
+class AsyncBrokerClient:
+    """The same client on policyd's event loop: the socket is non-blocking and the reply is
+    awaited with a reader callback, so a request costs no thread hand-off. Requests are
+    serialized (one asyncio lock). A request cancelled while waiting (a timeout) drops the
+    connection: a reply still in flight, and the fd it carries, are discarded by the kernel
+    with the socket, so no fd leaks and no late reply is read as the next request's."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._lock = asyncio.Lock()
+        self._conn = _Connection(socket_path, blocking=False)
+
+    def close(self) -> None:
+        self._conn.disconnect()
+
+    async def _request(self, request: Request, fds: list[int], want_fd: bool) -> tuple[Reply, int]:
+        frame, ancillary = _encode(request, fds)
+        async with self._lock:
+            for attempt in (1, 2):
+                sock = self._conn.connect()
+                try:
+                    sock.sendmsg([frame], ancillary)  # EAGAIN (a stuck broker) is an OSError
+                    decoded = _decode(*await _recv_async(sock), want_fd)
+                except OSError as e:
+                    self._conn.failed(attempt, e)
+                    continue
+                except _ProtocolViolation:
+                    self._conn.disconnect()
+                    raise
+                except BrokerError:
+                    raise  # the broker's answer: the connection stays
+                except BaseException:  # cancelled while waiting (a timeout)
+                    self._conn.disconnect()
+                    raise
+                if decoded is None:
+                    self._conn.failed(attempt, None)
+                    continue
+                return decoded
+        raise AssertionError("unreachable")
+
+    async def open_block(
+        self,
+        path: str,
+        *,
+        writable: bool,
+        expect_dev: tuple[int, int] | None = None,
+        expect_diskseq: int | None = None,
+    ) -> tuple[int, Identity]:
+        request = open_block_request(
+            path, writable=writable, expect_dev=expect_dev, expect_diskseq=expect_diskseq
+        )
+        reply, fd = await self._request(request, [], want_fd=True)
+        return fd, _identity(reply)
+
+    async def loop_file(
+        self, path: str, *, writable: bool, direct_io: bool = False, block_size: int = 0
+    ) -> tuple[int, Identity]:
+        request = loop_file_request(
+            path, writable=writable, direct_io=direct_io, block_size=block_size
+        )
+        reply, fd = await self._request(request, [], want_fd=True)
+        return fd, _identity(reply)
+
+    async def identify(self, fd: int) -> Identity:
+        reply, _ = await self._request(Request(RequestKind.IDENTIFY), [fd], want_fd=False)
+        return _identity(reply)
+
+
+async def _recv_async(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+    """recvmsg on a non-blocking socket, waiting on the event loop until a reply is there."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return _recvmsg(sock)
+        except BlockingIOError:
+            pass
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), _set_once, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

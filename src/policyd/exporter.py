@@ -19,12 +19,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from broker.protocol import ErrorCode
 from policyd import brokerclient, errors, logfmt, validate
 from policyd.blkback import BlkbackWatcher
-from policyd.brokerclient import BrokerClient, BrokerError, Identity
+from policyd.brokerclient import AsyncBrokerClient, BrokerError, Identity
 from policyd.registry import (
     STATE_CONNECTED,
     STATE_REMOTE,
@@ -99,7 +99,7 @@ def broker_error(e: BrokerError, what: str) -> errors.PolicydError:
 class Exporter:
     def __init__(
         self,
-        broker: BrokerClient,
+        broker: AsyncBrokerClient,
         xenstore: XenStore,
         *,
         backend_domid: int,
@@ -118,14 +118,12 @@ class Exporter:
         self.policy_check: PolicyCheck = deny_without_policy  # policyd.audit.PolicyGate's
         self._lock = asyncio.Lock()
         self._xs_thread = ThreadPoolExecutor(1, thread_name_prefix="xenstore")
-        self._broker_thread = ThreadPoolExecutor(1, thread_name_prefix="broker")
 
     def shutdown(self) -> None:
         for kept in self.kept_after_unknown_commit:
             kept.close()
         self.blkback.stop()
         self._xs_thread.shutdown(wait=True)
-        self._broker_thread.shutdown(wait=True)
         self.xenstore.close()
         self.broker.close()
 
@@ -160,19 +158,17 @@ class Exporter:
             if self.xenstore.connected != was:
                 self.listener.manager_changed(["XenStoreConnected"])
 
-    async def _broker(self, what: str, call: Callable[[], T]) -> T:
-        """Run a broker request on the broker thread. LOOP_BUSY (the broker's own bounded
-        retry lost every race for a free loop device to other allocators) is retried a few
-        times here, after a growing random pause, before it becomes Error.Busy."""
-        loop = asyncio.get_running_loop()
+    async def _broker(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a broker request, bounded by BROKER_TIMEOUT_S. LOOP_BUSY (the broker's own
+        bounded retry lost every race for a free loop device to other allocators) is retried a
+        few times here, after a growing random pause, before it becomes Error.Busy."""
         for attempt in range(LOOP_BUSY_ATTEMPTS):
-            work = loop.run_in_executor(self._broker_thread, call)
             try:
-                result = await asyncio.wait_for(asyncio.shield(work), BROKER_TIMEOUT_S)
+                result = await asyncio.wait_for(call(), BROKER_TIMEOUT_S)
             except TimeoutError:
-                # The broker thread stays blocked; whatever it gets later is closed, and calls
-                # queued behind it time out the same way until the broker answers again.
-                work.add_done_callback(close_abandoned_fd)
+                # The cancelled request dropped its connection (AsyncBrokerClient): a late
+                # reply and its fd die with it. The next call reconnects, and times out the
+                # same way until the broker answers again.
                 self._set_broker_connected(False)
                 logfmt.warning("the broker does not answer; request abandoned", what=what)
                 raise errors.BrokerUnavailable(
@@ -478,13 +474,3 @@ class Exporter:
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:
             self.listener.export_changed(record, ["State"])
-
-
-def close_abandoned_fd(work: asyncio.Future[Any]) -> None:
-    """Done-callback of a broker request nobody waits for any more: close the fd it returned."""
-    if work.cancelled() or work.exception() is not None:
-        return
-    result = work.result()
-    if isinstance(result, tuple) and result and isinstance(result[0], int):
-        os.close(result[0])
-        logfmt.info("closed the fd of an abandoned broker request")

@@ -22,7 +22,7 @@ from dbus_fast import BusType, RequestNameReply
 from dbus_fast.constants import NameFlag
 
 from policyd import authz, logfmt, validate
-from policyd.brokerclient import BrokerClient
+from policyd.brokerclient import AsyncBrokerClient
 from policyd.bus import PolicydBus
 from policyd.interfaces import BUS_NAME
 from policyd.policy import DEFAULT_POLICY_DIR, FileTagProvider
@@ -86,7 +86,7 @@ async def run(args: argparse.Namespace) -> int:
     service = Service(
         bus,
         version=version(),
-        broker=BrokerClient(args.broker_socket),
+        broker=AsyncBrokerClient(args.broker_socket),
         xenstore=XenStore(args.xenstore_path),
         backend_domid=args.backend_domid,
         sysfs_root=args.sysfs_root,

@@ -24,7 +24,7 @@ from dbus_fast.service import ServiceInterface
 
 from policyd import audit, authz, errors, logfmt, validate
 from policyd.audit import PolicyGate
-from policyd.brokerclient import BrokerClient
+from policyd.brokerclient import AsyncBrokerClient
 from policyd.bus import PolicydBus
 from policyd.exporter import Exporter
 from policyd.interfaces import (
@@ -97,7 +97,7 @@ class Service:
         bus: MessageBus,
         *,
         version: str,
-        broker: BrokerClient,
+        broker: AsyncBrokerClient,
         xenstore: XenStore,
         backend_domid: int,
         sysfs_root: str,

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from policyd import errors
-from policyd.brokerclient import BrokerClient, Identity
+from policyd.brokerclient import AsyncBrokerClient, Identity
 from policyd.registry import Backing, BackingKey, Registry, block_key, file_key
 from policyd.xenstore import PhysicalDevice
 
@@ -28,13 +28,13 @@ LOOP_MAJOR = 7
 
 
 class BrokerCall(Protocol):
-    """Runs one broker request off the event loop; broker errors come back as PolicydError."""
+    """Runs one broker request, bounded in time; broker errors come back as PolicydError."""
 
-    def __call__(self, what: str, call: Callable[[], T]) -> Awaitable[T]: ...
+    def __call__(self, what: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]: ...
 
 
 class Sources:
-    def __init__(self, registry: Registry, broker: BrokerClient, call: BrokerCall) -> None:
+    def __init__(self, registry: Registry, broker: AsyncBrokerClient, call: BrokerCall) -> None:
         self.registry = registry
         self.broker = broker
         self.call = call
