@@ -114,3 +114,58 @@ def test_change_during_load_is_read_at_next_check(
     monkeypatch.undo()
     assert watcher.policy.rules[0].action is Action.ASK
     assert watcher.evaluate(REQ).action is Action.DENY
+
+
+def _old(path: Path) -> None:
+    os.utime(path, (1_000_000, 1_000_000))  # long before the racy window
+
+
+def test_quiet_directory_costs_no_stat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With inotify, a check while nothing changed lists and stats nothing; a change is still
+    seen at the very next check."""
+    policy_file = tmp_path / "50.policy"
+    policy_file.write_text("export * dom0 work allow\n")
+    _old(policy_file)
+    watcher = PolicyWatcher(tmp_path)
+    assert watcher.reload_if_changed() is False  # settles the first load's watch
+
+    def no_listing(path: object) -> list[str]:
+        raise AssertionError("listed the policy directory while nothing changed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "listdir", no_listing)
+        for _ in range(3):
+            assert watcher.evaluate(REQ).action is Action.ALLOW
+    policy_file.write_text("export * dom0 work deny\n")
+    _old(policy_file)
+    assert watcher.evaluate(REQ).action is Action.DENY
+
+
+def test_symlinked_file_whose_target_changes(tmp_path: Path) -> None:
+    """A policy file may be a symlink to a file elsewhere: an edit of the target counts."""
+    directory, elsewhere = tmp_path / "policy.d", tmp_path / "shared"
+    directory.mkdir()
+    elsewhere.mkdir()
+    target = elsewhere / "rules"
+    target.write_text("export * dom0 work allow\n")
+    _old(target)
+    (directory / "50.policy").symlink_to(target)
+    watcher = PolicyWatcher(directory)
+    assert watcher.reload_if_changed() is False
+    target.write_text("export * dom0 work deny\n")
+    _old(target)
+    assert watcher.evaluate(REQ).action is Action.DENY
+
+
+def test_without_inotify_every_check_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from policyd.policy import changes
+
+    monkeypatch.setattr(changes, "_LIBC", None)
+    policy_file = tmp_path / "50.policy"
+    policy_file.write_text("export * dom0 work allow\n")
+    _old(policy_file)
+    watcher = PolicyWatcher(tmp_path)
+    assert watcher.evaluate(REQ).action is Action.ALLOW
+    policy_file.write_text("export * dom0 work deny\n")
+    _old(policy_file)
+    assert watcher.evaluate(REQ).action is Action.DENY

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .changes import ChangeFeed
 from .errors import InvalidRequest, PolicySyntaxError
 from .parser import RACY_WINDOW_NS, AbstractParser, Rule, RuleParams, list_policy_files
 from .tags import TagProvider, no_tags
@@ -252,10 +253,12 @@ _Signature = tuple[object, ...]
 
 
 class PolicyWatcher:
-    """A policy directory that reloads itself when its files change (polling on each call).
+    """A policy directory that reloads itself when its files change (checked on each call).
 
     `reload_if_changed()` compares the directory listing and every file's device, inode, size,
-    mtime and ctime with the last load; it costs one listdir and one stat per file. A bad edit
+    mtime and ctime with the last load (one listdir and one stat per file), but only after an
+    inotify event, or while a file is young enough for its mtime to be ambiguous, or where
+    inotify is unavailable; otherwise a check is one non-blocking read. A bad edit
     is loaded like any other (it denies from the error on); nothing here raises.
     """
 
@@ -266,6 +269,7 @@ class PolicyWatcher:
         self.tags = tags
         self._signature: _Signature = ()
         self._loaded_at_ns = 0
+        self._changes = ChangeFeed()
         self.policy = Policy((), None, (), tags)
         self.reload_if_changed()
 
@@ -283,6 +287,12 @@ class PolicyWatcher:
             return (stat_fields(self.directory), str(err))
         return (stat_fields(self.directory), *(stat_fields(p) for p in files))
 
+    def _watched_paths(self) -> list[Path]:
+        try:
+            return [self.directory, *list_policy_files(self.directory)]
+        except PolicySyntaxError:
+            return [self.directory]
+
     def _newest_file_mtime_ns(self) -> int:
         # The directory's own entry (first) is left out: adding, removing or renaming files
         # changes the listing or an inode anyway.
@@ -293,10 +303,16 @@ class PolicyWatcher:
         )
 
     def reload_if_changed(self) -> bool:
-        """Reload if any file changed; True if the loaded rules or error differ from before."""
+        """Reload if any file changed; True if the loaded rules or error differ from before.
+
+        With inotify (`ChangeFeed`) nothing is stat'ed while no event came since the last
+        check and no file is young enough for its mtime to be ambiguous."""
+        racy = self._newest_file_mtime_ns() >= self._loaded_at_ns - RACY_WINDOW_NS
+        if not racy and self._changes.quiet():
+            return False
         try:
+            self._changes.watch(self._watched_paths())  # before reading: no change is missed
             signature = self._current_signature()
-            racy = self._newest_file_mtime_ns() >= self._loaded_at_ns - RACY_WINDOW_NS
             if signature == self._signature and not racy:
                 return False
             loaded_at_ns = time.time_ns()
@@ -306,6 +322,7 @@ class PolicyWatcher:
         except Exception as err:  # never crash the daemon over a policy problem
             new = Policy((), PolicySyntaxError(str(self.directory), None, f"reload failed: {err}"))
             signature, loaded_at_ns = (), 0
+            self._changes.close()  # retried at the next call
         old = self.policy
         self._signature, self._loaded_at_ns, self.policy = signature, loaded_at_ns, new
         return (new.rules, str(new.error), new.files) != (old.rules, str(old.error), old.files)
