@@ -9,18 +9,18 @@ interleaved (one iteration of each per round), so load from other suites on the 
 hits all of them alike.
 
 Measured, on the same stack and nodes:
-  blockbroker-block        the shipped POSIX sh script (dbus-send; policyd's Attach writes
-                           hotplug-status=connected itself)
-  candidate sh+busctl      the same script calling busctl instead of dbus-send
+  blockbroker-block        the shipped one: a static C program (src/client/blockbroker-block.c,
+                           raw D-Bus; policyd's Attach writes hotplug-status=connected itself)
+  previous sh+dbus-send    the previous shipped script, POSIX sh around dbus-send, kept as
+                           bench/blockbroker-block.sh for this comparison
+  candidate sh+busctl      that script calling busctl instead of dbus-send
   candidate python         a minimal Python entry point (dbus-fast), venv python -I
-  candidate C              bench_blockscript_candidate.c, built here with gcc -O2 -static: the
-                           same calls without sh/dbus-send start-up (not shipped; it still
-                           writes hotplug-status itself over the raw xenstored socket)
   xen block                Xen 4.17's /etc/xen/scripts/block (bash; losetup; xenstore-read/write)
   losetup                  `losetup -f --show -r` + `losetup -d` on the same image
   policyd Attach/Detach    the two calls over one open connection, no process spawned: the
                            service's own share of the script's time
-and spawn floors (true, sh -c true, python3 -S -I -c pass, one xenstore-write).
+and spawn floors (true, sh -c true, python3 -S -I -c pass, one xenstore-write, a dbus-send
+round trip, and blockbroker-block refusing its arguments: its own exec-to-exit cost).
 
 Prints a table, then `BENCH_RESULT {json}` last. BENCH_N (default 100) sets iterations; the slow
 candidates (xen block, python) run BENCH_N_SLOW (default 40).
@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from client.api import AsyncClient  # noqa: E402
 
 VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
 BLOCK_SCRIPT = VENV / "bin" / "blockbroker-block"
+PREVIOUS_SCRIPT = Path(__file__).with_name("blockbroker-block.sh")
 XEN_BLOCK = Path("/etc/xen/scripts/block")
 N = int(os.environ.get("BENCH_N", "100"))
 N_SLOW = int(os.environ.get("BENCH_N_SLOW", "40"))
@@ -56,6 +56,7 @@ WARMUP = 3
 FE = 1
 DEVID = 51712
 TARGET_RATIO = 50.0
+PREVIOUS = "previous sh+dbus-send"
 
 PYTHON_CANDIDATE = """
 import asyncio, os, sys
@@ -89,11 +90,11 @@ def spawn(argv: Sequence[str], env: dict[str, str], log: Path) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def timed(argv: Sequence[str], env: dict[str, str], log: Path) -> float:
+def timed(argv: Sequence[str], env: dict[str, str], log: Path, expect: int = 0) -> float:
     start = time.perf_counter()
     status = spawn(argv, env, log)
     elapsed = time.perf_counter() - start
-    if status != 0:
+    if status != expect:
         raise RuntimeError(f"{argv} exited {status}; see {log}:\n{log.read_text()[-2000:]}")
     return elapsed * 1e3
 
@@ -240,23 +241,10 @@ def interleaved(candidates: list[tuple[str, Iteration, int]]) -> dict[str, dict[
     return samples
 
 
-def bench_floor(argv: Sequence[str], env: dict[str, str], log: Path, n: int) -> list[float]:
-    return [timed(argv, env, log) for _ in range(WARMUP + n)][WARMUP:]
-
-
-def build_c_candidate(stack: Stack) -> Path | None:
-    source = Path(__file__).with_name("bench_blockscript_candidate.c")
-    binary = stack.stack_dir / "blockbroker-block-c"
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        print("candidate C skipped: no gcc")
-        return None
-    cmd = [gcc, "-O2", "-Wall", "-Wextra", "-static", "-o", str(binary), str(source)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"candidate C skipped: {result.stderr.strip()[-500:]}")
-        return None
-    return binary
+def bench_floor(
+    argv: Sequence[str], env: dict[str, str], log: Path, n: int, expect: int = 0
+) -> list[float]:
+    return [timed(argv, env, log, expect) for _ in range(WARMUP + n)][WARMUP:]
 
 
 def make_candidates(stack: Stack) -> tuple[Path, Path]:
@@ -269,10 +257,10 @@ def make_candidates(stack: Stack) -> tuple[Path, Path]:
     text, count = call.subn(
         "busctl --system --timeout=8 call org.qubes.BlockBroker1 /org/qubes/BlockBroker1 "
         'org.qubes.BlockBroker1.Manager \\1 s "$XENBUS_PATH"',
-        BLOCK_SCRIPT.read_text(),
+        PREVIOUS_SCRIPT.read_text(),
     )
     if count != 2:
-        raise RuntimeError(f"expected 2 dbus-send calls in {BLOCK_SCRIPT}, found {count}")
+        raise RuntimeError(f"expected 2 dbus-send calls in {PREVIOUS_SCRIPT}, found {count}")
     busctl_variant.write_text(text)
     busctl_variant.chmod(0o755)
     python_variant = stack.stack_dir / "blockbroker-block.py"
@@ -291,11 +279,11 @@ def main() -> int:
         image = stack.make_image("bench.img", 16 << 20)
         log = stack.stack_dir / "bench-scripts.log"
         busctl_variant, python_variant = make_candidates(stack)
-        c_variant = build_c_candidate(stack)
         loop = asyncio.new_event_loop()
         bb = loop.run_until_complete(AsyncClient.connect(stack.bus_address))
         candidates: list[tuple[str, Iteration, int]] = [
             ("blockbroker-block", script_iteration(stack, [str(BLOCK_SCRIPT)], image, log), N),
+            (PREVIOUS, script_iteration(stack, [str(PREVIOUS_SCRIPT)], image, log), N),
             ("candidate sh+busctl", script_iteration(stack, [str(busctl_variant)], image, log), N),
             (
                 "candidate python (dbus-fast)",
@@ -308,9 +296,6 @@ def main() -> int:
             ("losetup CLI", losetup_iteration(image, log), N),
             ("policyd Attach/Detach (in-process)", service_iteration(stack, image, loop, bb), N),
         ]
-        if c_variant is not None:
-            c_iteration = script_iteration(stack, [str(c_variant)], image, log)
-            candidates.insert(4, ("candidate C (static, raw D-Bus)", c_iteration, N))
         for name, samples in interleaved(candidates).items():
             failed = len(samples.pop("failures"))
             results[name] = {k: summary(v) for k, v in samples.items()}
@@ -331,6 +316,8 @@ def main() -> int:
         }  # fmt: skip
         for name, argv in floors.items():
             results[name] = {"run": summary(bench_floor(argv, env, log, N))}
+        usage_error = bench_floor([str(BLOCK_SCRIPT), "nothing"], env, log, N, expect=2)
+        results["blockbroker-block usage error (exec to exit)"] = {"run": summary(usage_error)}
         stack.xs_rm("/bench-floor")
         image.unlink()
 
@@ -356,10 +343,8 @@ def main() -> int:
         f"xen block / blockbroker-block: add {ratio_add:.1f}x, add+remove {ratio_disk:.1f}x "
         f"(target {TARGET_RATIO:g}x: {'met' if ratio_disk >= TARGET_RATIO else 'NOT met'})"
     )
-    c_name = "candidate C (static, raw D-Bus)"
-    if c_name in results:
-        ratio_c = xen["per_disk"]["p50_ms"] / results[c_name]["per_disk"]["p50_ms"]
-        print(f"xen block / {c_name}: add+remove {ratio_c:.1f}x")
+    ratio_previous = xen["per_disk"]["p50_ms"] / results[PREVIOUS]["per_disk"]["p50_ms"]
+    print(f"xen block / {PREVIOUS}: add+remove {ratio_previous:.1f}x")
     load = (load_before, os.getloadavg()[0])
     print(f"1-minute load average: {load[0]:.2f} at start, {load[1]:.2f} at end (2 cores)")
     result = {

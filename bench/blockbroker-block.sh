@@ -1,6 +1,9 @@
 #!/bin/sh
 # blockbroker-block: libxl hotplug script for vbd backends; hands the disk to blockbroker's policyd.
 #
+# THE PREVIOUS SHIPPED SCRIPT, kept only as bench/bench_blockscript.py's comparison candidate
+# ("previous sh+dbus-send"). The shipped one is src/client/blockbroker-block.c (docs/client.md).
+#
 # Runs as root, spawned by libxl (or `xl devd` in a driver domain) once per disk, which waits
 # for it: its start-up is the per-disk cost, so it is POSIX sh around one dbus-send (measured in
 # docs/client.md: a Python entry point costs 5-25x more). It trusts its environment (libxl's);
