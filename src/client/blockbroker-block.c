@@ -1,4 +1,4 @@
-/* blockbroker-block: libxl hotplug script for vbd backends; hands the disk to blockbroker's policyd.
+/* blockbroker-block: the libxl hotplug script for vbd backends; hands the disk to policyd.
  *   XENBUS_PATH=[/local/domain/<be>/]backend/vbd/<fe>/<devid> blockbroker-block add|remove
  *
  * Trust: runs as root, spawned by libxl once per disk (libxl waits for it). It trusts its
@@ -58,6 +58,7 @@ static size_t rx_len;
 static int big; /* the message at rx[0] is big-endian ('B') */
 static unsigned char tx[4096];   /* outgoing, little-endian; the bounded inputs fit */
 static size_t tx_len, tx_msg;    /* tx_msg: where the message being built starts */
+_Static_assert(sizeof tx > 2 * MAX_XENBUS_PATH + 1024, "tx fits AUTH, Hello and the call");
 static char err_name[MAX_TEXT], err_msg[MAX_TEXT + 4]; /* set by fail() or an error reply */
 
 /* Copies n bytes as printable ASCII ('?' for anything else), truncated with "...". */
@@ -433,8 +434,10 @@ int main(int argc, char **argv)
 		usage(argv0, "XENBUS_PATH must be a backend path (backend/... or /local/domain/<be>/"
 			     "backend/...), got '%s'", path);
 	int add = !strcmp(cmd, "add");
-	if (!add && strcmp(cmd, "remove"))
-		sanitize(shown, sizeof shown, cmd, strlen(cmd)), usage(argv0, "unknown command '%s'", shown);
+	if (!add && strcmp(cmd, "remove")) {
+		sanitize(shown, sizeof shown, cmd, strlen(cmd));
+		usage(argv0, "unknown command '%s'", shown);
+	}
 	signal(SIGPIPE, SIG_IGN); /* and send(MSG_NOSIGNAL): a closed bus is an error, not a kill */
 	deadline_ms = now_ms() + REPLY_TIMEOUT_MS;
 	int ok = connect_bus() == 0 && call(add ? "Attach" : "Detach", path) == 0;
