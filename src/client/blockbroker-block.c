@@ -19,6 +19,7 @@
  * libdbus's names: org.freedesktop.DBus.Error.NoServer, NoReply, ...); 2 usage.
  */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -192,33 +193,29 @@ static int connect_bus(void)
 		    "DBUS_SYSTEM_BUS_ADDRESS '%s'", where);
 }
 
-static void put_pad(size_t align)
+/* Appends n bytes to tx after zero padding to `align`, relative to the message's start. */
+static void put(size_t align, const void *p, size_t n)
 {
-	while ((tx_len - tx_msg) % align) /* alignment is relative to the message's start */
+	while ((tx_len - tx_msg) % align)
 		tx[tx_len++] = 0;
+	memcpy(tx + tx_len, p, n), tx_len += n;
 }
 
 static void put_u32_at(size_t at, uint32_t v)
 {
-	for (int i = 0; i < 4; i++)
-		tx[at + (size_t)i] = (unsigned char)(v >> 8 * i);
+	v = htole32(v);
+	memcpy(tx + at, &v, 4);
 }
 
-static void put_str(char type, const char *s) /* s, o: u32 length; g: byte length; then nul */
+static void put_field(unsigned char code, char type, const char *value) /* s, o or g */
 {
-	size_t n = strlen(s);
+	uint32_t n = (uint32_t)strlen(value);
+	put(8, (unsigned char[]){code, 1, (unsigned char)type, 0}, 4);
 	if (type == 'g')
-		tx[tx_len++] = (unsigned char)n;
+		put(1, (unsigned char[]){(unsigned char)n}, 1);
 	else
-		put_pad(4), put_u32_at(tx_len, (uint32_t)n), tx_len += 4;
-	memcpy(tx + tx_len, s, n + 1), tx_len += n + 1;
-}
-
-static void put_field(unsigned char code, char type, const char *value)
-{
-	put_pad(8);
-	tx[tx_len++] = code, tx[tx_len++] = 1, tx[tx_len++] = (unsigned char)type, tx[tx_len++] = 0;
-	put_str(type, value);
+		put(4, &(uint32_t){htole32(n)}, 4);
+	put(1, value, n + 1);
 }
 
 /* A METHOD_CALL with one string argument (or none) appended to tx. */
@@ -226,25 +223,25 @@ static void put_call(uint32_t serial, const char *dest, const char *path, const 
 		     const char *member, const char *arg)
 {
 	tx_msg = tx_len;
-	memcpy(tx + tx_len, "l\1\0\1", 4); /* little-endian, METHOD_CALL, no flags, version 1 */
-	put_u32_at(tx_len + 8, serial), tx_len += 16; /* body and header-field lengths below */
+	put(1, "l\1\0\1\0\0\0\0\0\0\0\0\0\0\0\0", 16); /* LE, METHOD_CALL, no flags, version 1 */
+	put_u32_at(tx_msg + 8, serial);
 	put_field(1, 'o', path), put_field(2, 's', iface), put_field(3, 's', member);
 	put_field(6, 's', dest);
 	if (arg)
 		put_field(8, 'g', "s");
-	put_u32_at(tx_msg + 12, (uint32_t)(tx_len - tx_msg - 16));
-	put_pad(8);
+	put_u32_at(tx_msg + 12, (uint32_t)(tx_len - tx_msg - 16)); /* header fields' length */
+	put(8, "", 0); /* the body starts 8-aligned */
 	size_t body = tx_len;
 	if (arg)
-		put_str('s', arg);
-	put_u32_at(tx_msg + 4, (uint32_t)(tx_len - body));
+		put(4, &(uint32_t){htole32((uint32_t)strlen(arg))}, 4), put(1, arg, strlen(arg) + 1);
+	put_u32_at(tx_msg + 4, (uint32_t)(tx_len - body)); /* body length */
 }
 
 static uint32_t get_u32(size_t at)
 {
-	const unsigned char *p = rx + at;
-	return big ? (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]
-		   : (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+	uint32_t v;
+	memcpy(&v, rx + at, 4);
+	return big ? be32toh(v) : le32toh(v);
 }
 
 /* Moves *at to the next multiple of a, over zero padding, not beyond end. */
@@ -438,6 +435,9 @@ int main(int argc, char **argv)
 		sanitize(shown, sizeof shown, cmd, strlen(cmd));
 		usage(argv0, "unknown command '%s'", shown);
 	}
+	for (int fd = 0; fd < 3; fd++) /* 0-2 open (libxl's are): the bus socket is never stderr */
+		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) != fd)
+			return 2;
 	signal(SIGPIPE, SIG_IGN); /* and send(MSG_NOSIGNAL): a closed bus is an error, not a kill */
 	deadline_ms = now_ms() + REPLY_TIMEOUT_MS;
 	int ok = connect_bus() == 0 && call(add ? "Attach" : "Detach", path) == 0;

@@ -203,6 +203,7 @@ class FakeBus:
     abstract: str | None = None
     calls: list[Call] = field(default_factory=list)
     auth_line: bytes = b""
+    received_after: bytes = b""  # what the client sent after the calls (hold=True)
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
@@ -270,8 +271,8 @@ class FakeBus:
         except (BrokenPipeError, ConnectionResetError):
             return  # the client gave up first (a limit it enforces); its exit status says why
         if self.hold:
-            while conn.recv(65536):
-                pass
+            while chunk := conn.recv(65536):
+                self.received_after += chunk
 
 
 def run_script(

@@ -11,6 +11,7 @@ also print no sanitizer report. Without gcc this lane skips, and fails under CI.
 from __future__ import annotations
 
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from blockscript import (
     BLOCK_SCRIPT,
+    SANITIZER_ENV,
     SANITIZER_REPORT,
     SANITIZER_TIMEOUT_MS,
     FakeBus,
@@ -314,6 +316,22 @@ def test_abstract_socket(binary: Path, tmp_path: Path) -> None:
         result = run_script(binary, "add", bus.address)
     assert bus.address == f"unix:abstract={name}"
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_closed_stderr_does_not_become_the_bus_socket(binary: Path, sock: Path) -> None:
+    """Started with fd 2 closed, the script must not get the bus socket as fd 2 and write its
+    error message onto the bus."""
+    with FakeBus(sock, error_reply(b"a.B", b"text"), hold=True) as bus:
+        result = subprocess.run(
+            ["/bin/sh", "-c", 'exec "$0" add 2>&-', str(binary)],
+            env={"XENBUS_PATH": BE, "DBUS_SYSTEM_BUS_ADDRESS": bus.address, **SANITIZER_ENV},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            check=False,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert bus.received_after == b""
 
 
 # --- random replies ---------------------------------------------------------------------------
