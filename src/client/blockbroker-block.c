@@ -125,7 +125,7 @@ static void consume(size_t n)
 static int hexval(char c)
 {
 	static const char digits[] = "0123456789abcdef";
-	const char *d = c ? strchr(digits, c | 0x20) : NULL;
+	const char *d = c ? strchr(digits, c >= 'A' && c <= 'F' ? c - 'A' + 'a' : c) : NULL;
 	return d ? (int)(d - digits) : -1;
 }
 

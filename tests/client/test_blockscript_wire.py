@@ -288,6 +288,7 @@ def test_installed_deadline_is_8_seconds(sock: Path) -> None:
         ("unix:tmpdir=/tmp", f"{D}BadAddress: no unix:path= or unix:abstract= address"),
         ("unix:path=/a,abstract=b", f"{D}BadAddress: no unix:path= or unix:abstract= address"),
         ("unix:path=/x%zz", f"{D}BadAddress: no unix:path= or unix:abstract= address"),
+        ("unix:path=/x%\x101", f"{D}BadAddress: no unix:path= or unix:abstract= address"),
         ("unix:path=/" + "a" * 200, f"{D}BadAddress: no unix:path= or unix:abstract= address"),
         ("unix:path=/nonexistent/bus", f"{D}NoServer: cannot connect to the system bus at "),
     ],
@@ -304,7 +305,7 @@ def test_bad_or_unreachable_address(binary: Path, address: str, expected: str) -
 def test_address_list_escapes_and_abstract(binary: Path, tmp_path: Path) -> None:
     """The first usable address of a `;` list that accepts the connection, %XX unescaped."""
     with FakeBus(tmp_path / "b=s", method_return()) as bus:
-        escaped = str(bus.path).replace("=", "%3d")
+        escaped = str(bus.path).replace("=", "%3D").replace("/", "%2f")
         address = f"tcp:host=x;unix:abstract=blockbroker-test-none;unix:guid=00,path={escaped}"
         result = run_script(binary, "add", address)
     assert (result.returncode, result.stderr) == (0, "")
