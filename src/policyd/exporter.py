@@ -5,9 +5,9 @@ content is validated by policyd.xenstore. The broker decides what may be opened 
 module decides sharing (opening itself is policyd.sources), writes the nodes and holds the fds.
 Every operation runs under one asyncio lock, so registry checks and the XenStore/broker steps
 that follow cannot interleave.
-Blocking calls run on two single-thread executors (XenStore, broker). A failed operation undoes
-what it did (ExitStack, handed over with pop_all() only on success): no fd, node or loop device
-is left behind.
+XenStore and the broker are reached on the event loop (policyd.xenstore, policyd.brokerclient),
+each bounded by a deadline. A failed operation undoes what it did (ExitStack, handed over with
+pop_all() only on success): no fd, node or loop device is left behind.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 from broker.protocol import ErrorCode
@@ -59,7 +58,6 @@ async def deny_without_policy(
 
 LOOP_BUSY_ATTEMPTS = 3
 BROKER_TIMEOUT_S = 5.0  # a broker request takes milliseconds; far beyond that it is stuck
-XS_TIMEOUT_S = 5.0  # no XenStore request of ours takes anywhere near this long
 
 BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
     ErrorCode.BAD_PATH: errors.InvalidArgument,
@@ -117,13 +115,12 @@ class Exporter:
         self.sources = Sources(self.registry, broker, self._broker)
         self.policy_check: PolicyCheck = deny_without_policy  # policyd.audit.PolicyGate's
         self._lock = asyncio.Lock()
-        self._xs_thread = ThreadPoolExecutor(1, thread_name_prefix="xenstore")
+        xenstore.connection_changed = self._xenstore_connection_changed
 
     def shutdown(self) -> None:
         for kept in self.kept_after_unknown_commit:
             kept.close()
         self.blkback.stop()
-        self._xs_thread.shutdown(wait=True)
         self.xenstore.close()
         self.broker.close()
 
@@ -139,24 +136,12 @@ class Exporter:
             logfmt.warning("commit outcome unknown: keeping the device's fd until policyd stops")
             raise
 
-    # -- blocking work on the worker threads ---------------------------------------------------
+    # -- XenStore's connection state, broker requests -------------------------------------------
 
-    async def _xs(self, fn: Callable[..., T], *args: object) -> T:
-        """Run fn on the XenStore thread. A request that gets no answer within XS_TIMEOUT_S
-        is abandoned (see XenStore.abort_pending), so a hung or dead xenstored turns into
-        Error.XenStore instead of blocking every later call."""
-        was = self.xenstore.connected
-        work = asyncio.get_running_loop().run_in_executor(self._xs_thread, fn, *args)
-        try:
-            while True:
-                try:
-                    return await asyncio.wait_for(asyncio.shield(work), XS_TIMEOUT_S)
-                except TimeoutError:
-                    logfmt.warning("XenStore does not answer; abandoning the request")
-                    self.xenstore.abort_pending()
-        finally:
-            if self.xenstore.connected != was:
-                self.listener.manager_changed(["XenStoreConnected"])
+    def _xenstore_connection_changed(self) -> None:
+        """policyd.xenstore connected or lost its connection (the latter: EOF, a protocol
+        error or a missed deadline; the next XenStore operation reconnects)."""
+        self.listener.manager_changed(["XenStoreConnected"])
 
     async def _broker(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a broker request, bounded by BROKER_TIMEOUT_S. LOOP_BUSY (the broker's own
@@ -194,7 +179,7 @@ class Exporter:
     async def probe(self) -> None:
         """Start-up: connect to XenStore (read the backend domain's name); errors are logged."""
         with contextlib.suppress(errors.PolicydError):
-            await self._xs(self.xenstore.domain_name, self.backend_domid)
+            await self.xenstore.domain_name(self.backend_domid)
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -202,8 +187,8 @@ class Exporter:
         self, path: str, frontend: str, opts: validate.ExportOptions
     ) -> ExportRecord:
         async with self._lock:
-            fe_domid, be_name = await self._xs(
-                self.xenstore.find_export_domains, frontend, self.backend_domid
+            fe_domid, be_name = await self.xenstore.find_export_domains(
+                frontend, self.backend_domid
             )
             backend = (self.backend_domid, be_name)
             await self.policy_check(
@@ -223,8 +208,8 @@ class Exporter:
         async with self._lock:
             with contextlib.ExitStack() as undo:
                 undo.callback(os.close, fd)  # ours from here on; closed unless held
-                fe_domid, be_name = await self._xs(
-                    self.xenstore.find_export_domains, frontend, self.backend_domid
+                fe_domid, be_name = await self.xenstore.find_export_domains(
+                    frontend, self.backend_domid
                 )
                 backing = await self.sources.adopt_fd(fd, not opts.read_only)
                 await self.policy_check(
@@ -253,7 +238,7 @@ class Exporter:
     ) -> ExportRecord:
         mode = "r" if opts.read_only else "w"
         spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing))
-        devid = await self._xs(self.xenstore.add_vbd, spec, opts.devid)
+        devid = await self.xenstore.add_vbd(spec, opts.devid)
         record = self._record(
             source,
             backing,
@@ -283,7 +268,7 @@ class Exporter:
             existing = self.registry.by_backend_path(be.path)
             if existing is not None:
                 return existing
-            nodes, fe_name, be_name = await self._xs(self.xenstore.read_backend, be)
+            nodes, fe_name, be_name = await self.xenstore.read_backend(be)
             with contextlib.ExitStack() as undo:
                 await self.policy_check(
                     "attach",
@@ -295,7 +280,7 @@ class Exporter:
                 backing = await self.sources.open_path(nodes.params, nodes.mode == "w", False, undo)
                 # the last step that can fail: once the trio is written, the fd is held
                 await self._keep_if_unknown(
-                    undo, self._xs(self.xenstore.write_physical_device, be.path, physical(backing))
+                    undo, self.xenstore.write_physical_device(be.path, physical(backing), nodes)
                 )
                 record = self._record(
                     nodes.params,
@@ -335,10 +320,10 @@ class Exporter:
                     record.state == STATE_REMOTE and await self._remote_connected(record)
                 ):
                     await self._wait_closed(record)
-                await self._xs(self.xenstore.remove_vbd, spec, record.devid)
+                await self.xenstore.remove_vbd(spec, record.devid)
             else:
                 try:
-                    await self._xs(self.xenstore.remove_physical_device, record.backend_path)
+                    await self.xenstore.remove_physical_device(record.backend_path)
                 except errors.XenStoreError as e:
                     # libxl removes the backend dir itself; a failure here leaves nothing of ours
                     logfmt.warning(
@@ -359,9 +344,9 @@ class Exporter:
             self.listener.export_removed(record)
             self.listener.manager_changed(["ExportCount"])
 
-    async def xenstore_call(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking XenStore function on the XenStore thread (for policyd.requests)."""
-        return await self._xs(fn, *args)
+    async def xenstore_call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """Await a XenStore method (policyd.service's policy gate reads names through this)."""
+        return await fn(*args)
 
     async def export_foreign(
         self,
@@ -370,18 +355,18 @@ class Exporter:
         backend: tuple[int, str],
         frontend: tuple[int, str],
         mode: str,
-        write_nodes: Callable[[XenStore], int],
+        write_nodes: Callable[[XenStore], Awaitable[int]],
     ) -> ExportRecord:
         """Register an export of a device in another domain (a VM's own device, approved
         through policyd.requests): policyd holds no fd, the backend domain's blkback opens it;
-        it is listed and detached like any export. `write_nodes` runs on the XenStore thread,
-        writes the vbd in one transaction and returns the devid; nothing is registered if it
-        raises. The backing key names the domain, so it never matches dom0's own devices."""
+        it is listed and detached like any export. `write_nodes` writes the vbd in one
+        transaction and returns the devid; nothing is registered if it raises. The backing key
+        names the domain, so it never matches dom0's own devices."""
         (be_domid, be_name), (fe_domid, fe_name) = backend, frontend
         key: BackingKey = (f"dom{be_domid}", identity.major, identity.minor)
         async with self._lock:
             shared = self.registry.shareable(key, mode == "w")
-            devid = await self._xs(write_nodes, self.xenstore)
+            devid = await write_nodes(self.xenstore)
             backing = shared or self.registry.new_backing(key, NO_FD, identity, "vm", mode == "w")
             be_path = backend_dir(be_domid, fe_domid, devid)
             record = self._record(
@@ -401,7 +386,7 @@ class Exporter:
 
     async def _remote_connected(self, record: ExportRecord) -> bool:
         """A VM's blkback is invisible in dom0's sysfs; its backend state node tells."""
-        state = await self._xs(self.xenstore.read_one, f"{record.backend_path}/state")
+        state = await self.xenstore.read_one(f"{record.backend_path}/state")
         return state == str(XENBUS_STATE_CONNECTED)
 
     async def _wait_closed(self, record: ExportRecord) -> None:
@@ -409,10 +394,10 @@ class Exporter:
         the device (its sysfs node is gone), or after CLOSE_WAIT_S (a guest that ignores the
         request then loses the disk when the nodes go, as with `xl block-detach --force`)."""
         be_path = record.backend_path
-        await self._xs(self.xenstore.set_backend_closing, be_path)
+        await self.xenstore.set_backend_closing(be_path)
         deadline = time.monotonic() + CLOSE_WAIT_S
         while time.monotonic() < deadline:
-            state = await self._xs(self.xenstore.read_one, f"{be_path}/state")
+            state = await self.xenstore.read_one(f"{be_path}/state")
             if state in (None, str(XENBUS_STATE_CLOSED)):
                 return
             if record.state != STATE_REMOTE and not self.blkback.holds(record):

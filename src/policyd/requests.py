@@ -14,8 +14,7 @@ import asyncio
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from policyd import audit, errors, logfmt, validate
 from policyd.audit import PolicyGate
@@ -95,9 +94,6 @@ class Requests:
         self._finished: OrderedDict[int, str] = OrderedDict()  # number -> final state
         self._next = 1
 
-    async def _xs(self, fn: Callable[..., Any], *args: object) -> Any:
-        return await self.exporter.xenstore_call(fn, *args)
-
     # -- RequestExport ----------------------------------------------------------------------
 
     async def request_export(
@@ -113,8 +109,7 @@ class Requests:
         target = validate.domain_name(untrusted_target)
         device = device_descriptor(untrusted_device)
         opts = request_options(untrusted_options, device, self.expiry_s)
-        source_domid = await self._xs(self.exporter.xenstore.find_domain, source)
-        target_domid = await self._xs(self.exporter.xenstore.find_domain, target)
+        source_domid, target_domid = await self.exporter.xenstore.find_domains([source, target])
         if source_domid == 0:
             raise errors.InvalidArgument("the source of a request is a VM, never dom0")
         if source_domid == target_domid:
@@ -137,7 +132,7 @@ class Requests:
         )
         # The VM must publish the device it names; checked now for a clear early answer, and
         # again in the transaction that writes the nodes.
-        await self._xs(check_published_now, self.exporter.xenstore, source_domid, device)
+        await check_published_now(self.exporter.xenstore, source_domid, device)
         if len(self.pending) >= MAX_PENDING:
             raise errors.Busy(f"{MAX_PENDING} requests are pending already; try again later")
         if sum(r.source_domid == source_domid for r in self.pending.values()) >= (
@@ -205,8 +200,8 @@ class Requests:
         spec = VbdSpec(req.source_domid, req.target_domid, dev_path, req.mode, phys)
         ident = Identity(device.major, device.minor, device.diskseq, device.size, 0, 0)
 
-        def write_nodes(xs: XenStore) -> int:
-            return write_vm_vbd(xs, spec, req.source_domid, device)
+        async def write_nodes(xs: XenStore) -> int:
+            return await write_vm_vbd(xs, spec, req.source_domid, device)
 
         record = await self.exporter.export_foreign(
             f"{req.source}:{dev_path}",

@@ -21,8 +21,8 @@ from policyd.xenstore import (
     Tx,
     VbdSpec,
     XenStore,
+    first_free_devid,
     physical_nodes,
-    vbd_in_use,
     write_vbd,
 )
 
@@ -127,12 +127,11 @@ def published_dir(source_domid: int, name: str) -> str:
     return f"/local/domain/{source_domid}/{PUBLISHED_DIR}/{name}"
 
 
-def check_published(tx: Tx, source_domid: int, device: DeviceDescriptor) -> None:
+async def check_published(tx: Tx, source_domid: int, device: DeviceDescriptor) -> None:
     """DeviceChanged unless the VM still publishes the same major:minor and diskseq."""
     base = published_dir(source_domid, device.name)
     try:
-        untrusted_dev = tx.read(f"{base}/dev")
-        untrusted_diskseq = tx.read(f"{base}/diskseq")
+        untrusted_dev, untrusted_diskseq = await tx.read_many([f"{base}/dev", f"{base}/diskseq"])
     except errors.XenStoreError as e:
         raise errors.DeviceChanged(f"{base} is unreadable ({e}); nothing was written") from None
     want = f"{device.major}:{device.minor} diskseq {device.diskseq}"
@@ -153,41 +152,46 @@ def check_published(tx: Tx, source_domid: int, device: DeviceDescriptor) -> None
         )
 
 
-def check_not_shared(tx: Tx, spec: VbdSpec) -> None:
+async def check_not_shared(tx: Tx, spec: VbdSpec) -> None:
     """Busy if the VM's device is exported read-write, or rw is asked while it is exported at
     all (the same rule as for dom0's exports). Read from the VM's backend nodes, which policyd
     wrote (the VM can read them, but their owner is policyd's domain only until blkback runs)."""
     phys = spec.physical
     wanted = dict(physical_nodes(phys))["physical-device"]
     base = f"/local/domain/{spec.backend_domid}/backend/vbd"
-    for frontend in tx.children(base)[:MAX_DOMAINS]:
-        for devid in tx.children(f"{base}/{frontend}")[:MAX_DOMAINS]:
-            be_dir = f"{base}/{frontend}/{devid}"
-            if tx.read(f"{be_dir}/physical-device") != wanted:
+    for frontend in (await tx.children(base))[:MAX_DOMAINS]:
+        devids = (await tx.children(f"{base}/{frontend}"))[:MAX_DOMAINS]
+        be_dirs = [f"{base}/{frontend}/{devid}" for devid in devids]
+        devices = await tx.read_many([f"{be_dir}/physical-device" for be_dir in be_dirs])
+        for be_dir, device in zip(be_dirs, devices, strict=True):
+            if device != wanted:
                 continue
-            if spec.mode == "w" or tx.read(f"{be_dir}/mode") != "r":
+            if spec.mode == "w" or await tx.read(f"{be_dir}/mode") != "r":
                 raise errors.Busy(
                     f"{phys.device_path} of the VM is already exported ({be_dir}); a read-write "
                     "export needs it exclusively, and a read-write one is never shared"
                 )
 
 
-def write_vm_vbd(xs: XenStore, spec: VbdSpec, source_domid: int, device: DeviceDescriptor) -> int:
+async def write_vm_vbd(
+    xs: XenStore, spec: VbdSpec, source_domid: int, device: DeviceDescriptor
+) -> int:
     """In one transaction: re-check the published device, check sharing, pick a devid, write
-    FE and BE nodes. Runs on the XenStore thread. Returns the devid."""
+    FE and BE nodes. Returns the devid."""
 
-    def body(tx: Tx) -> int:
-        check_published(tx, source_domid, device)
-        check_not_shared(tx, spec)
-        free = (d for d in validate.hotplug_devids() if not vbd_in_use(tx, spec, d))
-        chosen = next(free, 0)
+    async def body(tx: Tx) -> int:
+        await check_published(tx, source_domid, device)
+        await check_not_shared(tx, spec)
+        chosen = await first_free_devid(tx, spec, validate.hotplug_devids())
         if not chosen:
             raise errors.Busy(f"no free xvd device number in domain {spec.frontend_domid}")
-        write_vbd(tx, spec, chosen)
+        await write_vbd(tx, spec, chosen)
         return chosen
 
-    return xs.transact(body)
+    return await xs.transact(body)
 
 
-def check_published_now(xs: XenStore, source_domid: int, device: DeviceDescriptor) -> None:
-    xs.transact(lambda tx: check_published(tx, source_domid, device))
+async def check_published_now(xs: XenStore, source_domid: int, device: DeviceDescriptor) -> None:
+    """The early check, outside a transaction: its answer is advisory (the VM may change what it
+    publishes right after); write_vm_vbd's check, in the transaction that writes, decides."""
+    await xs.reads(lambda tx: check_published(tx, source_domid, device))

@@ -1,37 +1,39 @@
 """XenStore access for policyd: validated reads, vbd node sets written in one transaction.
 
-Unprivileged policyd code; XenStore content is validated here (through policyd.validate) before
-anything else sees it. Every method blocks (pyxs is synchronous) and must run on the single
-XenStore worker thread (see policyd.exporter), so one pyxs client is never used concurrently.
-Transactions are retried on conflict (EAGAIN at commit), at most MAX_TX_ATTEMPTS times.
+Unprivileged policyd code, on policyd's event loop; XenStore content is validated here (through
+policyd.validate) before anything else sees it. The connection, the deadline and the
+transactions (retried on conflict) are policyd.xstx's XsClient. Writes are always in a
+transaction; some reads are not (`reads`), where no snapshot is needed: each such method says
+why.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-from pyxs import Client
-from pyxs._internal import Op, Packet
 from pyxs.exceptions import PyXSError
 
 from policyd import validate
 from policyd.errors import (
     Busy,
-    CommitUnknown,
+    DeviceChanged,
     NotFound,
-    PolicydError,
     UnknownDomain,
     XenStoreError,
 )
-from policyd.xstx import Tx, exists_request, is_enoent, mkdir_requests, write_request
+from policyd.xstx import (
+    BATCH_MAX,
+    Tx,
+    XsClient,
+    exists_request,
+    is_enoent,
+    mkdir_requests,
+    read_request,
+    write_request,
+)
 
 __all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
-MAX_TX_ATTEMPTS = 16
 MAX_DOMAINS = 4096
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,116 +71,62 @@ class VbdSpec:
         return f"/local/domain/{self.frontend_domid}/device/vbd/{devid}"
 
 
-class XenStore:
-    """One lazily (re)connected pyxs client. Not thread-safe: use from one thread only."""
+class XenStore(XsClient):
+    """policyd's XenStore operations: what Export, Attach, Detach and requests read and write."""
 
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self._client: Any = None
-        self.aborted = False
-
-    def abort_pending(self) -> None:
-        """From another thread: fail the requests the worker thread is blocked on.
-
-        pyxs waits for a reply without a timeout, and its reader thread dies silently when
-        xenstored goes away, so a request can block forever. This hands every pending request
-        an EIO reply and makes further operations of the current call fail at once.
-        """
-        client = self._client
-        if client is None:
-            return
-        self.aborted = True
-        router = client.router
-        for rq_id, rvar in list(router.rvars.items()):
-            rvar.set(Packet(Op.ERROR, b"EIO\x00", rq_id, client.tx_id))
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None
-
-    def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(PyXSError, OSError):
-                client.close()
-
-    def _connect(self) -> Any:
-        if self._client is None:
-            self.aborted = False
-            client = Client(unix_socket_path=self.socket_path)
-            try:
-                client.connect()
-            except (PyXSError, OSError) as e:
-                raise XenStoreError(
-                    f"cannot connect to xenstored at {self.socket_path} ({e}); "
-                    "check that xenstored runs and that --xenstore-path is right"
-                ) from None
-            self._client = client
-        return self._client
-
-    def transact(self, body: Callable[[Tx], T]) -> T:
-        """Run body in a transaction; retried when the commit conflicts."""
-        for _attempt in range(MAX_TX_ATTEMPTS):
-            client = self._connect()
-            try:
-                client.transaction()
-                try:
-                    result = body(Tx(client, self))
-                except BaseException:
-                    if not self.aborted:
-                        client.rollback()
-                    raise
-                try:
-                    committed = client.commit()
-                except (PyXSError, OSError, ValueError) as e:
-                    self.close()
-                    raise CommitUnknown(
-                        f"XenStore failed during a commit ({e}); it may have been applied"
-                    ) from None
-                if committed:
-                    return result
-            except PolicydError:
-                if self.aborted:
-                    self.close()
-                raise
-            except (PyXSError, OSError, ValueError) as e:
-                self.close()
-                raise XenStoreError(f"XenStore operation failed: {e}") from None
-        raise XenStoreError(
-            f"XenStore transaction conflicted {MAX_TX_ATTEMPTS} times in a row; retry later"
-        )
-
-    def read_one(self, path: str) -> str | None:
-        return self.transact(lambda tx: tx.read(path))
+    async def read_one(self, path: str) -> str | None:
+        """One node's value (one read is atomic: no transaction needed)."""
+        return await self.reads(lambda tx: tx.read(path))
 
     # -- domains ---------------------------------------------------------------------------
+    #
+    # Names are looked up outside a transaction (two round trips: list, then every name at
+    # once). A snapshot would not make the answer any truer: the name is used after the read
+    # either way, in another transaction or none. Without one, a domain renamed or replaced
+    # between the reads can only be missed or seen twice, and both fail closed (UnknownDomain,
+    # "several domains"); every domid returned had that name when its name was read.
 
-    def find_domain(self, name: str) -> int:
+    async def find_domain(self, name: str) -> int:
         """Domain id of the running domain called `name` (from /local/domain/*/name)."""
-        return self.transact(lambda tx: domid_named(tx, name))
+        return (await self.find_domains([name]))[0]
 
-    def domain_name(self, domid: int) -> str:
+    async def find_domains(self, names: list[str]) -> list[int]:
+        """Each name's running domain, from one listing (UnknownDomain for the first missing)."""
+
+        async def body(tx: Tx) -> list[int]:
+            table = await read_domains(tx)
+            return [domid_named(table, name) for name in names]
+
+        return await self.reads(body)
+
+    async def domain_name(self, domid: int) -> str:
         """The domain's validated name, or "" when it has none or a malformed one."""
-        return self.transact(lambda tx: names_of(tx, [domid])[0])
+        return valid_name(await self.read_one(f"/local/domain/{domid}/name"))
 
-    def find_export_domains(self, frontend: str, backend_domid: int) -> tuple[int, str]:
-        """Export's reads in one transaction: the frontend's domid and the backend's name."""
+    async def find_export_domains(self, frontend: str, backend_domid: int) -> tuple[int, str]:
+        """Export's reads: the frontend's domid and the backend's name (two round trips, no
+        transaction: see above)."""
 
-        def body(tx: Tx) -> tuple[int, str]:
-            return domid_named(tx, frontend), names_of(tx, [backend_domid])[0]
+        async def body(tx: Tx) -> tuple[int, str]:
+            table = await read_domains(tx, also=backend_domid)
+            return domid_named(table, frontend), valid_name(table[backend_domid])
 
-        return self.transact(body)
+        return await self.reads(body)
 
     # -- libxl-made backends (Attach) --------------------------------------------------------
 
-    def read_backend(self, be: validate.BackendPath) -> tuple[BackendNodes, str, str]:
-        """What libxl wrote for the backend, and the frontend's and backend's domain names,
-        read in one transaction (pipelined)."""
+    async def read_backend(self, be: validate.BackendPath) -> tuple[BackendNodes, str, str]:
+        """What libxl wrote for the backend, and the frontend's and backend's domain names, in
+        one round trip outside a transaction. libxl writes these nodes in one transaction and
+        the backend dir is dom0's (the frontend may only read it), so only dom0's toolstack
+        rewriting the device could tear the read; write_physical_device re-reads params and
+        mode in its own transaction and writes nothing if they changed (a check the
+        transactional read never had: it ended before the write began). The names as above."""
 
-        def body(tx: Tx) -> tuple[BackendNodes, str, str]:
+        async def body(tx: Tx) -> tuple[BackendNodes, str, str]:
             names = ("params", "mode", "type", "frontend-id")
             name_paths = [f"/local/domain/{d}/name" for d in (be.frontend_domid, be.backend_domid)]
-            found = tx.read_many([f"{be.path}/{name}" for name in names] + name_paths)
+            found = await tx.read_many([f"{be.path}/{name}" for name in names] + name_paths)
             values = {}
             for name, value in zip(names, found, strict=False):
                 if value is None:
@@ -201,42 +149,56 @@ class XenStore:
             )
             return nodes, valid_name(found[len(names)]), valid_name(found[len(names) + 1])
 
-        return self.transact(body)
+        return await self.reads(body)
 
-    def write_physical_device(self, be_path: str, phys: PhysicalDevice) -> None:
+    async def write_physical_device(
+        self, be_path: str, phys: PhysicalDevice, nodes: BackendNodes
+    ) -> None:
         """The trio and hotplug-status = connected (what a hotplug script's success() writes),
         in one transaction, sent as one batch behind the check that the backend still exists
-        (if it does not, the transaction is rolled back: nothing is written)."""
+        and still has the params and mode Attach read (`nodes`); if not, the transaction is
+        rolled back: nothing is written."""
 
-        def body(tx: Tx) -> None:
-            nodes = [*physical_nodes(phys), ("hotplug-status", "connected")]
-            exists, *written = tx.batch(
-                [exists_request(be_path), *(write_request(f"{be_path}/{n}", v) for n, v in nodes)]
+        async def body(tx: Tx) -> None:
+            written = [*physical_nodes(phys), ("hotplug-status", "connected")]
+            exists, params, mode, *replies = await tx.batch(
+                [
+                    exists_request(be_path),
+                    read_request(f"{be_path}/params"),
+                    read_request(f"{be_path}/mode"),
+                    *(write_request(f"{be_path}/{n}", v) for n, v in written),
+                ]
             )
             if is_enoent(exists):
                 raise NotFound(f"{be_path} disappeared while attaching; nothing was written")
-            for reply in [exists, *written]:
+            for reply in [exists, *replies]:
                 if isinstance(reply, PyXSError):
                     raise reply
+            if params != nodes.params.encode() or mode != nodes.mode.encode():
+                raise DeviceChanged(
+                    f"{be_path}: params or mode changed while attaching; nothing was written"
+                )
 
-        self.transact(body)
+        await self.transact(body)
 
-    def remove_physical_device(self, be_path: str) -> None:
+    async def remove_physical_device(self, be_path: str) -> None:
         """Remove the trio (a node already gone, or the whole backend, is no error)."""
-        self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n, _ in physical_nodes(None)]))
+        await self.transact(
+            lambda tx: tx.rm_many([f"{be_path}/{n}" for n, _ in physical_nodes(None)])
+        )
 
     # -- hot-plug vbds (Export) ---------------------------------------------------------------
 
-    def add_vbd(self, spec: VbdSpec, devid: int | None) -> int:
+    async def add_vbd(self, spec: VbdSpec, devid: int | None) -> int:
         """Write FE and BE nodes (with the physical-device trio) in one transaction.
 
         devid None: the first free xvd device number from xvdb. Returns the devid used.
         """
 
-        def body(tx: Tx) -> int:
+        async def body(tx: Tx) -> int:
             # the first candidate's check also asks for the parents (one round trip)
             first = devid if devid is not None else validate.hotplug_devids()[0]
-            be_dir, fe_dir, *parents = tx.exists_many(
+            be_dir, fe_dir, *parents = await tx.exists_many(
                 [spec.backend_dir(first), spec.frontend_dir(first), *vbd_parents(spec)]
             )
             if devid is not None:
@@ -246,28 +208,29 @@ class XenStore:
             elif not (be_dir or fe_dir):
                 chosen = first
             else:
-                later = validate.hotplug_devids()[1:]
-                chosen = next((d for d in later if not vbd_in_use(tx, spec, d)), 0)
+                chosen = await first_free_devid(tx, spec, validate.hotplug_devids()[1:])
                 if not chosen:
                     raise Busy(f"no free xvd device number in domain {spec.frontend_domid}")
-            write_vbd(tx, spec, chosen, (parents[0], parents[1]))
+            await write_vbd(tx, spec, chosen, (parents[0], parents[1]))
             return chosen
 
-        return self.transact(body)
+        return await self.transact(body)
 
-    def remove_vbd(self, spec: VbdSpec, devid: int) -> None:
-        self.transact(lambda tx: tx.rm_many([spec.backend_dir(devid), spec.frontend_dir(devid)]))
+    async def remove_vbd(self, spec: VbdSpec, devid: int) -> None:
+        await self.transact(
+            lambda tx: tx.rm_many([spec.backend_dir(devid), spec.frontend_dir(devid)])
+        )
 
-    def set_backend_closing(self, be_path: str) -> None:
+    async def set_backend_closing(self, be_path: str) -> None:
         """Ask blkback to disconnect (online=0, state=Closing) before the nodes go away."""
 
-        def body(tx: Tx) -> None:
-            if tx.exists(be_path):
-                tx.write_many(
+        async def body(tx: Tx) -> None:
+            if await tx.exists(be_path):
+                await tx.write_many(
                     [(f"{be_path}/online", "0"), (f"{be_path}/state", str(XENBUS_STATE_CLOSING))]
                 )
 
-        self.transact(body)
+        await self.transact(body)
 
 
 def valid_name(untrusted: str | None) -> str:
@@ -278,20 +241,25 @@ def valid_name(untrusted: str | None) -> str:
         return ""
 
 
-def names_of(tx: Tx, domids: list[int]) -> list[str]:
-    return [valid_name(n) for n in tx.read_many([f"/local/domain/{d}/name" for d in domids])]
-
-
-def domid_named(tx: Tx, name: str) -> int:
-    """The one running domain called `name` (every /local/domain/*/name, read pipelined)."""
+async def read_domains(tx: Tx, also: int | None = None) -> dict[int, str | None]:
+    """Every domain listed under /local/domain (junk entries skipped) with its untrusted name
+    (None: it has none), and domain `also` even if unlisted: two round trips."""
     domids = []
-    for entry in tx.children("/local/domain")[:MAX_DOMAINS]:
+    for entry in (await tx.children("/local/domain"))[:MAX_DOMAINS]:
         try:
             domids.append(validate.domid(entry))
         except XenStoreError:
             continue  # junk under /local/domain is not a domain
-    untrusted = tx.read_many([f"/local/domain/{d}/name" for d in domids])
-    found = [d for d, n in zip(domids, untrusted, strict=True) if n == name]
+    listed = dict.fromkeys(domids)
+    if also is not None:
+        listed.setdefault(also)
+    untrusted = await tx.read_many([f"/local/domain/{d}/name" for d in listed])
+    return dict(zip(listed, untrusted, strict=True))
+
+
+def domid_named(untrusted_table: dict[int, str | None], name: str) -> int:
+    """The one domain called `name` in a read_domains table."""
+    found = [d for d, n in untrusted_table.items() if n == name]
     if not found:
         raise UnknownDomain(f"no running domain is named {name!r}; check `xl list`")
     if len(found) > 1:
@@ -320,8 +288,18 @@ def physical_nodes(phys: PhysicalDevice | None) -> list[tuple[str, str]]:
     ]
 
 
-def vbd_in_use(tx: Tx, spec: VbdSpec, devid: int) -> bool:
-    return any(tx.exists_many([spec.backend_dir(devid), spec.frontend_dir(devid)]))
+async def first_free_devid(tx: Tx, spec: VbdSpec, candidates: list[int]) -> int:
+    """The first candidate with neither a backend nor a frontend dir (0: none), checked
+    BATCH_MAX // 2 candidates per round trip."""
+    step = BATCH_MAX // 2
+    for start in range(0, len(candidates), step):
+        chunk = candidates[start : start + step]
+        dirs = [p for d in chunk for p in (spec.backend_dir(d), spec.frontend_dir(d))]
+        found = await tx.exists_many(dirs)
+        for i, devid in enumerate(chunk):
+            if not (found[2 * i] or found[2 * i + 1]):
+                return devid
+    return 0
 
 
 def vbd_parents(spec: VbdSpec) -> tuple[str, str]:
@@ -329,7 +307,7 @@ def vbd_parents(spec: VbdSpec) -> tuple[str, str]:
     return f"/local/domain/{be}/backend/vbd/{fe}", f"/local/domain/{fe}/device/vbd"
 
 
-def write_vbd(
+async def write_vbd(
     tx: Tx, spec: VbdSpec, devid: int, parents_exist: tuple[bool, bool] | None = None
 ) -> None:
     """The node set libxl's device_disk_add writes, plus the physical-device trio.
@@ -343,7 +321,8 @@ def write_vbd(
     be_dir, fe_dir = spec.backend_dir(devid), spec.frontend_dir(devid)
     be_perms, fe_perms = [f"n{be}", f"r{fe}"], [f"n{fe}", f"r{be}"]
     if parents_exist is None:
-        parents_exist = (tx.exists(be_parent), tx.exists(fe_parent))
+        be_found, fe_found = await tx.exists_many([be_parent, fe_parent])
+        parents_exist = (be_found, fe_found)
     have_be_parent, have_fe_parent = parents_exist
     dirs = [] if have_be_parent else [(be_parent, be_perms)]
     dirs += [] if have_fe_parent else [(fe_parent, fe_perms)]
@@ -370,7 +349,7 @@ def write_vbd(
         ("virtual-device", str(devid)),
         ("device-type", "disk"),
     ]
-    tx.run(
+    await tx.run(
         [
             *(r for path, perms in dirs for r in mkdir_requests(path, perms)),
             *(write_request(f"{be_dir}/{n}", v) for n, v in be_nodes),

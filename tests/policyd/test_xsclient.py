@@ -1,0 +1,492 @@
+"""policyd's asyncio XenStore client (policyd.xsclient, policyd.xenstore, policyd.xstx).
+
+Against the real oxenstored of tests/harness (root, daemon) where the behaviour is real: a
+pipelined batch, a transaction conflict retried, reconnecting after the connection is closed
+under the client and after oxenstored restarts. Against HostileXenstored (tests/policyd/xsfake.py),
+a stand-in for xenstored used only because the real one does not send malformed replies:
+an oversized payload, an unknown req_id, a truncated header then EOF, a wrong op, a wrong
+transaction id, a reply that never comes, a lost commit reply, a flood of watch events. Each of
+those checks that the error is Error.XenStore (named, with a message saying what happened),
+that the connection was dropped, and that no task or fd is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from harness.stack import Stack, StackConfig
+from pyxs._internal import Op
+from xsfake import CLOSE, TX_ID, HostileXenstored, frame
+
+from policyd.errors import CommitUnknown, XenStoreError
+from policyd.xenstore import XenStore
+from policyd.xsclient import (
+    WATCH_EVENTS_MAX,
+    XENSTORE_PAYLOAD_MAX,
+    XenStoreProtocolError,
+    XenStoreTimeout,
+)
+from policyd.xstx import BATCH_MAX, Tx
+
+SHORT_TIMEOUT_S = 0.3
+
+
+def open_fds() -> list[str]:
+    """What each open fd refers to (a socket by its inode: numbers are reused, inodes not)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own fd, closed by now
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return sorted(targets)
+
+
+def run_clean(
+    scenario: Callable[[], Awaitable[None]], harness: dict[str, list[str]] | None = None
+) -> None:
+    """Run the scenario on a fresh loop; afterwards no fd of it is open and no task was left
+    (`harness`: the fds the scenario saw the test harness open and close, not the client)."""
+    before = open_fds()
+
+    async def checked() -> None:
+        await scenario()
+        for _ in range(3):  # closed transports release their fds on the next iterations
+            await asyncio.sleep(0)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(checked())
+    harness = harness or {}
+    expected = (
+        Counter(before) - Counter(harness.get("closed", [])) + Counter(harness.get("opened", []))
+    )
+    assert Counter(open_fds()) == expected
+
+
+# -- a hostile stand-in for xenstored ----------------------------------------------------------
+
+
+def hostile(
+    tmp_path: Path, case: Callable[[HostileXenstored, XenStore], Awaitable[None]]
+) -> HostileXenstored:
+    server = HostileXenstored(tmp_path / "xenstored.sock")
+
+    async def scenario() -> None:
+        await server.start()
+        baseline = len(open_fds())
+        xs = XenStore(str(server.path), timeout_s=SHORT_TIMEOUT_S)
+        try:
+            await case(server, xs)
+            await no_dropped_connection_open(server, xs, baseline)
+        finally:
+            xs.close()
+            await server.stop()
+
+    run_clean(scenario)
+    return server
+
+
+async def no_dropped_connection_open(server: HostileXenstored, xs: XenStore, baseline: int) -> None:
+    """Checked before the stand-in closes its ends (which would close ours too): every
+    connection the client dropped is closed on its side; only the current one is open."""
+    live = 1 if xs.connected else 0
+    for _ in range(50):
+        if len(server.peers) == live:
+            break
+        await asyncio.sleep(0.01)
+    assert len(server.peers) == live
+    assert len(open_fds()) == baseline + 2 * live  # its socket and the stand-in's end
+
+
+async def read(xs: XenStore, path: str = "/local/domain/0/name") -> str | None:
+    return await xs.read_one(path)
+
+
+async def assert_dropped(
+    xs: XenStore, server: HostileXenstored, error: type[XenStoreError], match: str
+) -> None:
+    """The first read fails with `error`, the connection is gone, the next read reconnects."""
+    with pytest.raises(error, match=match) as e:
+        await read(xs)
+    assert e.value.name == "XenStore"  # org.qubes.BlockBroker1.Error.XenStore on the bus
+    assert not xs.connected
+    server.script = lambda *_: NotImplemented
+    assert await read(xs) == "value"
+    assert xs.connected and server.connections == 2
+
+
+def on_read(answer: Callable[[int, int], object]) -> Callable[[int, int, int, bytes], object]:
+    def script(op: int, req_id: int, tx_id: int, payload: bytes) -> object:
+        return answer(req_id, tx_id) if op == Op.READ else NotImplemented
+
+    return script
+
+
+def test_a_normal_reply_is_read(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        assert await read(xs) == "value"
+        assert xs.connected
+
+    hostile(tmp_path, case)
+
+
+def test_oversized_payload(tmp_path: Path) -> None:
+    size = XENSTORE_PAYLOAD_MAX + 1
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: frame(Op.READ, req_id, tx, b"x" * size))
+        await assert_dropped(xs, server, XenStoreProtocolError, f"{size}-byte payload")
+
+    hostile(tmp_path, case)
+
+
+def test_oversized_length_field_alone_is_refused(tmp_path: Path) -> None:
+    """The header's length is checked before any payload is waited for."""
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: frame(Op.READ, req_id, tx, b"", 1 << 31))
+        await assert_dropped(xs, server, XenStoreProtocolError, f"{1 << 31}-byte payload")
+
+    hostile(tmp_path, case)
+
+
+def test_unknown_req_id(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: frame(Op.READ, req_id + 1000, tx, b"value"))
+        await assert_dropped(xs, server, XenStoreProtocolError, "no request is waiting for")
+
+    hostile(tmp_path, case)
+
+
+def test_a_second_reply_to_one_request(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        def twice(req_id: int, tx: int) -> bytes:
+            return frame(Op.READ, req_id, tx, b"value") * 2
+
+        server.script = on_read(twice)
+        assert await read(xs) == "value"  # the first answers the request
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not xs.connected  # the second answers none: protocol error, dropped
+        server.script = lambda *_: NotImplemented
+        assert await read(xs) == "value"
+
+    hostile(tmp_path, case)
+
+
+def test_truncated_header_then_eof(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        def half_then_close(req_id: int, tx: int) -> object:
+            peer = server.peers[-1]
+            assert peer.transport is not None
+            peer.transport.write(frame(Op.READ, req_id, tx, b"value")[:8])
+            return CLOSE
+
+        server.script = on_read(half_then_close)
+        await assert_dropped(xs, server, XenStoreError, "after 8 bytes of a reply")
+
+    hostile(tmp_path, case)
+
+
+def test_wrong_op(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: frame(Op.WRITE, req_id, tx, b"OK\0"))
+        await assert_dropped(xs, server, XenStoreProtocolError, f"op {Op.WRITE} to request")
+
+    hostile(tmp_path, case)
+
+
+def test_wrong_transaction_id(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: frame(Op.READ, req_id, tx + 1, b"value"))
+        with pytest.raises(XenStoreProtocolError, match=f"in transaction {TX_ID + 1}"):
+            await xs.transact(lambda tx: tx.read("/local/domain/0/name"))
+        assert not xs.connected
+
+    hostile(tmp_path, case)
+
+
+def test_transaction_id_zero_is_refused(tmp_path: Path) -> None:
+    """Id 0 means no transaction: writes sent with it would be applied at once, one by one."""
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        def start_zero(op: int, req_id: int, tx_id: int, payload: bytes) -> object:
+            if op == Op.TRANSACTION_START:
+                return frame(op, req_id, tx_id, b"0\0")
+            return NotImplemented
+
+        server.script = start_zero
+        with pytest.raises(XenStoreProtocolError, match="not a transaction id"):
+            await xs.transact(lambda tx: tx.write("/local/domain/0/x", "y"))
+        assert not xs.connected
+        assert Op.WRITE not in [op for op, _ in server.requests]
+
+    hostile(tmp_path, case)
+
+
+def test_reply_never_comes(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: None)
+        started = asyncio.get_running_loop().time()
+        await assert_dropped(xs, server, XenStoreTimeout, "did not answer in time")
+        assert asyncio.get_running_loop().time() - started < SHORT_TIMEOUT_S + 1
+
+    hostile(tmp_path, case)
+
+
+def test_an_error_reply_keeps_the_connection(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: frame(Op.ERROR, req_id, tx, b"EACCES\0"))
+        with pytest.raises(XenStoreError, match="Permission denied"):
+            await read(xs)
+        assert xs.connected and server.connections == 1
+
+    hostile(tmp_path, case)
+
+
+def commit_answer(answer: object) -> Callable[[int, int, int, bytes], object]:
+    def script(op: int, req_id: int, tx_id: int, payload: bytes) -> object:
+        if op == Op.TRANSACTION_END and payload == b"T\0":
+            return answer
+        return NotImplemented
+
+    return script
+
+
+def test_commit_reply_lost_with_the_connection(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = commit_answer(CLOSE)
+        with pytest.raises(CommitUnknown, match="may have been applied") as e:
+            await xs.transact(lambda tx: tx.write("/local/domain/0/x", "y"))
+        assert e.value.name == "XenStore"
+        assert not xs.connected
+        server.script = lambda *_: NotImplemented
+        await xs.transact(lambda tx: tx.write("/local/domain/0/x", "y"))  # reconnects
+
+    hostile(tmp_path, case)
+
+
+def test_commit_reply_never_comes(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = commit_answer(None)
+        with pytest.raises(CommitUnknown, match="did not answer in time"):
+            await xs.transact(lambda tx: tx.write("/local/domain/0/x", "y"))
+        assert not xs.connected
+
+    hostile(tmp_path, case)
+
+
+def test_failure_before_the_commit_is_not_commit_unknown(tmp_path: Path) -> None:
+    """The connection dies while the body runs: nothing was committed, a plain error."""
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        server.script = on_read(lambda req_id, tx: CLOSE)
+        with pytest.raises(XenStoreError) as e:
+            await xs.transact(lambda tx: tx.read("/local/domain/0/name"))
+        assert not isinstance(e.value, CommitUnknown)
+        assert (Op.TRANSACTION_END, b"T\0") not in server.requests
+
+    hostile(tmp_path, case)
+
+
+def test_watch_events_are_ignored_up_to_a_bound(tmp_path: Path) -> None:
+    event = frame(Op.WATCH_EVENT, 0, 0, b"/local/domain/0\0token\0")
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        some = WATCH_EVENTS_MAX // 2
+        server.script = on_read(
+            lambda req_id, tx: event * some + frame(Op.READ, req_id, tx, b"value")
+        )
+        assert await read(xs) == "value"
+        assert await read(xs) == "value"  # 2 * some: at the bound, still fine
+        server.script = on_read(
+            lambda req_id, tx: event * 10_000 + frame(Op.READ, req_id, tx, b"value")
+        )
+        with pytest.raises(XenStoreProtocolError, match="watch events"):
+            await read(xs)
+        assert not xs.connected
+
+    hostile(tmp_path, case)
+
+
+def test_a_batch_is_one_write_and_replies_match_by_req_id(tmp_path: Path) -> None:
+    """Replies sent in reverse order still land with their own requests."""
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        held: list[bytes] = []
+
+        def reverse(op: int, req_id: int, tx_id: int, payload: bytes) -> object:
+            if op != Op.READ:
+                return NotImplemented
+            held.append(frame(op, req_id, tx_id, payload.rstrip(b"\0")))
+            return b"".join(reversed(held)) if len(held) == 3 else None
+
+        server.script = reverse
+        paths = ["/a", "/b", "/c"]
+        assert await xs.reads(lambda tx: tx.read_many(paths)) == paths
+
+    hostile(tmp_path, case)
+
+
+def test_writes_outside_a_transaction_are_refused(tmp_path: Path) -> None:
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        with pytest.raises(XenStoreError, match="outside a transaction"):
+            await xs.reads(lambda tx: tx.write("/local/domain/0/x", "y"))
+        assert Op.WRITE not in [op for op, _ in server.requests]
+
+    hostile(tmp_path, case)
+
+
+def test_no_xenstored_is_a_named_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        xs = XenStore(str(tmp_path / "nothing-here"))
+        with pytest.raises(XenStoreError, match="cannot connect to xenstored"):
+            await read(xs)
+        assert not xs.connected
+
+    run_clean(scenario)
+
+
+# -- the real oxenstored ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack_config() -> StackConfig:
+    return StackConfig(domains={"work": 1}, broker=False, policyd=False)
+
+
+@pytest.fixture
+def node(stack: Stack) -> Iterator[str]:
+    base = "/local/domain/0/xsclient-test"
+    yield base
+    if stack.xs_exists(base):
+        stack.xs_rm(base)
+
+
+@pytest.mark.root
+@pytest.mark.daemon
+def test_real_pipelined_batch(stack: Stack, node: str) -> None:
+    count = BATCH_MAX + 8  # two chunks
+    paths = [f"{node}/n{i}" for i in range(count)]
+
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path))
+        writes: list[int] = []
+        try:
+            await xs.transact(lambda tx: tx.write_many([(p, f"v{i}") for i, p in enumerate(paths)]))
+            assert xs._conn is not None
+            transport = xs._conn._transport
+            assert transport is not None
+            real_write = transport.write
+
+            def counting(data: bytes | bytearray | memoryview) -> None:
+                writes.append(len(data))
+                real_write(data)
+
+            transport.write = counting  # type: ignore[method-assign]
+            values = await xs.reads(lambda tx: tx.read_many(paths))
+        finally:
+            xs.close()
+        assert values == [f"v{i}" for i in range(count)]
+        assert len(writes) == 2  # one write per chunk of BATCH_MAX requests
+
+    run_clean(scenario)
+    assert stack.xs_read(f"{node}/n{count - 1}") == f"v{count - 1}"
+
+
+@pytest.mark.root
+@pytest.mark.daemon
+def test_real_conflict_is_retried(stack: Stack, node: str) -> None:
+    """Another client writes what the transaction read, before its commit: EAGAIN, retried."""
+    counter = f"{node}/counter"
+    stack.xs_write(counter, "1")
+    attempts: list[str | None] = []
+
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path))
+
+        async def increment(tx: Tx) -> None:
+            value = await tx.read(counter)
+            attempts.append(value)
+            if len(attempts) == 1:
+                stack.xs_write(counter, "10")  # a concurrent writer (pyxs, its own connection)
+            await tx.write(counter, str(int(value or "0") + 1))
+
+        try:
+            await xs.transact(increment)
+        finally:
+            xs.close()
+
+    run_clean(scenario)
+    assert attempts == ["1", "10"]
+    assert stack.xs_read(counter) == "11"
+
+
+@pytest.mark.root
+@pytest.mark.daemon
+def test_real_reconnect_after_the_socket_is_closed(stack: Stack) -> None:
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path))
+        changes: list[bool] = []
+        xs.connection_changed = lambda: changes.append(xs.connected)
+        try:
+            assert await xs.domain_name(1) == "work"
+            assert xs._conn is not None and xs._conn._transport is not None
+            sock = xs._conn._transport.get_extra_info("socket")
+            sock.shutdown(socket.SHUT_RDWR)  # the connection ends under the client: EOF
+            for _ in range(20):
+                if not xs.connected:
+                    break
+                await asyncio.sleep(0.01)
+            assert changes == [True, False]  # told at once, not at the next operation
+            assert await xs.domain_name(1) == "work"
+            assert changes == [True, False, True]
+        finally:
+            xs.close()
+
+    run_clean(scenario)
+
+
+@pytest.mark.root
+@pytest.mark.daemon
+def test_real_reconnect_after_oxenstored_restarts(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    stack = stack_factory(StackConfig(domains={"work": 1}, broker=False, policyd=False))
+    harness: dict[str, list[str]] = {}
+
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path))
+        try:
+            assert await xs.find_domain("work") == 1
+            before = Counter(open_fds())
+            restart_oxenstored(stack, domains={"work": 5})
+            after = Counter(open_fds())  # the daemon's pipes and log, the harness's own client
+            harness.update(opened=list((after - before).elements()))
+            harness.update(closed=list((before - after).elements()))
+            # the old connection fails (EOF, or EPIPE on the first write), or is already
+            # known dead: either way the next operation connects to the new oxenstored
+            with contextlib.suppress(XenStoreError):
+                await xs.find_domain("work")
+            assert await xs.find_domain("work") == 5
+            assert xs.connected
+        finally:
+            xs.close()
+
+    run_clean(scenario, harness)
+
+
+def restart_oxenstored(stack: Stack, domains: dict[str, int]) -> None:
+    """Stop the stack's oxenstored and start a fresh one (an empty store) on the same socket."""
+    if stack._xs is not None:
+        stack._xs.close()
+        stack._xs = None
+    problems = stack.daemons.pop("oxenstored").stop(stack.config.stop_timeout_s)
+    assert not problems
+    stack.config.domains = domains
+    stack._start_xenstore()
