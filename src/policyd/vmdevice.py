@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from policyd import errors, validate
 from policyd.xenstore import (
+    HOTPLUG_DEVIDS,
     MAX_DOMAINS,
     Tx,
     VbdSpec,
@@ -182,7 +183,7 @@ async def write_vm_vbd(
     async def body(tx: Tx) -> int:
         await check_published(tx, source_domid, device)
         await check_not_shared(tx, spec)
-        chosen = await first_free_devid(tx, spec, validate.hotplug_devids())
+        chosen = await first_free_devid(tx, spec, HOTPLUG_DEVIDS)
         if not chosen:
             raise errors.Busy(f"no free xvd device number in domain {spec.frontend_domid}")
         await write_vbd(tx, spec, chosen)

@@ -9,6 +9,7 @@ why.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyxs.exceptions import PyXSError
@@ -34,6 +35,7 @@ from policyd.xstx import (
 
 __all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
 MAX_DOMAINS = 4096
+HOTPLUG_DEVIDS = tuple(validate.hotplug_devids())  # computed once: 701 of them
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class XenStore(XsClient):
 
         async def body(tx: Tx) -> int:
             # the first candidate's check also asks for the parents (one round trip)
-            first = devid if devid is not None else validate.hotplug_devids()[0]
+            first = devid if devid is not None else HOTPLUG_DEVIDS[0]
             be_dir, fe_dir, *parents = await tx.exists_many(
                 [spec.backend_dir(first), spec.frontend_dir(first), *vbd_parents(spec)]
             )
@@ -208,7 +210,7 @@ class XenStore(XsClient):
             elif not (be_dir or fe_dir):
                 chosen = first
             else:
-                chosen = await first_free_devid(tx, spec, validate.hotplug_devids()[1:])
+                chosen = await first_free_devid(tx, spec, HOTPLUG_DEVIDS[1:])
                 if not chosen:
                     raise Busy(f"no free xvd device number in domain {spec.frontend_domid}")
             await write_vbd(tx, spec, chosen, (parents[0], parents[1]))
@@ -288,7 +290,7 @@ def physical_nodes(phys: PhysicalDevice | None) -> list[tuple[str, str]]:
     ]
 
 
-async def first_free_devid(tx: Tx, spec: VbdSpec, candidates: list[int]) -> int:
+async def first_free_devid(tx: Tx, spec: VbdSpec, candidates: Sequence[int]) -> int:
     """The first candidate with neither a backend nor a frontend dir (0: none), checked
     BATCH_MAX // 2 candidates per round trip."""
     step = BATCH_MAX // 2

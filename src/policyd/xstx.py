@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
@@ -158,6 +159,7 @@ def is_enoent(reply: Reply) -> bool:
     return _enoent(reply)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few hundred paths again and again; bounded
 def _path(path: str) -> bytes:
     raw = path.encode()
     check_path(raw)
