@@ -149,7 +149,8 @@ class Exporter:
         few times here, after a growing random pause, before it becomes Error.Busy."""
         for attempt in range(LOOP_BUSY_ATTEMPTS):
             try:
-                result = await asyncio.wait_for(call(), BROKER_TIMEOUT_S)
+                async with asyncio.timeout(BROKER_TIMEOUT_S):  # no extra task, unlike wait_for
+                    result = await call()
             except TimeoutError:
                 # The cancelled request dropped its connection (AsyncBrokerClient): a late
                 # reply and its fd die with it. The next call reconnects, and times out the

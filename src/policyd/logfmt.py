@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-
-LOGGER_NAME = "policyd"
+import traceback
 
 
 def quote(value: object) -> str:
@@ -21,29 +20,33 @@ def quote(value: object) -> str:
     return f'"{escaped}"'
 
 
-class LogfmtFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, object] = getattr(record, "fields", {})
-        parts = [f"level={record.levelname.lower()}", f"msg={quote(record.getMessage())}"]
-        parts += [f"{key}={quote(value)}" for key, value in fields.items()]
-        line = "component=policyd " + " ".join(parts)
-        if record.exc_info:
-            trace = self.formatException(record.exc_info)
-            line += " traceback=" + quote(trace)
-        return line
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+_level = logging.INFO
+
+
+def format_line(level: int, msg: str, fields: dict[str, object], trace: str | None = None) -> str:
+    parts = [f"level={_LEVEL_NAMES.get(level, 'error')}", f"msg={quote(msg)}"]
+    parts += [f"{key}={quote(value)}" for key, value in fields.items()]
+    line = "component=policyd " + " ".join(parts)
+    if trace is not None:
+        line += " traceback=" + quote(trace)
+    return line
 
 
 def setup(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
-    root = logging.getLogger(LOGGER_NAME)
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    """Lines at `level` and above go to stderr (journald under systemd), one write each."""
+    global _level
+    _level = level
 
 
 def log(level: int, msg: str, fields: dict[str, object], exc: bool = False) -> None:
-    logging.getLogger(LOGGER_NAME).log(level, msg, exc_info=exc, extra={"fields": fields})
+    # Formatted and written here rather than through the logging module: a line is on the
+    # path of every call (audit, export), and this costs a third of a logging.Logger call.
+    if level < _level:
+        return
+    trace = traceback.format_exc().rstrip("\n") if exc else None
+    sys.stderr.write(format_line(level, msg, fields, trace) + "\n")
+    sys.stderr.flush()
 
 
 def info(msg: str, **fields: object) -> None:
