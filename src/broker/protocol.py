@@ -1,8 +1,9 @@
 """Wire format between policyd and the broker: fixed-layout binary frames on SOCK_SEQPACKET.
 
-TRUST LEVEL: pure code, no privileges and no I/O. The broker (root) parses requests with it and
-policyd's client (unprivileged) parses replies with it; in both directions the input is untrusted
-and anything that is not exactly a valid frame raises FrameError and nothing else.
+TRUST LEVEL: pure code, no privileges and no I/O. The broker (root) parses requests with it;
+the input is untrusted and anything that is not exactly a valid frame raises FrameError and
+nothing else. policyd's client imports the layouts and enums from here; its own half, encoding
+requests and parsing replies, is in policyd/brokerclient.py, since the broker never runs it.
 
 One datagram is one frame. A request is REQUEST_HEADER followed by exactly `path_len` path bytes;
 a reply is REPLY_HEADER followed by exactly `message_len` message bytes. Fields a request kind does
@@ -26,7 +27,6 @@ REQUEST_HEADER = struct.Struct("<BBHIIIQHH")
 #   backing_dev u64, backing_ino u64, message_len u16, reserved u16
 REPLY_HEADER = struct.Struct("<BBHiIIQQQQHH")
 MAX_REQUEST = REQUEST_HEADER.size + MAX_PATH
-MAX_REPLY = REPLY_HEADER.size + MAX_MESSAGE
 
 
 class FrameError(ValueError):
@@ -109,16 +109,6 @@ class Reply:  # field order = REPLY_HEADER order (encode packs vars() in order)
     message: str = ""
 
 
-def encode_request(request: Request) -> bytes:
-    path = bytes(request.path)
-    frame = (
-        REQUEST_HEADER.pack(PROTOCOL_VERSION, *list(vars(request).values())[:-1], len(path), 0)
-        + path
-    )
-    parse_request(frame)  # what we send obeys the same rules as what we accept
-    return frame
-
-
 def parse_request(untrusted_frame: bytes) -> Request:
     if not REQUEST_HEADER.size <= len(untrusted_frame) <= MAX_REQUEST:
         raise FrameError(f"request length {len(untrusted_frame)} out of range")
@@ -154,26 +144,4 @@ def encode_reply(reply: Reply) -> bytes:
     return (
         REPLY_HEADER.pack(PROTOCOL_VERSION, *list(vars(reply).values())[:-1], len(message), 0)
         + message
-    )
-
-
-def parse_reply(untrusted_frame: bytes) -> Reply:
-    if not REPLY_HEADER.size <= len(untrusted_frame) <= MAX_REPLY:
-        raise FrameError(f"reply length {len(untrusted_frame)} out of range")
-    fields = REPLY_HEADER.unpack_from(untrusted_frame)
-    version, kind, code, errno, major, minor, seq, size, dev, ino, message_len, reserved = fields
-    if version != PROTOCOL_VERSION or reserved != 0:
-        raise FrameError("bad reply header")
-    if kind not in ReplyKind.__members__.values() or code not in ErrorCode.__members__.values():
-        raise FrameError(f"unknown reply kind {kind} or error code {code}")
-    if (kind == ReplyKind.OK) != (code == ErrorCode.OK):
-        raise FrameError("reply kind and code disagree")
-    if message_len != len(untrusted_frame) - REPLY_HEADER.size:
-        raise FrameError("message length does not match the frame length")
-    try:
-        message = bytes(untrusted_frame[REPLY_HEADER.size :]).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FrameError("message is not UTF-8") from e
-    return Reply(
-        ReplyKind(kind), ErrorCode(code), errno, major, minor, seq, size, dev, ino, message
     )

@@ -21,6 +21,45 @@ from broker import protocol
 from broker.protocol import ErrorCode, Reply, ReplyKind, Request, RequestFlag, RequestKind
 
 MAX_FDS_ACCEPTED = 4
+MAX_REPLY = protocol.REPLY_HEADER.size + protocol.MAX_MESSAGE
+
+
+# The client's half of the wire format; the layouts, enums and the broker's half (parse_request,
+# encode_reply) are broker.protocol, which keeps only what the broker runs.
+def encode_request(request: Request) -> bytes:
+    path = bytes(request.path)
+    frame = (
+        protocol.REQUEST_HEADER.pack(
+            protocol.PROTOCOL_VERSION, *list(vars(request).values())[:-1], len(path), 0
+        )
+        + path
+    )
+    protocol.parse_request(frame)  # what we send obeys the same rules as what we accept
+    return frame
+
+
+def parse_reply(untrusted_frame: bytes) -> Reply:
+    """The reply in a frame from the broker; FrameError unless it is exactly a valid frame."""
+    header = protocol.REPLY_HEADER
+    if not header.size <= len(untrusted_frame) <= MAX_REPLY:
+        raise protocol.FrameError(f"reply length {len(untrusted_frame)} out of range")
+    fields = header.unpack_from(untrusted_frame)
+    version, kind, code, errno, major, minor, seq, size, dev, ino, message_len, reserved = fields
+    if version != protocol.PROTOCOL_VERSION or reserved != 0:
+        raise protocol.FrameError("bad reply header")
+    if kind not in ReplyKind.__members__.values() or code not in ErrorCode.__members__.values():
+        raise protocol.FrameError(f"unknown reply kind {kind} or error code {code}")
+    if (kind == ReplyKind.OK) != (code == ErrorCode.OK):
+        raise protocol.FrameError("reply kind and code disagree")
+    if message_len != len(untrusted_frame) - header.size:
+        raise protocol.FrameError("message length does not match the frame length")
+    try:
+        message = bytes(untrusted_frame[header.size :]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise protocol.FrameError("message is not UTF-8") from e
+    return Reply(
+        ReplyKind(kind), ErrorCode(code), errno, major, minor, seq, size, dev, ino, message
+    )
 
 
 @dataclass(frozen=True)
@@ -85,7 +124,7 @@ def loop_file_request(
 
 def _encode(request: Request, fds: list[int]) -> tuple[bytes, list[tuple[int, int, bytes]]]:
     try:
-        frame = protocol.encode_request(request)
+        frame = encode_request(request)
     except protocol.FrameError as e:
         raise BrokerError(ErrorCode.BAD_ARGUMENT, 0, str(e)) from None
     fd_bytes = array.array("i", fds).tobytes()
@@ -94,7 +133,7 @@ def _encode(request: Request, fds: list[int]) -> tuple[bytes, list[tuple[int, in
 
 def _recvmsg(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
     data, ancdata, flags, _ = sock.recvmsg(
-        protocol.MAX_REPLY + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4), socket.MSG_CMSG_CLOEXEC
+        MAX_REPLY + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4), socket.MSG_CMSG_CLOEXEC
     )
     return data, ancdata, flags
 
@@ -125,7 +164,7 @@ def _decode(
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise protocol.FrameError("truncated reply")
-        reply = protocol.parse_reply(data)
+        reply = parse_reply(data)
         expected = 1 if want_fd and reply.kind == ReplyKind.OK else 0
         if len(received) != expected:
             raise protocol.FrameError(f"expected {expected} fds, got {len(received)}")

@@ -22,7 +22,7 @@ from brokerlab import (
 
 from broker import protocol
 from broker.protocol import ErrorCode, ReplyKind, Request, RequestFlag, RequestKind
-from policyd.brokerclient import BrokerClient, BrokerError
+from policyd.brokerclient import BrokerClient, BrokerError, encode_request, parse_reply
 
 pytestmark = pytest.mark.root
 
@@ -38,7 +38,7 @@ def header(**fields: int) -> bytes:
 
 
 def loop_frame(path: bytes) -> bytes:
-    return protocol.encode_request(Request(RequestKind.LOOP_FILE, path=path))
+    return encode_request(Request(RequestKind.LOOP_FILE, path=path))
 
 
 MALFORMED = {
@@ -83,14 +83,14 @@ def test_random_garbage_frames(broker: Broker, idle_fds: int) -> None:
         frame = rng.randbytes(rng.randint(1, 300))
         reply = exchange_raw(broker, frame)
         if reply:  # garbage that happens to parse must still get a well-formed reply
-            assert protocol.parse_reply(reply).kind in (ReplyKind.OK, ReplyKind.ERROR)
+            assert parse_reply(reply).kind in (ReplyKind.OK, ReplyKind.ERROR)
 
 
 def test_fd_on_a_request_that_takes_none(broker: Broker, idle_fds: int) -> None:
     image = make_image(broker.root / "a.img")
     with open(image, "rb") as f:
         assert exchange_raw(broker, loop_frame(str(image).encode()), [f.fileno()]) == b""
-        open_block = protocol.encode_request(Request(RequestKind.OPEN_BLOCK, path=b"/dev/null"))
+        open_block = encode_request(Request(RequestKind.OPEN_BLOCK, path=b"/dev/null"))
         assert exchange_raw(broker, open_block, [f.fileno()]) == b""
     assert bound_loops(broker.root) == []
 
@@ -99,9 +99,7 @@ def test_fd_on_a_request_that_takes_none(broker: Broker, idle_fds: int) -> None:
 def test_identify_with_wrong_fd_count(broker: Broker, idle_fds: int, count: int) -> None:
     fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(count)]
     try:
-        assert (
-            exchange_raw(broker, protocol.encode_request(Request(RequestKind.IDENTIFY)), fds) == b""
-        )
+        assert exchange_raw(broker, encode_request(Request(RequestKind.IDENTIFY)), fds) == b""
     finally:
         for fd in fds:
             os.close(fd)

@@ -1,4 +1,8 @@
-"""The frame parsers under property-based fuzzing: any bytes give a valid frame or FrameError."""
+"""The frame codecs under property-based fuzzing: any bytes give a valid frame or FrameError.
+
+The broker parses requests and encodes replies (broker.protocol); policyd's client encodes requests
+and parses replies (policyd.brokerclient); whatever one side parses, the other encodes back to
+the same bytes."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from broker.protocol import (
     RequestFlag,
     RequestKind,
 )
+from policyd.brokerclient import MAX_REPLY, encode_request, parse_reply
 
 FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -45,13 +50,13 @@ def test_parse_request_arbitrary_bytes(data: bytes) -> None:
         request = protocol.parse_request(data)
     except FrameError:
         return
-    assert protocol.encode_request(request) == data  # what parses is canonical
+    assert encode_request(request) == data  # what parses is canonical
 
 
 @FUZZ
 @given(valid_requests(), st.data())
 def test_parse_request_mutated(request: Request, data: st.DataObject) -> None:
-    frame = bytearray(protocol.encode_request(request))
+    frame = bytearray(encode_request(request))
     assert protocol.parse_request(bytes(frame)) == request
     for _ in range(data.draw(st.integers(1, 4))):
         frame[data.draw(st.integers(0, len(frame) - 1))] = data.draw(st.integers(0, 255))
@@ -61,14 +66,14 @@ def test_parse_request_mutated(request: Request, data: st.DataObject) -> None:
             parsed = protocol.parse_request(candidate)
         except FrameError:
             continue
-        assert protocol.encode_request(parsed) == candidate
+        assert encode_request(parsed) == candidate
 
 
 @FUZZ
-@given(st.binary(max_size=protocol.MAX_REPLY + 64))
+@given(st.binary(max_size=MAX_REPLY + 64))
 def test_parse_reply_arbitrary_bytes(data: bytes) -> None:
     try:
-        reply = protocol.parse_reply(data)
+        reply = parse_reply(data)
     except FrameError:
         return
     assert protocol.encode_reply(reply) == data
@@ -81,9 +86,7 @@ def test_parse_reply_arbitrary_bytes(data: bytes) -> None:
     st.text(max_size=400),
 )
 def test_error_reply_round_trip(code: ErrorCode, err: int, message: str) -> None:
-    reply = protocol.parse_reply(
-        protocol.encode_reply(Reply(ReplyKind.ERROR, code, err, message=message))
-    )
+    reply = parse_reply(protocol.encode_reply(Reply(ReplyKind.ERROR, code, err, message=message)))
     assert (reply.code, reply.errno) == (code, err)
     assert (
         message.encode()[: protocol.MAX_MESSAGE].decode("utf-8", "ignore").startswith(reply.message)
@@ -94,12 +97,13 @@ def test_layout_is_fixed() -> None:
     assert protocol.REQUEST_HEADER.size == 28
     assert protocol.REPLY_HEADER.size == 52
     assert protocol.MAX_REQUEST == 28 + 4095
+    assert MAX_REPLY == 52 + 255
 
 
 def test_encode_refuses_what_parse_refuses() -> None:
     with pytest.raises(FrameError):
-        protocol.encode_request(Request(RequestKind.LOOP_FILE, path=b""))
+        encode_request(Request(RequestKind.LOOP_FILE, path=b""))
     with pytest.raises(FrameError):
-        protocol.encode_request(Request(RequestKind.OPEN_BLOCK, path=b"/" * 5000))
+        encode_request(Request(RequestKind.OPEN_BLOCK, path=b"/" * 5000))
     with pytest.raises(FrameError):
-        protocol.encode_request(Request(RequestKind.IDENTIFY, path=b"/x"))
+        encode_request(Request(RequestKind.IDENTIFY, path=b"/x"))

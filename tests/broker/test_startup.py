@@ -18,6 +18,7 @@ from brokerlab import BROKER_BIN, Broker, make_image, start_broker, stop_broker,
 from broker import protocol
 from broker.config import ConfigError, check_root_protected, load_config
 from broker.protocol import Request, RequestKind
+from policyd.brokerclient import encode_request, parse_reply
 
 pytestmark = pytest.mark.root
 
@@ -89,7 +90,7 @@ def test_socket_owned_by_the_client_user(shared_dir: Path, client_user: str | in
         assert st.st_uid == NOBODY
         # root can connect (it bypasses the mode) but its uid is not the client's: rejected
         sock = broker.raw()
-        frame = protocol.encode_request(Request(RequestKind.LOOP_FILE, path=b"/x"))
+        frame = encode_request(Request(RequestKind.LOOP_FILE, path=b"/x"))
         with pytest.raises((BrokenPipeError, ConnectionResetError)):
             sock.sendmsg([frame])
             if sock.recv(4096) == b"":
@@ -131,8 +132,8 @@ def test_other_uid_is_rejected_by_peercred(shared_dir: Path) -> None:
         os.chmod(shared_dir / "broker.sock", 0o666)  # let the file mode pass; SO_PEERCRED stays
         assert child_loop_file(broker, str(image), NOBODY) == "UNAVAILABLE"
         assert broker.wait_log(f"uid={NOBODY} expected_uid=0")
-        keep.sendmsg([protocol.encode_request(Request(RequestKind.LOOP_FILE, path=b"/nope"))])
-        reply = protocol.parse_reply(keep.recv(4096))
+        keep.sendmsg([encode_request(Request(RequestKind.LOOP_FILE, path=b"/nope"))])
+        reply = parse_reply(keep.recv(4096))
         assert reply.code == protocol.ErrorCode.OUTSIDE_ROOTS
         keep.close()
         broker.assert_serves()
