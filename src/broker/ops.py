@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import fcntl
 import os
@@ -19,7 +18,7 @@ import random
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker import kernel
 from broker.config import Config, block_device_of, read_dev
@@ -72,16 +71,10 @@ def validate_path(untrusted_path: bytes) -> str:
     return path
 
 
-def ioctl_u64(fd: int, request: int) -> int:
-    buf = bytearray(8)
-    fcntl.ioctl(fd, request, buf)
-    return int(struct.unpack("=Q", buf)[0])
-
-
-def ioctl_int(fd: int, request: int) -> int:
-    buf = bytearray(4)
-    fcntl.ioctl(fd, request, buf)
-    return int(struct.unpack("=i", buf)[0])
+def ioctl_read(fd: int, request: int, fmt: str = "=Q") -> int:
+    """The number an ioctl writes through its pointer argument: a u64, or as `fmt` says."""
+    out = fcntl.ioctl(fd, request, bytes(struct.calcsize(fmt)))
+    return int(struct.unpack(fmt, out)[0])
 
 
 def refuse_if_in_use(path_fd: int) -> None:
@@ -110,7 +103,7 @@ def reopen(path_fd: int, writable: bool) -> int:
 def block_identity(fd: int) -> Reply:
     rdev = os.fstat(fd).st_rdev
     try:
-        diskseq, size = ioctl_u64(fd, kernel.BLKGETDISKSEQ), ioctl_u64(fd, kernel.BLKGETSIZE64)
+        diskseq, size = ioctl_read(fd, kernel.BLKGETDISKSEQ), ioctl_read(fd, kernel.BLKGETSIZE64)
     except OSError as e:
         raise OpError.from_os(e, "block device ioctl") from None
     major, minor = os.major(rdev), os.minor(rdev)
@@ -161,7 +154,7 @@ class Operations:
             writable = bool(request.flags & RequestFlag.WRITABLE)
             fd = reopen(path_fd, writable)
             stack.callback(os.close, fd)
-            if writable and ioctl_int(fd, kernel.BLKROGET):  # open(O_RDWR) does not refuse it
+            if writable and ioctl_read(fd, kernel.BLKROGET, "=i"):  # O_RDWR did not refuse it
                 raise OpError(ErrorCode.OPEN_FAILED, "the device is read-only", errno.EROFS)
             refuse_if_in_use(path_fd)
             identity = block_identity(fd)
@@ -222,7 +215,7 @@ class Operations:
             stack.pop_all()
         os.close(backing_fd)
         os.close(path_fd)
-        reply = dataclasses.replace(identity, backing_dev=st.st_dev, backing_ino=st.st_ino)
+        reply = replace(identity, backing_dev=st.st_dev, backing_ino=st.st_ino)
         return Result(loop_fd, reply, retries)
 
     def bind_free_loop(self, config: kernel.loop_config, writable: bool) -> tuple[int, int]:
@@ -253,13 +246,11 @@ class Operations:
         if not stat.S_ISBLK(os.fstat(fds[0]).st_mode):
             raise OpError(ErrorCode.NOT_BLOCK_DEVICE, "not a block device")
         identity = block_identity(fds[0])
-        if identity.major != kernel.LOOP_MAJOR:
-            return Result(None, identity)
-        try:
-            info = loop_status(fds[0])
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # an unbound loop device has no backing file
-                return Result(None, identity)
-            raise OpError.from_os(e, "loop status") from None
-        reply = dataclasses.replace(identity, backing_dev=info.lo_device, backing_ino=info.lo_inode)
-        return Result(None, reply)
+        if identity.major == kernel.LOOP_MAJOR:
+            try:
+                info = loop_status(fds[0])
+                identity = replace(identity, backing_dev=info.lo_device, backing_ino=info.lo_inode)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # an unbound loop device has no backing file
+                    raise OpError.from_os(e, "loop status") from None
+        return Result(None, identity)

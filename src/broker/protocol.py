@@ -112,9 +112,8 @@ class Reply:  # field order = REPLY_HEADER order (encode packs vars() in order)
 def parse_request(untrusted_frame: bytes) -> Request:
     if not REQUEST_HEADER.size <= len(untrusted_frame) <= MAX_REQUEST:
         raise FrameError(f"request length {len(untrusted_frame)} out of range")
-    version, kind, flags, block_size, major, minor, diskseq, path_len, reserved = (
-        REQUEST_HEADER.unpack_from(untrusted_frame)
-    )
+    fields = REQUEST_HEADER.unpack_from(untrusted_frame)
+    version, kind, flags, block_size, major, minor, diskseq, path_len, reserved = fields
     if version != PROTOCOL_VERSION:
         raise FrameError(f"protocol version {version} unsupported")
     if kind not in RequestKind.__members__.values():
@@ -141,7 +140,5 @@ def parse_request(untrusted_frame: bytes) -> Request:
 def encode_reply(reply: Reply) -> bytes:
     message = reply.message.encode("utf-8", "replace")[:MAX_MESSAGE]
     message = message.decode("utf-8", "ignore").encode()  # never cut inside a character
-    return (
-        REPLY_HEADER.pack(PROTOCOL_VERSION, *list(vars(reply).values())[:-1], len(message), 0)
-        + message
-    )
+    header = REPLY_HEADER.pack(PROTOCOL_VERSION, *list(vars(reply).values())[:-1], len(message), 0)
+    return header + message
