@@ -95,11 +95,8 @@ def block_device_of(dev: int) -> str | None:
 
 def read_dev(path: str) -> int:
     """dev_t from a sysfs `dev` file ("major:minor")."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        major, minor = os.read(fd, 64).decode().split(":")
-    finally:
-        os.close(fd)
+    with open(path, "rb", buffering=0) as f:  # unbuffered: no isatty(), an ioctl the filter kills
+        major, minor = f.read(64).decode().split(":")
     return os.makedev(int(major), int(minor))
 
 

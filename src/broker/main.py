@@ -168,11 +168,8 @@ def listening_socket(path: str | None, client_uid: int) -> socket.socket:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a stale socket from an earlier run
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old_umask)
+    os.umask(0o177)  # the socket is created mode 0600; the broker creates no other file
+    sock.bind(path)
     os.chown(path, client_uid, -1, follow_symlinks=False)
     sock.listen(8)
     return sock
