@@ -137,22 +137,19 @@ def accept_client(listener: socket.socket, client_uid: int) -> socket.socket | N
 
 def serve(listener: socket.socket, ops: Operations, client_uid: int) -> None:
     conn: socket.socket | None = None
-    poller = select.poll()
-    poller.register(listener, select.POLLIN)
     while True:
-        for fd, _events in poller.poll():
-            if fd == listener.fileno() and (new := accept_client(listener, client_uid)):
-                if conn is not None:
-                    log("connection_replaced")
-                    poller.unregister(conn)
-                    conn.close()
-                conn = new
-                poller.register(conn, select.POLLIN)
-            elif conn is not None and fd == conn.fileno() and not serve_one(conn, ops):
-                poller.unregister(conn)
+        poller = select.poll()  # a new one for each wait: no closed fd number stays registered
+        for sock in [listener] if conn is None else [listener, conn]:
+            poller.register(sock, select.POLLIN)
+        ready = [fd for fd, _events in poller.poll()]
+        if listener.fileno() in ready and (new := accept_client(listener, client_uid)):
+            if conn is not None:
+                log("connection_replaced")
                 conn.close()
-                conn = None
-                break  # the fd number may be reused before the next poll
+            conn = new
+        elif conn is not None and conn.fileno() in ready and not serve_one(conn, ops):
+            conn.close()
+            conn = None
 
 
 def listening_socket(path: str | None, client_uid: int) -> socket.socket:
