@@ -77,27 +77,30 @@ def ioctl_read(fd: int, request: int, fmt: str = "=Q") -> int:
     return int(struct.unpack(fmt, out)[0])
 
 
+def open_fd(path: str, flags: int) -> int:
+    """os.open with O_CLOEXEC|O_NOCTTY; a refusal is an OpError (NOT_FOUND, OPEN_FAILED...)."""
+    try:
+        return os.open(path, flags | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise OpError.from_os(e, "open") from None
+
+
+def reopen(path_fd: int, flags: int) -> int:
+    """Open the inode behind an O_PATH fd: what fstat checked is what gets opened."""
+    return open_fd(f"/proc/self/fd/{path_fd}", flags)
+
+
 def refuse_if_in_use(path_fd: int) -> None:
     """The kernel knows what dom0 itself uses: an O_EXCL open of a block device fails with
     EBUSY while it is mounted, active swap, a dm/md member, or a whole disk one of whose
     partitions is claimed. This covers every filesystem type, btrfs and ZFS roots included."""
     try:
-        probe = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as e:
+        os.close(reopen(path_fd, os.O_RDONLY | os.O_EXCL))
+    except OpError as e:
         if e.errno == errno.EBUSY:
             reason = "dom0 uses this device (mounted, swap, dm/md)"
             raise OpError(ErrorCode.IN_USE, reason, e.errno) from None
-        raise OpError.from_os(e, "open") from None
-    os.close(probe)
-
-
-def reopen(path_fd: int, writable: bool) -> int:
-    """Open the inode behind an O_PATH fd for I/O: what fstat checked is what gets opened."""
-    access = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY
-    try:
-        return os.open(f"/proc/self/fd/{path_fd}", access)
-    except OSError as e:
-        raise OpError.from_os(e, "open") from None
+        raise
 
 
 def block_identity(fd: int) -> Reply:
@@ -134,12 +137,9 @@ class Operations:
 
     def open_block(self, request: Request, fds: list[int]) -> Result:
         path = validate_path(request.path)
-        with contextlib.ExitStack() as stack:
-            try:
-                path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError as e:
-                raise OpError.from_os(e, "open") from None
-            stack.callback(os.close, path_fd)
+        with contextlib.ExitStack() as always, contextlib.ExitStack() as on_error:
+            path_fd = open_fd(path, os.O_PATH)
+            always.callback(os.close, path_fd)
             st = os.fstat(path_fd)
             dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
             if not stat.S_ISBLK(st.st_mode):
@@ -152,8 +152,8 @@ class Operations:
             if request.flags & RequestFlag.EXPECT_DEV and dev != expected:
                 raise OpError(ErrorCode.IDENTITY_MISMATCH, f"device is {dev[0]}:{dev[1]}")
             writable = bool(request.flags & RequestFlag.WRITABLE)
-            fd = reopen(path_fd, writable)
-            stack.callback(os.close, fd)
+            fd = reopen(path_fd, os.O_RDWR if writable else os.O_RDONLY)
+            on_error.callback(os.close, fd)
             if writable and ioctl_read(fd, kernel.BLKROGET, "=i"):  # O_RDWR did not refuse it
                 raise OpError(ErrorCode.OPEN_FAILED, "the device is read-only", errno.EROFS)
             refuse_if_in_use(path_fd)
@@ -163,8 +163,7 @@ class Operations:
             seq = identity.diskseq
             if request.flags & RequestFlag.EXPECT_DISKSEQ and request.expect_diskseq != seq:
                 raise OpError(ErrorCode.IDENTITY_MISMATCH, f"diskseq is {identity.diskseq}")
-            stack.pop_all()
-        os.close(path_fd)
+            on_error.pop_all()
         return Result(fd, identity)
 
     def open_below_root(self, path: str) -> int:
@@ -191,20 +190,20 @@ class Operations:
             raise OpError(ErrorCode.BAD_ARGUMENT, f"block size {request.block_size} unsupported")
         flags = kernel.LO_FLAGS_AUTOCLEAR | (0 if writable else kernel.LO_FLAGS_READ_ONLY)
         flags |= kernel.LO_FLAGS_DIRECT_IO if request.flags & RequestFlag.DIRECT_IO else 0
-        with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as always, contextlib.ExitStack() as on_error:
             path_fd = self.open_below_root(path)
-            stack.callback(os.close, path_fd)
+            always.callback(os.close, path_fd)
             st = os.fstat(path_fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OpError(ErrorCode.NOT_REGULAR_FILE, "not a regular file")
-            backing_fd = reopen(path_fd, writable)
-            stack.callback(os.close, backing_fd)
+            backing_fd = reopen(path_fd, os.O_RDWR if writable else os.O_RDONLY)
+            always.callback(os.close, backing_fd)
             config = kernel.loop_config(fd=backing_fd, block_size=request.block_size)
             config.info.lo_flags = flags
             name = path.encode()[: kernel.LO_NAME_SIZE - 1]
             ctypes.memmove(config.info.lo_file_name, name, len(name))
             loop_fd, retries = self.bind_free_loop(config, writable)
-            stack.callback(os.close, loop_fd)  # on error: AUTOCLEAR releases the device
+            on_error.callback(os.close, loop_fd)  # AUTOCLEAR releases the device
             info = loop_status(loop_fd)
             if (info.lo_device, info.lo_inode) != (st.st_dev, st.st_ino):
                 raise OpError(ErrorCode.VERIFY_FAILED, "the loop device is bound to another file")
@@ -212,9 +211,7 @@ class Operations:
             if info.lo_flags & flags != flags or read_only == writable:  # kernels drop/add flags
                 raise OpError(ErrorCode.VERIFY_FAILED, f"kernel set flags {info.lo_flags:#x}")
             identity = block_identity(loop_fd)
-            stack.pop_all()
-        os.close(backing_fd)
-        os.close(path_fd)
+            on_error.pop_all()
         reply = replace(identity, backing_dev=st.st_dev, backing_ino=st.st_ino)
         return Result(loop_fd, reply, retries)
 
