@@ -359,17 +359,18 @@ class AsyncBrokerClient:
 async def _recv_async(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
     """recvmsg on a non-blocking socket, waiting on the event loop until a reply is there."""
     loop = asyncio.get_running_loop()
+    fileno = sock.fileno()  # kept: close() during the wait makes sock.fileno() -1
     while True:
         try:
             return _recvmsg(sock)
         except BlockingIOError:
             pass
         readable = loop.create_future()
-        loop.add_reader(sock.fileno(), _set_once, readable)
+        loop.add_reader(fileno, _set_once, readable)
         try:
             await readable
         finally:
-            loop.remove_reader(sock.fileno())
+            loop.remove_reader(fileno)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:

@@ -124,17 +124,21 @@ class Exporter:
         self.xenstore.close()
         self.broker.close()
 
-    async def _keep_if_unknown(self, undo: contextlib.ExitStack, step: Awaitable[T]) -> T:
-        """Run a step that publishes a device in XenStore. If its commit's outcome is unknown,
-        XenStore may name the device now: closing its fd would let AUTOCLEAR free the number
-        for reuse under that name (the race blockbroker exists to close). So the fds are kept,
-        until policyd stops, and the error is still reported."""
+    async def _publish(self, undo: contextlib.ExitStack, step: Awaitable[T]) -> T:
+        """Run the step that names a device in XenStore (its commit). Once it succeeded, the
+        fds in `undo` are held whatever happens next (a failure after it leaks, never frees).
+        If the commit's outcome is unknown, or the step is cancelled while it may be in
+        flight, XenStore may name the device now: closing its fd would let AUTOCLEAR free the
+        number for reuse under that name (the race blockbroker exists to close). So the fds
+        are kept, until policyd stops, and the error is still reported."""
         try:
-            return await step
-        except errors.CommitUnknown:
+            result = await step
+        except (errors.CommitUnknown, asyncio.CancelledError):
             self.kept_after_unknown_commit.append(undo.pop_all())
             logfmt.warning("commit outcome unknown: keeping the device's fd until policyd stops")
             raise
+        undo.pop_all()
+        return result
 
     # -- XenStore's connection state, broker requests -------------------------------------------
 
@@ -199,11 +203,7 @@ class Exporter:
                 backing = await self.sources.open_path(
                     path, not opts.read_only, opts.direct_io, undo
                 )
-                record = await self._keep_if_unknown(
-                    undo, self._export(path, backing, fe_domid, frontend, be_name, opts)
-                )
-                undo.pop_all()
-            return record
+                return await self._export(path, backing, fe_domid, frontend, be_name, opts, undo)
 
     async def export_fd(self, fd: int, frontend: str, opts: validate.ExportOptions) -> ExportRecord:
         async with self._lock:
@@ -213,6 +213,8 @@ class Exporter:
                     frontend, self.backend_domid
                 )
                 backing = await self.sources.adopt_fd(fd, not opts.read_only)
+                if backing.fd != fd:
+                    undo.close()  # a shared backing holds its own fd: the caller's is not needed
                 await self.policy_check(
                     "export",
                     device_path(backing),
@@ -221,12 +223,7 @@ class Exporter:
                     not opts.read_only,
                 )
                 source = f"fd:{backing.identity.major}:{backing.identity.minor}"
-                record = await self._keep_if_unknown(
-                    undo, self._export(source, backing, fe_domid, frontend, be_name, opts)
-                )
-                if backing.fd == fd:
-                    undo.pop_all()
-            return record
+                return await self._export(source, backing, fe_domid, frontend, be_name, opts, undo)
 
     async def _export(
         self,
@@ -236,10 +233,11 @@ class Exporter:
         frontend: str,
         be_name: str,
         opts: validate.ExportOptions,
+        undo: contextlib.ExitStack,
     ) -> ExportRecord:
         mode = "r" if opts.read_only else "w"
         spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing))
-        devid = await self.xenstore.add_vbd(spec, opts.devid)
+        devid = await self._publish(undo, self.xenstore.add_vbd(spec, opts.devid))
         record = self._record(
             source,
             backing,
@@ -279,8 +277,8 @@ class Exporter:
                     nodes.mode == "w",
                 )
                 backing = await self.sources.open_path(nodes.params, nodes.mode == "w", False, undo)
-                # the last step that can fail: once the trio is written, the fd is held
-                await self._keep_if_unknown(
+                # once the trio is written, the fd is held
+                await self._publish(
                     undo, self.xenstore.write_physical_device(be.path, physical(backing), nodes)
                 )
                 record = self._record(
@@ -295,7 +293,6 @@ class Exporter:
                     wrote_vbd=False,
                 )
                 self._register(record)
-                undo.pop_all()
             return record
 
     async def detach_backend(self, untrusted_path: str) -> None:
@@ -322,20 +319,29 @@ class Exporter:
                 ):
                     await self._wait_closed(record)
                 await self.xenstore.remove_vbd(spec, record.devid)
-            else:
+            keep = False
+            if not record.wrote_vbd:
                 try:
                     await self.xenstore.remove_physical_device(record.backend_path)
                 except errors.XenStoreError as e:
-                    # libxl removes the backend dir itself; a failure here leaves nothing of ours
+                    # libxl removes the backend dir itself (libxl's remove must not fail over
+                    # it), but until then the trio may still name the device: its fd is kept
                     logfmt.warning(
-                        "could not remove physical-device nodes",
+                        "could not remove physical-device nodes; keeping the device's fd "
+                        "until policyd stops",
                         path=record.backend_path,
                         error=e,
                     )
+                    keep = True
             self.blkback.forget(record)
             fd = self.registry.remove(record)
             if fd is not None and fd != NO_FD:
-                os.close(fd)
+                if keep:
+                    kept = contextlib.ExitStack()
+                    kept.callback(os.close, fd)
+                    self.kept_after_unknown_commit.append(kept)
+                else:
+                    os.close(fd)
             logfmt.info(
                 "detached",
                 export=record.object_path,

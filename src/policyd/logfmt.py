@@ -45,8 +45,11 @@ def log(level: int, msg: str, fields: dict[str, object], exc: bool = False) -> N
     if level < _level:
         return
     trace = traceback.format_exc().rstrip("\n") if exc else None
-    sys.stderr.write(format_line(level, msg, fields, trace) + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(format_line(level, msg, fields, trace) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # journald's stream gone, stderr closed: a lost line must not fail the operation
 
 
 def info(msg: str, **fields: object) -> None:

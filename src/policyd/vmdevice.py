@@ -26,6 +26,7 @@ from policyd.xenstore import (
     physical_nodes,
     write_vbd,
 )
+from policyd.xstx import XenStoreValueError
 
 PUBLISHED_DIR = "data/blockbroker"  # below /local/domain/<source-domid>/
 DEVICE_NAME_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
@@ -133,7 +134,7 @@ async def check_published(tx: Tx, source_domid: int, device: DeviceDescriptor) -
     base = published_dir(source_domid, device.name)
     try:
         untrusted_dev, untrusted_diskseq = await tx.read_many([f"{base}/dev", f"{base}/diskseq"])
-    except errors.XenStoreError as e:
+    except XenStoreValueError as e:  # junk the VM wrote; XenStore failing stays Error.XenStore
         raise errors.DeviceChanged(f"{base} is unreadable ({e}); nothing was written") from None
     want = f"{device.major}:{device.minor} diskseq {device.diskseq}"
     if untrusted_dev is None or untrusted_diskseq is None:

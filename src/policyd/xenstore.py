@@ -173,9 +173,9 @@ class XenStore(XsClient):
             )
             if is_enoent(exists):
                 raise NotFound(f"{be_path} disappeared while attaching; nothing was written")
-            for reply in [exists, *replies]:
+            for reply in [exists, *(r for r in (params, mode) if not is_enoent(r)), *replies]:
                 if isinstance(reply, PyXSError):
-                    raise reply
+                    raise reply  # Error.XenStore; a missing params or mode is a change
             if params != nodes.params.encode() or mode != nodes.mode.encode():
                 raise DeviceChanged(
                     f"{be_path}: params or mode changed while attaching; nothing was written"

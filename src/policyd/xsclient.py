@@ -24,6 +24,7 @@ error, so a flood cannot keep the event loop busy.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
 from typing import TypeAlias, cast
 
@@ -38,6 +39,7 @@ XENSTORE_PAYLOAD_MAX = 4096  # xen/include/public/io/xs_wire.h
 HEADER = Packet._struct  # struct xsd_sockmsg {type, req_id, tx_id, len}, native byte order
 WATCH_EVENTS_MAX = 64
 REQ_ID_MASK = 0xFFFFFFFF
+ERROR_PAYLOAD_RE = re.compile(rb"E[A-Z0-9]{1,15}\x00")  # "EAGAIN\0", as xs_wire.h's table
 
 Reply: TypeAlias = bytes | PyXSError  # a payload, or the error xenstored answered with
 
@@ -127,6 +129,12 @@ class XsConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        try:
+            self._receive(data)
+        except Exception as e:  # never let a reply escape into asyncio's own error handling
+            self.abort(XenStoreProtocolError(f"policyd could not parse xenstored's reply ({e})"))
+
+    def _receive(self, data: bytes) -> None:
         untrusted = self._buffer
         untrusted += data
         start, available = 0, len(untrusted)
@@ -168,10 +176,12 @@ class XsConnection(asyncio.Protocol):
             problem = f"a reply of op {op} to request {req_id} of op {waiting[2]}"
         elif tx_id != waiting[3]:
             problem = f"a reply in transaction {tx_id} to request {req_id} in {waiting[3]}"
+        elif op == Op.ERROR and not ERROR_PAYLOAD_RE.fullmatch(payload):
+            problem = f"an ERROR reply to request {req_id} that is not an errno name"
         else:
             del self._waiting[req_id]
             batch, index = waiting[0], waiting[1]
-            # an ERROR payload is an errno name and a NUL ("EAGAIN\0")
+            # an ERROR payload is an errno name and a NUL ("EAGAIN\0"), checked above
             batch.replies[index] = error(payload[:-1]) if op == Op.ERROR else payload
             batch.left -= 1
             if batch.left == 0 and not batch.done.done():

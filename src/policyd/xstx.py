@@ -18,10 +18,11 @@ printable, bounded).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 from pyxs._internal import NUL, Op
@@ -176,15 +177,20 @@ def _ok(reply: Reply) -> bytes:
     return reply
 
 
+class XenStoreValueError(XenStoreError):
+    """A value read is malformed (too long, not ASCII, control characters): what the node
+    holds is refused, as opposed to XenStore itself failing."""
+
+
 def _text(path: str, raw: bytes) -> str:
     if len(raw) > MAX_VALUE_BYTES:
-        raise XenStoreError(f"{path}: value longer than {MAX_VALUE_BYTES} bytes")
+        raise XenStoreValueError(f"{path}: value longer than {MAX_VALUE_BYTES} bytes")
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise XenStoreError(f"{path}: value is not ASCII") from None
+        raise XenStoreValueError(f"{path}: value is not ASCII") from None
     if not text.isprintable():
-        raise XenStoreError(f"{path}: value contains control characters")
+        raise XenStoreValueError(f"{path}: value contains control characters")
     return text
 
 
@@ -222,15 +228,17 @@ class XsClient:
             return conn
         loop = asyncio.get_running_loop()
         try:
-            _, new = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: XsConnection(self._lost), self.socket_path),
-                max(deadline - loop.time(), 0.0),
-            )
+            async with asyncio.timeout_at(deadline):
+                _, new = await loop.create_unix_connection(
+                    lambda: XsConnection(self._lost), self.socket_path
+                )
         except (OSError, TimeoutError) as e:
             raise XenStoreError(
-                f"cannot connect to xenstored at {self.socket_path} ({e or 'timed out'}); "
+                f"cannot connect to xenstored at {self.socket_path} ({str(e) or 'timed out'}); "
                 "check that xenstored runs and that --xenstore-path is right"
             ) from None
+        if new.closed:  # xenstored hung up at once (_lost ignored it: not current yet)
+            raise XenStoreError(f"xenstored at {self.socket_path} closed the connection at once")
         self._conn = new
         self.connection_changed()
         return new
@@ -238,11 +246,27 @@ class XsClient:
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.timeout_s
 
+    @contextlib.asynccontextmanager
+    async def _turn_taken(self) -> AsyncIterator[None]:
+        """One operation at a time. The wait for the turn is bounded on its own, so that an
+        operation's deadline (taken once it has the turn) is not eaten by the queue before it."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._turn.acquire()
+        except TimeoutError:
+            raise XenStoreError(
+                "XenStore is busy: earlier operations did not finish in time; retry"
+            ) from None
+        try:
+            yield
+        finally:
+            self._turn.release()
+
     async def reads(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         """Run body's reads outside any transaction: pipelined, one round trip per batch, but no
         snapshot across them (each value is read atomically). Only for callers that need none."""
-        deadline = self._deadline()
-        async with self._turn:
+        async with self._turn_taken():
+            deadline = self._deadline()
             conn = await self._connection(deadline)
             try:
                 return await body(Tx(conn, 0, deadline))
@@ -252,24 +276,33 @@ class XsClient:
     async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
         """Run body in a transaction; retried when the commit conflicts. Error.XenStore when
         anything fails before the commit is sent; CommitUnknown when the connection fails or
-        the deadline passes after it was sent (it may have been applied)."""
-        deadline = self._deadline()
-        async with self._turn:
+        the commit's deadline passes after it was sent (it may have been applied). Cancelled
+        at any point, the connection is dropped, which ends the transaction in xenstored; a
+        commit cancelled in flight may have been applied (callers holding fds keep them)."""
+        async with self._turn_taken():
             for _attempt in range(MAX_TX_ATTEMPTS):
+                deadline = self._deadline()
                 conn = await self._connection(deadline)
-                tx = Tx(conn, await self._start(conn, deadline), deadline)
                 try:
-                    result = await body(tx)
+                    tx = Tx(conn, await self._start(conn, deadline), deadline)
+                    try:
+                        result = await body(tx)
+                    except PolicydError:
+                        await self._rollback(conn, tx.tx_id, deadline)
+                        raise
+                    except (PyXSError, ValueError) as e:  # an error reply; a refused request
+                        await self._rollback(conn, tx.tx_id, deadline)
+                        raise XenStoreError(f"XenStore operation failed: {e}") from None
+                    # the commit gets a deadline of its own: a slow body must not turn a
+                    # commit xenstored answers normally into CommitUnknown
+                    committed = await self._commit(conn, tx.tx_id, self._deadline())
                 except PolicydError:
-                    await self._rollback(conn, tx.tx_id, deadline)
-                    raise
-                except (PyXSError, ValueError) as e:  # an error reply; a request pyxs refuses
-                    await self._rollback(conn, tx.tx_id, deadline)
-                    raise XenStoreError(f"XenStore operation failed: {e}") from None
-                except BaseException:  # cancelled: the transaction ends with the connection
+                    raise  # rolled back, or nothing to roll back, or the commit's outcome
+                except BaseException:
+                    # cancelled, or a bug: dropping the connection ends the transaction
                     conn.abort(XenStoreError("a XenStore transaction was abandoned"))
                     raise
-                if await self._commit(conn, tx.tx_id, deadline):
+                if committed:
                     return result
         raise XenStoreError(
             f"XenStore transaction conflicted {MAX_TX_ATTEMPTS} times in a row; retry later"

@@ -41,3 +41,20 @@ def test_traceback_stays_on_one_line(capsys: pytest.CaptureFixture[str]) -> None
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith('component=policyd level=error msg="call failed" method=Attach ')
     assert "traceback=" in line and "ValueError: boom" in line
+
+
+def test_a_failing_stderr_loses_the_line_not_the_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """journald's stream gone (EPIPE) or stderr closed: logging must not raise into the code
+    that just committed a XenStore transaction (it would close a device XenStore names)."""
+
+    class Broken:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise ValueError("I/O operation on closed file")
+
+    logfmt.setup()
+    monkeypatch.setattr("sys.stderr", Broken())
+    logfmt.info("exported", export="/org/qubes/BlockBroker1/export/1")
+    logfmt.error("call failed", exc=True)
