@@ -36,6 +36,7 @@ from policyd.sources import Sources, device_path, physical
 from policyd.xenstore import (
     XENBUS_STATE_CLOSED,
     XENBUS_STATE_CONNECTED,
+    BackendNodes,
     VbdSpec,
     XenStore,
     backend_dir,
@@ -264,10 +265,12 @@ class Exporter:
     async def attach(self, untrusted_path: str) -> ExportRecord:
         be = self._own_backend_path(untrusted_path)
         async with self._lock:
+            nodes, fe_name, be_name = await self.xenstore.read_backend(be)
             existing = self.registry.by_backend_path(be.path)
             if existing is not None:
-                return existing
-            nodes, fe_name, be_name = await self.xenstore.read_backend(be)
+                if still_attached(existing, nodes):
+                    return existing  # called twice: the same export
+                self._drop_stale(existing, nodes)
             with contextlib.ExitStack() as undo:
                 await self.policy_check(
                     "attach",
@@ -294,6 +297,25 @@ class Exporter:
                 )
                 self._register(record)
             return record
+
+    def _drop_stale(self, record: ExportRecord, nodes: BackendNodes) -> None:
+        """The backend directory was re-created (a new domain with the same domid and devid,
+        after a remove that never reached policyd): XenStore no longer names the old export's
+        device here, so it is dropped and the new nodes get a fresh Attach."""
+        logfmt.warning(
+            "stale export for a re-created backend; replacing it",
+            export=record.object_path,
+            backend=record.backend_path,
+            old_source=record.source,
+            source=nodes.params,
+            physical_device=nodes.physical_device,
+        )
+        self.blkback.forget(record)
+        fd = self.registry.remove(record)
+        if fd is not None and fd != NO_FD:
+            os.close(fd)
+        self.listener.export_removed(record)
+        self.listener.manager_changed(["ExportCount"])
 
     async def detach_backend(self, untrusted_path: str) -> None:
         be = self._own_backend_path(untrusted_path)
@@ -466,3 +488,14 @@ class Exporter:
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:
             self.listener.export_changed(record, ["State"])
+
+
+def still_attached(record: ExportRecord, nodes: BackendNodes) -> bool:
+    """Whether the backend's nodes still describe this Attach export: the same params and mode,
+    and physical-device naming its device (a re-created directory has none, or another)."""
+    ident = record.backing.identity
+    return (
+        nodes.params == record.source
+        and nodes.mode == record.mode
+        and nodes.physical_device == f"{ident.major:x}:{ident.minor:x}"
+    )

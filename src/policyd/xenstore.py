@@ -46,6 +46,8 @@ class BackendNodes:
     mode: str
     type: str
     frontend_id: int
+    # what physical-device says now ("" if absent): Attach's idempotency check
+    physical_device: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,11 @@ class XenStore(XsClient):
         async def body(tx: Tx) -> tuple[BackendNodes, str, str]:
             names = ("params", "mode", "type", "frontend-id")
             name_paths = [f"/local/domain/{d}/name" for d in (be.frontend_domid, be.backend_domid)]
-            found = await tx.read_many([f"{be.path}/{name}" for name in names] + name_paths)
+            found = await tx.read_many(
+                [f"{be.path}/{name}" for name in names]
+                + name_paths
+                + [f"{be.path}/physical-device"]
+            )
             values = {}
             for name, value in zip(names, found, strict=False):
                 if value is None:
@@ -148,6 +154,7 @@ class XenStore(XsClient):
                 validate.mode(values["mode"]),
                 validate.backend_type(values["type"]),
                 frontend_id,
+                found[-1] or "",  # only ever compared with what policyd itself would write
             )
             return nodes, valid_name(found[len(names)]), valid_name(found[len(names) + 1])
 

@@ -16,6 +16,7 @@ from policydlab import (
     assert_clean,
     held_block_fds,
     loops_of,
+    loops_released,
     remove_libxl_vbd,
     write_libxl_vbd,
     xs_write_raw,
@@ -55,6 +56,39 @@ def test_attach_writes_the_physical_device_trio(stack: Stack, api: Api) -> None:
     assert api.err("Detach", "s", [be]) == "NotFound"
     remove_libxl_vbd(stack, be)
     assert_clean(stack, image)
+
+
+def test_attach_to_a_re_created_backend_replaces_the_stale_export(stack: Stack, api: Api) -> None:
+    """A remove that never reached policyd, then libxl writes the same backend path again (a new
+    domain with the same domid and devid): Attach must not answer with the stale export, whose
+    device the new nodes do not name; it drops it (freeing its loop device) and attaches anew."""
+    old_image = stack.make_image("stale-old.img", content=b"OLD")
+    new_image = stack.make_image("stale-new.img", content=b"NEW")
+    be = write_libxl_vbd(stack, 1, XVDA, str(old_image))
+    stale = str(api.ok("Attach", "s", [be]))
+    remove_libxl_vbd(stack, be)  # libxl tore the device down; policyd never heard of it
+
+    be = write_libxl_vbd(stack, 1, XVDA, str(new_image))
+    fresh = str(api.ok("Attach", "s", [be]))
+    assert fresh != stale
+    props = api.props(fresh)
+    assert props["Source"] == str(new_image)
+    assert trio(stack, be)["physical-device"] == f"{props['Major']:x}:{props['Minor']:x}"
+    assert stale not in api.managed()
+    assert loops_released(old_image)  # the stale export's device is free again
+    assert len(held_block_fds(stack)) == 1
+
+    # the same params again, but the trio is gone (the directory was re-created): re-attached
+    remove_libxl_vbd(stack, be)
+    be = write_libxl_vbd(stack, 1, XVDA, str(new_image))
+    again = str(api.ok("Attach", "s", [be]))
+    assert again != fresh
+    assert trio(stack, be)["physical-device"] is not None
+    assert len(held_block_fds(stack)) == 1
+
+    api.ok("Detach", "s", [be])
+    remove_libxl_vbd(stack, be)
+    assert_clean(stack, old_image, new_image)
 
 
 def test_detach_tolerates_libxl_having_removed_the_backend(stack: Stack, api: Api) -> None:
