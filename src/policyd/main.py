@@ -119,6 +119,7 @@ async def run(args: argparse.Namespace) -> int:
     logfmt.info("stopping", exports=len(service.exporter.registry), bus_lost=disconnected.done())
     for task in (disconnected, stopped):
         task.cancel()
+    service.requests.shutdown()  # pending requests end audited (withdrawn, "policyd stopping")
     bus.disconnect()
     service.exporter.shutdown()
     return 0 if stopped.done() and not disconnected.done() else 1

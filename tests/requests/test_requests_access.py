@@ -97,6 +97,19 @@ def test_requester_disconnecting_withdraws(stack: Stack, published: str) -> None
     assert any("requester disconnected" in line for line in audit_lines(stack) if path in line)
 
 
+def test_pending_requests_are_audited_when_policyd_stops(stack: Stack, published: str) -> None:
+    holder = Holder(stack, request_body(published, 4242), user=NOBODY, groups=(bridge_gid(),))
+    try:
+        path = holder.path
+        assert stack.stop_policyd() == []
+        ended = [line for line in audit_lines(stack) if path in line]
+        assert len(ended) == 1 and "result=withdrawn" in ended[0]
+        assert 'decided_by="policyd stopping"' in ended[0]
+    finally:
+        holder.close()
+        stack.start_policyd()
+
+
 def test_expired_request_is_removed_and_cannot_be_approved(stack: Stack, published: str) -> None:
     holder = Holder(stack, request_body(published, 4242, timeout=["u", 1]), user=NOBODY,
                     groups=(bridge_gid(),))  # fmt: skip
