@@ -45,6 +45,7 @@ from policyd.xenstore import (
 T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
+FRONTEND_TOKEN = "frontend-"  # watch tokens: frontend-<domid>
 NO_FD = -1  # a device in another domain (a VM's own, through a request): policyd holds no fd
 Domain = tuple[int, str]  # domid, and its name as read from XenStore ("" if it has none)
 # (operation, dom0 path, backend, frontend, writable) -> None, or PolicyDenied
@@ -116,9 +117,14 @@ class Exporter:
         self.sources = Sources(self.registry, broker, self._broker)
         self.policy_check: PolicyCheck = deny_without_policy  # policyd.audit.PolicyGate's
         self._lock = asyncio.Lock()
+        self._frontends_to_check: set[int] = set()
+        self._sweep_task: asyncio.Task[None] | None = None
+        xenstore.on_watch = self._frontend_event
         xenstore.connection_changed = self._xenstore_connection_changed
 
     def shutdown(self) -> None:
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
         for kept in self.kept_after_unknown_commit:
             kept.close()
         self.blkback.stop()
@@ -251,6 +257,7 @@ class Exporter:
             wrote_vbd=True,
         )
         self._register(record)
+        await self._watch_frontend(fe_domid)
         return record
 
     def _own_backend_path(self, untrusted_path: str) -> validate.BackendPath:
@@ -316,6 +323,56 @@ class Exporter:
             os.close(fd)
         self.listener.export_removed(record)
         self.listener.manager_changed(["ExportCount"])
+
+    # -- exports whose frontend domain died ------------------------------------------------------
+    #
+    # libxl removes /local/domain/<domid> when it destroys a domain, but it does not know the
+    # vbds Export wrote, so their nodes and held devices would stay. policyd watches each
+    # frontend's name node (dom0's: the guest cannot write it) while it has exports there;
+    # when the node is gone, those exports are detached and the watch is dropped.
+
+    async def _watch_frontend(self, fe_domid: int) -> None:
+        token = f"{FRONTEND_TOKEN}{fe_domid}"
+        if token in self.xenstore.watches:
+            return
+        try:
+            await self.xenstore.watch(f"/local/domain/{fe_domid}/name", token)
+        except errors.XenStoreError as e:
+            logfmt.warning(
+                "cannot watch the frontend domain; its exports stay if it dies",
+                frontend=fe_domid,
+                error=e,
+            )
+
+    def _frontend_event(self, path: str, token: str) -> None:
+        """A watch fired (on the event loop): note the domain, check it in one task."""
+        if not token.startswith(FRONTEND_TOKEN) or not token[len(FRONTEND_TOKEN) :].isdigit():
+            return
+        self._frontends_to_check.add(int(token[len(FRONTEND_TOKEN) :]))
+        if self._sweep_task is None or self._sweep_task.done():
+            self._sweep_task = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while self._frontends_to_check:
+            fe_domid = self._frontends_to_check.pop()
+            try:
+                if await self.xenstore.read_one(f"/local/domain/{fe_domid}/name") is not None:
+                    continue  # alive (a watch also fires once when it is set)
+            except errors.XenStoreError:
+                continue  # a new connection sets the watches again, and they fire again
+            gone = [r for r in self.registry if r.wrote_vbd and r.frontend_domid == fe_domid]
+            for record in gone:
+                logfmt.info(
+                    "frontend domain gone: detaching its export",
+                    export=record.object_path,
+                    frontend=fe_domid,
+                )
+                try:
+                    await self.detach(record)
+                except errors.PolicydError as e:
+                    logfmt.warning("detaching a dead frontend's export failed", error=e)
+            with contextlib.suppress(errors.XenStoreError):
+                await self.xenstore.unwatch(f"{FRONTEND_TOKEN}{fe_domid}")
 
     async def detach_backend(self, untrusted_path: str) -> None:
         be = self._own_backend_path(untrusted_path)
@@ -411,6 +468,7 @@ class Exporter:
                 be_domid=be_domid,
             )
             self._register(record)
+            await self._watch_frontend(fe_domid)
             return record
 
     async def _remote_connected(self, record: ExportRecord) -> bool:

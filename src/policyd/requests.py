@@ -309,7 +309,15 @@ class Requests:
         if self.pending.get(req.number) is req and req.state == STATE_PENDING:
             self._finish(req, STATE_EXPIRED, "expiry")
 
-    def _finish(self, req: PendingRequest, state: str, decided_by: str, **extra: object) -> None:
+    def _finish(
+        self,
+        req: PendingRequest,
+        state: str,
+        decided_by: str,
+        *,
+        notify: bool = True,
+        **extra: object,
+    ) -> None:
         """Final state: audit it, tell watchers (PropertiesChanged), remove the object."""
         req.state = state
         if req.timer is not None:
@@ -332,12 +340,15 @@ class Requests:
             decided_by=decided_by,
             **extra,
         )
-        self.listener.request_changed(req, ["State", "Export", "BackendPath", "Devid", "Error"])
-        self.listener.request_removed(req)
+        if notify:
+            self.listener.request_changed(req, ["State", "Export", "BackendPath", "Devid", "Error"])
+            self.listener.request_removed(req)
 
     def shutdown(self) -> None:
+        """Audited as withdrawn; requesters are not told by a signal: they see policyd leave the
+        bus (the bridge answers Unavailable, not as if the request had been withdrawn)."""
         for req in list(self.pending.values()):
-            self._finish(req, STATE_WITHDRAWN, "policyd stopping")
+            self._finish(req, STATE_WITHDRAWN, "policyd stopping", notify=False)
 
 
 def _pmode(mode: str) -> str:

@@ -16,9 +16,10 @@ event loop cost more than the XenStore work itself (docs/benchmarks.md, "Export"
 
 One connection carries pipelined requests: `request()` sends a batch in one write and returns
 when every reply of it has come, in the batch's order (xenstored answers a connection's requests
-in order, but replies are matched by req_id, not by position). WATCH_EVENT packets are dropped,
-policyd sets no watches; more than WATCH_EVENTS_MAX of them on one connection is a protocol
-error, so a flood cannot keep the event loop busy.
+in order, but replies are matched by req_id, not by position). A WATCH_EVENT (policyd watches
+its frontends' name nodes, policyd.exporter) is parsed strictly (path and token, ASCII,
+bounded) and handed to `on_watch`, which only notes it; more than WATCH_EVENTS_MAX events
+of no watch policyd set, on one connection, is a protocol error.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ XENSTORE_PAYLOAD_MAX = 4096  # xen/include/public/io/xs_wire.h
 HEADER = Packet._struct  # struct xsd_sockmsg {type, req_id, tx_id, len}, native byte order
 WATCH_EVENTS_MAX = 64
 REQ_ID_MASK = 0xFFFFFFFF
+WATCH_EVENT_RE = re.compile(rb"([!-~]{1,3072})\x00([!-~]{1,64})\x00")  # path NUL token NUL
 ERROR_PAYLOAD_RE = re.compile(rb"E[A-Z0-9]{1,15}\x00")  # "EAGAIN\0", as xs_wire.h's table
 
 Reply: TypeAlias = bytes | PyXSError  # a payload, or the error xenstored answered with
@@ -66,8 +68,13 @@ class _Batch:
 class XsConnection(asyncio.Protocol):
     """One connection to xenstored. `closed` once it failed or was closed; never reopened."""
 
-    def __init__(self, on_lost: Callable[[XsConnection, XenStoreError], None]) -> None:
+    def __init__(
+        self,
+        on_lost: Callable[[XsConnection, XenStoreError], None],
+        on_watch: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self._on_lost = on_lost
+        self._on_watch = on_watch
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         # req_id -> (batch, index in it, op sent, tx_id sent)
@@ -158,7 +165,14 @@ class XsConnection(asyncio.Protocol):
 
     def _deliver(self, op: int, req_id: int, tx_id: int, payload: bytes) -> bool:
         """File one reply with its request; False (connection dropped) if it answers none."""
-        if op == Op.WATCH_EVENT:
+        if op == Op.WATCH_EVENT and self._on_watch is not None:
+            event = WATCH_EVENT_RE.fullmatch(payload)
+            if event is None:
+                self.abort(XenStoreProtocolError("xenstored sent a malformed watch event"))
+                return False
+            if self._on_watch(event[1].decode("ascii"), event[2].decode("ascii")):
+                return True  # an event of a watch policyd set
+        if op == Op.WATCH_EVENT:  # of no watch of policyd's: bounded
             self._watch_events += 1
             if self._watch_events <= WATCH_EVENTS_MAX:
                 return True

@@ -204,6 +204,11 @@ class XsClient:
         self._turn = asyncio.Lock()
         # called on the event loop whenever `connected` changes (policyd.exporter: a signal)
         self.connection_changed: Callable[[], None] = _nothing
+        # watches: token -> path, set again on every new connection; `on_watch(path, token)`
+        # gets their events (and one per watch whenever it is set: XenStore fires a new watch
+        # once), on the event loop; it must only take note, not block
+        self.watches: dict[str, str] = {}
+        self.on_watch: Callable[[str, str], None] = _ignore_event
 
     @property
     def connected(self) -> bool:
@@ -230,7 +235,7 @@ class XsClient:
         try:
             async with asyncio.timeout_at(deadline):
                 _, new = await loop.create_unix_connection(
-                    lambda: XsConnection(self._lost), self.socket_path
+                    lambda: XsConnection(self._lost, self._event), self.socket_path
                 )
         except (OSError, TimeoutError) as e:
             raise XenStoreError(
@@ -239,12 +244,49 @@ class XsClient:
             ) from None
         if new.closed:  # xenstored hung up at once (_lost ignored it: not current yet)
             raise XenStoreError(f"xenstored at {self.socket_path} closed the connection at once")
+        if self.watches:  # watches live as long as their connection: set them again
+            replies = await new.request(
+                [(Op.WATCH, watch_payload(p, t)) for t, p in self.watches.items()], 0, deadline
+            )
+            refused = [r for r in replies if isinstance(r, PyXSError)]
+            if refused:
+                new.abort(XenStoreError(f"xenstored refused a watch: {refused[0]}"))
+                raise XenStoreError(f"xenstored refused to set policyd's watches: {refused[0]}")
         self._conn = new
         self.connection_changed()
         return new
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self.timeout_s
+
+    def _event(self, path: str, token: str) -> bool:
+        """A watch event: handed on if it is one of ours (True), else counted by the caller."""
+        if token not in self.watches:
+            return False
+        self.on_watch(path, token)
+        return True
+
+    async def watch(self, path: str, token: str) -> None:
+        """Watch `path` (and below) under `token`, on this and every later connection."""
+        await self._set_watch(Op.WATCH, path, token)
+        self.watches[token] = path
+
+    async def unwatch(self, token: str) -> None:
+        path = self.watches.pop(token, None)
+        if path is not None:
+            await self._set_watch(Op.UNWATCH, path, token)
+
+    async def _set_watch(self, op: int, path: str, token: str) -> None:
+        async with self._turn_taken():
+            deadline = self._deadline()
+            conn = await self._connection(deadline)
+            reply = (await conn.request([(op, watch_payload(path, token))], 0, deadline))[0]
+        if isinstance(reply, PyXSError) and not (
+            op == Op.UNWATCH and reply.args[0] == errno.ENOENT
+        ):
+            raise XenStoreError(
+                f"xenstored refused to {'un' if op == Op.UNWATCH else ''}watch {path}: {reply}"
+            )
 
     @contextlib.asynccontextmanager
     async def _turn_taken(self) -> AsyncIterator[None]:
@@ -357,3 +399,11 @@ class XsClient:
 
 def _nothing() -> None:
     pass
+
+
+def _ignore_event(path: str, token: str) -> None:
+    pass
+
+
+def watch_payload(path: str, token: str) -> bytes:
+    return bytes(_path(path) + NUL + token.encode("ascii") + NUL)

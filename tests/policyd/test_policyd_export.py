@@ -6,10 +6,12 @@ Runs as root against the real stack; policyd runs as user blockbroker.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
 from harness.stack import Stack
+from harness.xenstore import register_domain
 from policydlab import (
     EXPORT_IFACE,
     MANAGER,
@@ -21,6 +23,7 @@ from policydlab import (
     assert_clean,
     held_block_fds,
     loops_of,
+    loops_released,
     ro,
     u32,
 )
@@ -201,3 +204,36 @@ def test_detach_twice_and_unknown_objects(stack: Stack, api: Api) -> None:
     assert api.err("DetachExport", "o", ["/org/qubes/BlockBroker1/export/999999"]) == "NotFound"
     assert api.err("DetachExport", "o", ["/org/qubes/BlockBroker1"]) == "NotFound"
     assert_clean(stack, image)
+
+
+def test_exports_of_a_destroyed_frontend_are_detached(stack: Stack, api: Api) -> None:
+    """libxl removes /local/domain/<domid> when it destroys a domain but knows nothing of the
+    vbds Export wrote: policyd sees the frontend's name node go (a XenStore watch) and detaches
+    them (nodes removed, loop device freed). Another domain's export stays."""
+    doomed_image = stack.make_image("destroyed-fe.img")
+    other_image = stack.make_image("other-fe.img")
+    doomed = api.export(doomed_image, "work")
+    other = api.export(other_image, "untrusted")
+    doomed_be = str(api.props(doomed)["BackendPath"])
+    assert stack.xs_exists(doomed_be)
+
+    stack.xs_rm(f"/local/domain/{stack.domains['work']}")  # what libxl's destroy does
+    try:
+        wait_detached(api, doomed)
+    finally:
+        register_domain(stack.xs, "work", stack.domains["work"])  # the stack is shared
+    assert doomed not in api.managed() and other in api.managed()
+    assert not stack.xs_exists(doomed_be)
+    assert loops_released(doomed_image)
+    assert len(held_block_fds(stack)) == 1
+    assert any(
+        "frontend domain gone" in line for line in stack.log_tail("policyd", 50).splitlines()
+    )
+    api.detach(other)
+    assert loops_released(other_image)
+
+
+def wait_detached(api: Api, export: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while export in api.managed() and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -575,3 +575,28 @@ def test_a_cancelled_transaction_start_drops_the_connection(tmp_path: Path) -> N
         assert await read(xs) == "value"
 
     hostile(tmp_path, case)
+
+
+def test_events_of_policyds_own_watches_are_handed_on_and_checked(tmp_path: Path) -> None:
+    """A watch policyd set gets its events (strictly parsed), also after a reconnect (the
+    watch is set again on the new connection); a malformed event drops the connection."""
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        seen: list[tuple[str, str]] = []
+        xs.on_watch = lambda path, token: seen.append((path, token))
+        await xs.watch("/local/domain/1/name", "frontend-1")
+        peer = server.peers[-1]
+        assert peer.transport is not None
+        peer.transport.write(frame(Op.WATCH_EVENT, 0, 0, b"/local/domain/1/name\0frontend-1\0"))
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert seen == [("/local/domain/1/name", "frontend-1")]
+
+        peer.transport.write(frame(Op.WATCH_EVENT, 0, 0, b"/local/domain/1/name frontend-1"))
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert not xs.connected  # malformed: dropped
+        assert await read(xs) == "value"  # reconnects, and sets the watch again first
+        assert [op for op, _ in server.requests].count(Op.WATCH) == 2
+
+    hostile(tmp_path, case)
