@@ -12,6 +12,7 @@ from brokerlab import (
     Broker,
     bound_loops,
     make_image,
+    settled_fd_count,
     start_broker,
     stop_broker,
     wait_no_loops,
@@ -212,7 +213,7 @@ def test_open_block_writable_refused_on_read_only_device(broker: Broker) -> None
     client = broker.client()
     loop_fd, loop_id = client.loop_file(str(image), writable=False)
     dev = f"/dev/{loop_name(loop_fd)}"
-    fds_before = broker.fd_count()
+    fds_before = settled_fd_count(broker, -1, timeout=0.2)  # its copy of the sent fd closed
     try:
         with pytest.raises(BrokerError) as e:
             client.open_block(dev, writable=True, expect_dev=(loop_id.major, loop_id.minor))
@@ -236,7 +237,7 @@ def test_open_block_refuses_a_device_dom0_uses(broker: Broker) -> None:
     loop_fd, loop_id = client.loop_file(str(image), writable=True)
     dev = f"/dev/{loop_name(loop_fd)}"
     claim = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)  # what mount/swapon hold
-    fds_before = broker.fd_count()
+    fds_before = settled_fd_count(broker, -1, timeout=0.2)  # its copy of the sent fd closed
     try:
         with pytest.raises(BrokerError) as e:
             client.open_block(dev, writable=False, expect_diskseq=loop_id.diskseq)
