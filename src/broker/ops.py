@@ -174,10 +174,8 @@ class Operations:
             raise OpError(ErrorCode.OUTSIDE_ROOTS, "path is not below a configured root")
         relative = path[len(root.rstrip("/")) + 1 :].encode()
         how = kernel.open_how(flags=os.O_PATH | os.O_CLOEXEC, resolve=RESOLVE)
-        size = ctypes.c_size_t(ctypes.sizeof(how))
-        fd = _libc.syscall(
-            kernel.SYS_openat2, self.root_fds[root], relative, ctypes.byref(how), size
-        )
+        dirfd, size = self.root_fds[root], ctypes.c_size_t(ctypes.sizeof(how))
+        fd = _libc.syscall(kernel.SYS_openat2, dirfd, relative, ctypes.byref(how), size)
         if fd < 0:
             err = ctypes.get_errno()
             raise OpError.from_os(OSError(err, os.strerror(err)), "open")

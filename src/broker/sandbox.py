@@ -52,9 +52,8 @@ def build_filter() -> seccomp.SyscallFilter:
     # os.open, /proc/self/fd reopen, /dev/loopN and sysfs reads: never creating anything.
     f.add_rule(seccomp.ALLOW, "openat", seccomp.Arg(2, seccomp.MASKED_EQ, OPEN_FORBIDDEN_FLAGS, 0))
     for flag in (os.O_CREAT, os.O_TRUNC, O_TMPFILE_BIT):
-        f.add_rule(
-            seccomp.ERRNO(errno.EACCES), "openat", seccomp.Arg(2, seccomp.MASKED_EQ, flag, flag)
-        )
+        with_flag = seccomp.Arg(2, seccomp.MASKED_EQ, flag, flag)
+        f.add_rule(seccomp.ERRNO(errno.EACCES), "openat", with_flag)
     # ioctl only for the request numbers kernel.IOCTLS_USED names (cmd is an unsigned int).
     for request in kernel.IOCTLS_USED:
         f.add_rule(seccomp.ALLOW, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
