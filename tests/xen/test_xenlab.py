@@ -43,6 +43,7 @@ SCENARIOS: dict[str, tuple[int, tuple[str, ...]]] = {
             "bb-detach-one-keeps-other",
             "bb-detach-all-frees-loop",
             "bb-race-right-bytes",
+            "bb-destroy-detaches-export",
         ),
     ),
     "vmexport": (

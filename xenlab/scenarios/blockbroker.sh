@@ -119,7 +119,15 @@ case $got in
 esac
 echo "XENLAB NOTE stock-race: under the same racer, Xen's block script gave the guest $verdict (racer rebinds: $(grep -c . $RUN/racer-stock.log))" |
   tee -a $RUN/results
+# -- 4. the export into racebb is never detached: destroying the guest must release it (libxl
+# removes /local/domain/<domid> and knows nothing of Export's vbd; policyd watches the frontend)
 xl destroy racebb; xl destroy racestock
+race_export_gone() {
+  ! bb list --json | grep -q '"source":"[^"]*race.img"' && [ "$(loops_of $IMAGE_DIR/race.img)" = 0 ]
+}
+bb_wait "policyd to detach the destroyed guest's export" 15 race_export_gone
+expect bb-destroy-detaches-export "exports of race.img left: $(bb list --json | grep -c race.img); loops on race.img: $(loops_of $IMAGE_DIR/race.img)" \
+  race_export_gone
 sleep 1; losetup -D
 
 exit 0   # the checks above carry the verdict
