@@ -7,8 +7,8 @@
 #   policyd      as user blockbroker (no supplementary groups) against this dom0's xenstored
 #                (its socket handed to group blockbroker) and the real sysfs (xen-blkback);
 #                the export policy is the project's default (policy/policy.d, via the run dir)
-# libxl runs hotplug scripts from dom0's own /etc/xen/scripts, so blockbroker-block is linked
-# there as a two-line wrapper that enters the chroot.
+# libxl runs hotplug scripts from dom0's own /etc/xen/scripts: blockbroker-block, a static
+# binary, is installed there itself (no chroot), and finds the bus at /run/dbus, dom0's /run.
 BB_DIR=/run/xenlab-bb
 
 bb_wait() {  # bb_wait WHAT SECONDS COMMAND...: poll until COMMAND succeeds
@@ -85,9 +85,14 @@ bb_stack_start() {
   bb_wait "policyd to own org.qubes.BlockBroker1" 120 bb_has_name || {
     tail -20 $RUN/policyd.log >&2; return 1
   }
-  printf '#!/bin/sh\nexec chroot %s %s/bin/blockbroker-block "$@"\n' $HOSTROOT $VENV \
-    >/etc/xen/scripts/blockbroker-block
-  chmod 0755 /etc/xen/scripts/blockbroker-block
+  # the hotplug script is a static binary: installed into dom0's own /etc/xen/scripts as a
+  # package would, no chroot; it reaches the stack's bus at /run/dbus (the chroot's /run is
+  # dom0's)
+  cp $HOSTROOT$VENV/bin/blockbroker-block /etc/xen/scripts/blockbroker-block.new &&
+    chmod 0755 /etc/xen/scripts/blockbroker-block.new &&
+    mv /etc/xen/scripts/blockbroker-block.new /etc/xen/scripts/blockbroker-block || {
+    echo "bbstack: cannot install blockbroker-block into /etc/xen/scripts" >&2; return 1
+  }
   BB_STACK_MS=$(elapsed_ms $t_stack)
 }
 
