@@ -5,8 +5,9 @@
  * environment (libxl's) and talks only to the system bus (dbus-daemon); it re-validates nothing
  * policyd validates (policyd checks XENBUS_PATH and reads params/mode from XenStore itself).
  * What arrives on the bus socket (replies relayed by dbus-daemon, signals) is parsed with every
- * length, offset, alignment and padding checked, 64 KiB at most per message, either byte order;
- * only an error's name and message leave the parser, as printable ASCII, truncated. Fuzzed
+ * length, offset, alignment and padding checked, 64 KiB at most for the reply (other messages
+ * are read past), either byte order; only an error's name and message leave the parser, as
+ * printable ASCII, truncated, backslashes doubled for xenstore-write. Fuzzed
  * under ASan/UBSan by tests/client/test_blockscript_wire.py. Static C, raw D-Bus: libxl's wait
  * is each disk's share of a domain start (why, and what it replaced: docs/client.md).
  *
@@ -42,7 +43,6 @@
 #define REPLY_TIMEOUT_MS 8000
 #endif
 #define MAX_MSG 65536       /* largest message accepted (dbus-daemon's replies here are < 1 KiB) */
-#define MAX_UNRELATED 64    /* other messages (Hello's reply, NameAcquired) before the reply */
 #define MAX_AUTH_LINE 256   /* "OK <32 hex digits>\r\n" is 37 bytes */
 #define MAX_XENBUS_PATH 512 /* libxl's are ~40 bytes */
 #define MAX_TEXT 512        /* error name/message bytes kept */
@@ -53,7 +53,7 @@
 
 extern char **environ;
 static int bus = -1;
-static long deadline_ms; /* CLOCK_MONOTONIC */
+static int64_t deadline_ms; /* CLOCK_MONOTONIC */
 static unsigned char rx[MAX_MSG]; /* received bytes not yet consumed; rx[0] starts a message */
 static size_t rx_len;
 static int big; /* the message at rx[0] is big-endian ('B') */
@@ -84,11 +84,11 @@ __attribute__((format(printf, 2, 3))) static int fail(const char *name, const ch
 	return -1;
 }
 
-static long now_ms(void)
+static int64_t now_ms(void)
 {
 	struct timespec t;
 	clock_gettime(CLOCK_MONOTONIC, &t);
-	return t.tv_sec * 1000L + t.tv_nsec / 1000000L;
+	return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
 /* Sends tx (out) or buffers at least n (<= MAX_MSG) received bytes in rx, by the deadline. */
@@ -106,7 +106,7 @@ static int io(int out, size_t n)
 		if (errno != EAGAIN && errno != EINTR)
 			return fail(DBUS_ERR("Disconnected"), "%s the bus: %s",
 				    out ? "writing to" : "reading from", strerror(errno));
-		long ms = deadline_ms - now_ms();
+		int64_t ms = deadline_ms - now_ms();
 		if (ms <= 0)
 			return fail(DBUS_ERR("NoReply"), "no reply within %d ms", REPLY_TIMEOUT_MS);
 		struct pollfd p = {.fd = bus, .events = out ? POLLOUT : POLLIN};
@@ -122,11 +122,36 @@ static void consume(size_t n)
 	rx_len -= n;
 }
 
+/* Drops the next n bytes of the stream (a message that is not the reply), by the deadline. */
+static int discard(uint64_t n)
+{
+	while (n > 0) {
+		if (!rx_len && io(0, 1) < 0)
+			return -1;
+		size_t k = n < rx_len ? (size_t)n : rx_len;
+		consume(k);
+		n -= k;
+	}
+	return 0;
+}
+
 static int hexval(char c)
 {
 	static const char digits[] = "0123456789abcdef";
 	const char *d = c ? strchr(digits, c >= 'A' && c <= 'F' ? c - 'A' + 'a' : c) : NULL;
 	return d ? (int)(d - digits) : -1;
+}
+
+/* connect(2) the bus socket; a full listen queue is EAGAIN at once on a non-blocking socket,
+ * so that is retried every millisecond until the deadline, as a blocking connect would wait. */
+static int connect_by_deadline(const struct sockaddr_un *sa, socklen_t len)
+{
+	while (connect(bus, (const struct sockaddr *)sa, len) != 0) {
+		if (errno != EAGAIN || now_ms() >= deadline_ms)
+			return -1;
+		nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
+	}
+	return 0;
 }
 
 /* One D-Bus address, a..end: its sockaddr length if it is unix:path=... or unix:abstract=...
@@ -179,7 +204,7 @@ static int connect_bus(void)
 			continue;
 		sanitize(where, sizeof where, a, (size_t)(end - a));
 		bus = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-		if (bus >= 0 && connect(bus, (struct sockaddr *)&sa, len) == 0)
+		if (bus >= 0 && connect_by_deadline(&sa, len) == 0)
 			return 0;
 		last_errno = errno;
 		if (bus >= 0)
@@ -281,13 +306,12 @@ static int skip_value(char type, size_t *at, size_t end, size_t *val, size_t *le
 }
 
 /* Reads messages until the reply to CALL_SERIAL: 0 for a METHOD_RETURN; -1 with err_* set
- * for an ERROR (to the call, or to Hello) and any failure. Others are skipped, up to a bound. */
+ * for an ERROR (to the call, or to Hello) and any failure. Other messages (Hello's reply,
+ * NameAcquired, signals anyone on the bus may send to this connection) are dropped, however
+ * many and however long: only the deadline bounds them. Only the reply must fit in rx. */
 static int await_reply(void)
 {
-	for (int skipped = 0;; skipped++) {
-		if (skipped > MAX_UNRELATED)
-			return fail(DBUS_ERR("LimitsExceeded"), "more than %d unrelated messages "
-				    "before the reply", MAX_UNRELATED);
+	for (;;) {
 		if (io(0, 16) < 0)
 			return -1;
 		if (rx[0] != 'l' && rx[0] != 'B')
@@ -297,11 +321,21 @@ static int await_reply(void)
 		uint32_t body_len = get_u32(4), fields_len = get_u32(12);
 		if (rx[3] != 1 || type == 0)
 			return BAD("protocol version %u, message type %u", rx[3], type);
+		uint64_t wire = ((16 + (uint64_t)fields_len + 7) & ~(uint64_t)7) + body_len;
+		if (type != 2 && type != 3) { /* a call or a signal: never the reply */
+			if (discard(wire) < 0)
+				return -1;
+			continue;
+		}
+		/* the replies here are < 1 KiB: one too long for rx is read up to its body (to see
+		 * whose it is) and refused if it is ours; one whose header fields do not fit is not */
+		if (wire > MAX_MSG && fields_len > MAX_MSG - 16) {
+			if (discard(wire) < 0)
+				return -1;
+			continue;
+		}
 		size_t end = 16 + (size_t)fields_len, body = (end + 7) & ~(size_t)7;
-		size_t total = body + body_len, at = 16, val = 0, len = 0;
-		if (fields_len > MAX_MSG || body_len > MAX_MSG || total > MAX_MSG)
-			return fail(DBUS_ERR("LimitsExceeded"), "a message longer than %d bytes "
-				    "(header fields %u, body %u)", MAX_MSG, fields_len, body_len);
+		size_t total = wire > MAX_MSG ? body : (size_t)wire, at = 16, val = 0, len = 0;
 		if (io(0, total) < 0)
 			return -1;
 		size_t ename = 0, ename_len = 0, sig = 0, sig_len = 0;
@@ -329,13 +363,16 @@ static int await_reply(void)
 		}
 		if (align(&at, 8, body) < 0)
 			return -1;
-		if ((type == 2 || type == 3) && !has_serial)
+		if (!has_serial)
 			return BAD("a reply without REPLY_SERIAL");
-		if ((type != 2 && type != 3) ||
-		    (reply_serial != CALL_SERIAL && (reply_serial != HELLO_SERIAL || type == 2))) {
-			consume(total);
+		if (reply_serial != CALL_SERIAL && (reply_serial != HELLO_SERIAL || type == 2)) {
+			if (discard(wire) < 0)
+				return -1;
 			continue;
 		}
+		if (wire > MAX_MSG)
+			return fail(DBUS_ERR("LimitsExceeded"), "a reply longer than %d bytes "
+				    "(header fields %u, body %u)", MAX_MSG, fields_len, body_len);
 		if (type == 2)
 			return 0;
 		if (!has_ename)
@@ -437,23 +474,34 @@ int main(int argc, char **argv)
 	}
 	for (int fd = 0; fd < 3; fd++) /* 0-2 open (libxl's are): the bus socket is never stderr */
 		if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) != fd)
-			return 2;
+			return 1;
 	signal(SIGPIPE, SIG_IGN); /* and send(MSG_NOSIGNAL): a closed bus is an error, not a kill */
+	signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would make waitpid fail: nothing written */
 	deadline_ms = now_ms() + REPLY_TIMEOUT_MS;
 	int ok = connect_bus() == 0 && call(add ? "Attach" : "Detach", path) == 0;
 	if (bus >= 0)
 		close(bus);
 	if (ok || (!add && !strcmp(err_name, "org.qubes.BlockBroker1.Error.NotFound")))
 		return 0;
-	char value[sizeof err_name + sizeof err_msg + 2];
+	char value[sizeof err_name + sizeof err_msg + 2], escaped[2 * sizeof value];
 	snprintf(value, sizeof value, "%s: %s", err_name, err_msg);
 	dprintf(2, "blockbroker-block %s %s: %s\n", cmd, path, value);
+	/* xenstore-write decodes backslash escapes (\n, \xHH, \ooo) in values: each backslash
+	 * is doubled, so the node holds exactly the printable text above */
+	size_t e = 0;
+	for (const char *c = value; *c; c++) {
+		if (*c == '\\')
+			escaped[e++] = '\\';
+		escaped[e++] = *c;
+	}
+	escaped[e] = 0;
 	if (add) {
 		char error_node[MAX_XENBUS_PATH + 16], status_node[MAX_XENBUS_PATH + 16];
 		snprintf(error_node, sizeof error_node, "%s/hotplug-error", path);
 		snprintf(status_node, sizeof status_node, "%s/hotplug-status", path);
-		char *exists[] = {"xenstore-exists", (char *)path, NULL};
-		char *write[] = {"xenstore-write", error_node, value, status_node, "error", NULL};
+		char *exists[] = {"xenstore-exists", "--", (char *)path, NULL};
+		char *write[] = {"xenstore-write", "--", error_node, escaped, status_node, "error",
+				 NULL};
 		signal(SIGPIPE, SIG_DFL), setenv("PATH", "/usr/bin:/bin:/usr/sbin:/sbin", 1);
 		if (run(exists, 1) == 0) /* not if libxl removed the dir: a write would re-create it */
 			run(write, 0);

@@ -9,11 +9,13 @@ leak nothing; `remove` must release the loop device.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from blockscript import BLOCK_SCRIPT
 from harness.stack import Stack, StackConfig
 from vbd import (
     XVDA,
@@ -171,6 +173,39 @@ def test_failing_add_writes_hotplug_error(
     assert leaked_loops(stack) == []
     # libxl runs remove after a failed add; nothing to release is not an error
     assert block_script(stack, "remove", be).returncode == 0
+
+
+def test_hotplug_error_holds_backslashes_as_written(stack: Stack, vbd: Callable[..., str]) -> None:
+    """xenstore-write decodes backslash escapes in a value; policyd's messages quote untrusted
+    values with repr(), so a VM- or toolstack-written `\\x1b` must reach hotplug-error as those
+    four printable characters, not as an ESC byte (the script doubles each backslash)."""
+    image = stack.make_image("script-escape.img")
+    be = vbd(str(image), "r")
+    stack.xs_write(f"{be}/mode", "r\\x1b\\n")  # printable: backslash, x, 1, b, backslash, n
+    result = block_script(stack, "add", be)
+    assert result.returncode == 1
+    error = stack.xs_read(f"{be}/hotplug-error") or ""
+    assert "is invalid" in error and "\\\\x1b" in error, error  # repr doubled them once
+    assert "\x1b" not in error and "\n" not in error
+    assert error in result.stderr
+    assert block_script(stack, "remove", be).returncode == 0
+
+
+def test_hotplug_error_is_written_with_sigchld_ignored(
+    stack: Stack, vbd: Callable[..., str]
+) -> None:
+    """A parent that ignores SIGCHLD (inherited across exec) must not stop the error path: the
+    script resets it, or waitpid would fail and nothing would be written."""
+    be = vbd(str(stack.image_dir / "absent-sigchld.img"), "r")
+    env = stack.env()
+    env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+    result = subprocess.run(
+        [str(BLOCK_SCRIPT), "add"], env=env, capture_output=True, text=True, check=False,
+        timeout=30, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert (stack.xs_read(f"{be}/hotplug-error") or "").startswith("org.qubes.BlockBroker1.")
+    assert stack.xs_read(f"{be}/hotplug-status") == "error"
 
 
 def test_add_with_missing_nodes_fails_cleanly(stack: Stack) -> None:
