@@ -57,7 +57,7 @@ fi
 chmod 0755 "$run_dir"
 mkdir -p "$run_dir/scenarios" "$run_dir/dbus"
 cp "$LAB_SRC"/scenarios/*.sh "$run_dir/scenarios/"
-cp "$REPO"/dbus/*.conf "$run_dir/dbus/" 2>/dev/null
+cp "$REPO"/dbus/*.conf "$REPO"/dbus/dev/system-default-policy.conf "$run_dir/dbus/" 2>/dev/null
 # the project's default export policy, for policyd --policy-dir (the host root is read-only)
 rm -rf "$run_dir/policy.d"; cp -r "$REPO/policy/policy.d" "$run_dir/policy.d" 2>/dev/null
 : >"$run_dir/results"

@@ -24,33 +24,8 @@ from harness.procs import Daemon, StackError
 
 POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
 
-DEFAULT_POLICY = """\
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
-          send_member="UpdateActivationEnvironment"/>
-    <deny send_destination="org.freedesktop.DBus"
-          send_interface="org.freedesktop.DBus.Debug.Stats"/>
-  </policy>
-  <policy user="root">
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Monitoring"/>
-  </policy>
-"""
+# the stock system bus's default policy, shared with the Xen lab's bus (xenlab/scenarios)
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "dbus" / "dev" / "system-default-policy.conf"
 
 
 def write_config(bus_dir: Path, project_policy_dir: Path) -> tuple[Path, str]:
@@ -60,6 +35,8 @@ def write_config(bus_dir: Path, project_policy_dir: Path) -> tuple[Path, str]:
     local_dir.mkdir(exist_ok=True)
     address = f"unix:path={socket_path}"
     user = "  <user>messagebus</user>\n" if _user_exists("messagebus") else ""
+    default_policy = bus_dir / "default-policy.conf"  # a copy: the daemon reads it unprivileged
+    default_policy.write_bytes(DEFAULT_POLICY.read_bytes())
     config = bus_dir / "system.conf"
     config.write_text(
         '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
@@ -69,7 +46,7 @@ def write_config(bus_dir: Path, project_policy_dir: Path) -> tuple[Path, str]:
         f"{user}"
         f"  <listen>{escape(address)}</listen>\n"
         "  <auth>EXTERNAL</auth>\n"
-        f"{DEFAULT_POLICY}"
+        f"  <include>{escape(str(default_policy))}</include>\n"
         f'  <include ignore_missing="yes">{escape(str(POLKIT_BUS_POLICY))}</include>\n'
         f"  <includedir>{escape(str(project_policy_dir))}</includedir>\n"
         f"  <includedir>{escape(str(local_dir))}</includedir>\n"

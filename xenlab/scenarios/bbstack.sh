@@ -1,8 +1,9 @@
 # xenlab/scenarios/bbstack.sh: blockbroker's stack in the lab's dom0 (sourced after lib.sh).
 #
 # All from the host's root, chrooted (the project is installed in /opt/blockbroker/venv there):
-#   dbus-daemon  the system bus at the standard /run/dbus/system_bus_socket: a default-deny system
-#                policy plus the project's dbus/*.conf (copied into the run directory by run.sh)
+#   dbus-daemon  the system bus at the standard /run/dbus/system_bus_socket: the stock default
+#                policy (dbus/dev/system-default-policy.conf, shared with the host harness) plus
+#                the project's dbus/*.conf, both copied into the run directory by run.sh
 #   broker       as root; config: client_user blockbroker, file_roots = $IMAGE_DIR, majors [7]
 #   policyd      as user blockbroker (no supplementary groups) against this dom0's xenstored
 #                (its socket handed to group blockbroker) and the real sysfs (xen-blkback);
@@ -29,23 +30,6 @@ bb_bus_config() {
   <user>messagebus</user>
   <listen>unix:path=/run/dbus/system_bus_socket</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
   <includedir>$RUN/dbus</includedir>
 </busconfig>
 CONF
