@@ -317,12 +317,7 @@ class Exporter:
             source=nodes.params,
             physical_device=nodes.physical_device,
         )
-        self.blkback.forget(record)
-        fd = self.registry.remove(record)
-        if fd is not None and fd != NO_FD:
-            os.close(fd)
-        self.listener.export_removed(record)
-        self.listener.manager_changed(["ExportCount"])
+        self._unregister(record)
 
     # -- exports whose frontend domain died ------------------------------------------------------
     #
@@ -346,9 +341,10 @@ class Exporter:
 
     def _frontend_event(self, path: str, token: str) -> None:
         """A watch fired (on the event loop): note the domain, check it in one task."""
-        if not token.startswith(FRONTEND_TOKEN) or not token[len(FRONTEND_TOKEN) :].isdigit():
+        domid = token.removeprefix(FRONTEND_TOKEN)
+        if domid == token or not domid.isdigit():
             return
-        self._frontends_to_check.add(int(token[len(FRONTEND_TOKEN) :]))
+        self._frontends_to_check.add(int(domid))
         if self._sweep_task is None or self._sweep_task.done():
             self._sweep_task = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -399,7 +395,7 @@ class Exporter:
                     await self._wait_closed(record)
                 await self.xenstore.remove_vbd(spec, record.devid)
             keep = False
-            if not record.wrote_vbd:
+            if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
                 try:
                     await self.xenstore.remove_physical_device(record.backend_path)
                 except errors.XenStoreError as e:
@@ -412,23 +408,13 @@ class Exporter:
                         error=e,
                     )
                     keep = True
-            self.blkback.forget(record)
-            fd = self.registry.remove(record)
-            if fd is not None and fd != NO_FD:
-                if keep:
-                    kept = contextlib.ExitStack()
-                    kept.callback(os.close, fd)
-                    self.kept_after_unknown_commit.append(kept)
-                else:
-                    os.close(fd)
+            released = self._unregister(record, keep_fd=keep)
             logfmt.info(
                 "detached",
                 export=record.object_path,
                 backend=record.backend_path,
-                released=fd is not None,
+                released=released,
             )
-            self.listener.export_removed(record)
-            self.listener.manager_changed(["ExportCount"])
 
     async def xenstore_call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """Await a XenStore method (policyd.service's policy gate reads names through this)."""
@@ -542,6 +528,23 @@ class Exporter:
         self.listener.manager_changed(["ExportCount"])
         if not remote:
             self.blkback.watch(record)
+
+    def _unregister(self, record: ExportRecord, keep_fd: bool = False) -> bool:
+        """The twin of _register: the export is gone from the registry and the bus. Its fd is
+        closed if it was the backing's last user (True), or kept until policyd stops while
+        XenStore may still name the device (keep_fd)."""
+        self.blkback.forget(record)
+        fd = self.registry.remove(record)
+        if fd is not None and fd != NO_FD:
+            if keep_fd:
+                kept = contextlib.ExitStack()
+                kept.callback(os.close, fd)
+                self.kept_after_unknown_commit.append(kept)
+            else:
+                os.close(fd)
+        self.listener.export_removed(record)
+        self.listener.manager_changed(["ExportCount"])
+        return fd is not None
 
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:
