@@ -96,22 +96,27 @@ async def caller_uid(bus: MessageBus, sender: str, cache: CallerCache | None = N
 
 
 async def _caller_uid(bus: MessageBus, sender: str) -> int:
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="GetConnectionUnixUser",
-            signature="s",
-            body=[sender],
-        )
-    )
+    reply = await bus_daemon_call(bus, "GetConnectionUnixUser", sender)
     if reply is None or reply.message_type != MessageType.METHOD_RETURN or reply.signature != "u":
         raise AccessDenied("the caller's uid could not be determined; access denied")
     uid = reply.body[0]
     if not isinstance(uid, int):
         raise AccessDenied("the caller's uid could not be determined; access denied")
     return uid
+
+
+async def bus_daemon_call(bus: MessageBus, member: str, arg: str) -> Message | None:
+    """A call of org.freedesktop.DBus's `member` with one string argument; its reply."""
+    return await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member=member,
+            signature="s",
+            body=[arg],
+        )
+    )
 
 
 def bridge_gid() -> int | None:
@@ -134,16 +139,7 @@ async def _in_bridge_group(bus: MessageBus, sender: str) -> bool:
     gid = bridge_gid()
     if gid is None:
         return False
-    reply = await bus.call(
-        Message(
-            destination="org.freedesktop.DBus",
-            path="/org/freedesktop/DBus",
-            interface="org.freedesktop.DBus",
-            member="GetConnectionCredentials",
-            signature="s",
-            body=[sender],
-        )
-    )
+    reply = await bus_daemon_call(bus, "GetConnectionCredentials", sender)
     if reply is None or reply.message_type != MessageType.METHOD_RETURN:
         return False
     groups = reply.body[0].get("UnixGroupIDs") if reply.signature == "a{sv}" else None

@@ -271,16 +271,7 @@ class Service:
         return [path]
 
     async def _has_owner(self, name: str) -> bool:
-        reply = await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="NameHasOwner",
-                signature="s",
-                body=[name],
-            )
-        )
+        reply = await authz.bus_daemon_call(self.bus, "NameHasOwner", name)
         return (
             reply is None
             or reply.message_type is not MessageType.METHOD_RETURN
@@ -348,15 +339,10 @@ class Service:
 
     async def _watch_requesters(self) -> None:
         """A bridge that disconnects (its VM's qrexec call ended) withdraws its requests."""
-        await self.bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"],
-            )
+        await authz.bus_daemon_call(
+            self.bus,
+            "AddMatch",
+            "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'",
         )
 
     def _on_name_lost(self, msg: Message) -> bool:
