@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dbus_fast import Message  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
+from harness import xenstore  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
 from client.api import AsyncClient  # noqa: E402
@@ -130,28 +131,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 def write_vbd(stack: Stack, params: str) -> str:
     """The backend/frontend nodes libxl's device_disk_add writes (backend state 2 = InitWait)."""
-    be = f"/local/domain/0/backend/vbd/{FE}/{DEVID}"
-    fe = f"/local/domain/{FE}/device/vbd/{DEVID}"
-    xs = stack.xs
-    xs.transaction()
-    xs.mkdir(be.encode())
-    xs.set_perms(be.encode(), [b"n0", f"r{FE}".encode()])
-    xs.mkdir(fe.encode())
-    xs.set_perms(fe.encode(), [f"n{FE}".encode(), b"r0"])
-    for name, value in (
-        ("frontend", fe), ("frontend-id", str(FE)), ("params", params), ("online", "1"),
-        ("removable", "0"), ("bootable", "1"), ("state", "2"), ("dev", "xvda"), ("type", "phy"),
-        ("mode", "r"), ("device-type", "disk"), ("discard-enable", "0"),
-    ):  # fmt: skip
-        xs.write(f"{be}/{name}".encode(), value.encode())
-    for name, value in (
-        ("backend", be), ("backend-id", "0"), ("state", "1"), ("virtual-device", str(DEVID)),
-        ("device-type", "disk"),
-    ):  # fmt: skip
-        xs.write(f"{fe}/{name}".encode(), value.encode())
-    if not xs.commit():
-        raise RuntimeError("writing vbd nodes conflicted")
-    return be
+    return xenstore.write_libxl_vbd(stack.xs, FE, DEVID, params)
 
 
 def remove_vbd(stack: Stack) -> None:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dbus_fast import Message, MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
+from harness import xenstore  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "200"))
@@ -79,28 +80,7 @@ async def detach(bus: MessageBus, export: str) -> None:
 
 def write_libxl_vbd(stack: Stack, params: str) -> str:
     """The backend/frontend nodes libxl's device_disk_add writes before it runs the script."""
-    be = f"/local/domain/0/backend/vbd/{ATTACH_FE}/{ATTACH_DEVID}"
-    fe = f"/local/domain/{ATTACH_FE}/device/vbd/{ATTACH_DEVID}"
-    xs = stack.xs
-    xs.transaction()
-    xs.mkdir(be.encode())
-    xs.set_perms(be.encode(), [b"n0", f"r{ATTACH_FE}".encode()])
-    xs.mkdir(fe.encode())
-    xs.set_perms(fe.encode(), [f"n{ATTACH_FE}".encode(), b"r0"])
-    for name, value in (
-        ("frontend", fe), ("frontend-id", str(ATTACH_FE)), ("params", params), ("online", "1"),
-        ("removable", "0"), ("bootable", "1"), ("state", "2"), ("dev", "xvdb"), ("type", "phy"),
-        ("mode", "r"), ("device-type", "disk"), ("discard-enable", "0"),
-    ):  # fmt: skip
-        xs.write(f"{be}/{name}".encode(), value.encode())
-    for name, value in (
-        ("backend", be), ("backend-id", "0"), ("state", "1"),
-        ("virtual-device", str(ATTACH_DEVID)), ("device-type", "disk"),
-    ):  # fmt: skip
-        xs.write(f"{fe}/{name}".encode(), value.encode())
-    if not xs.commit():
-        raise RuntimeError("writing vbd nodes conflicted")
-    return be
+    return xenstore.write_libxl_vbd(stack.xs, ATTACH_FE, ATTACH_DEVID, params)
 
 
 def remove_libxl_vbd(stack: Stack, be: str) -> None:

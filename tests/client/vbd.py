@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import loops
+from harness import loops, xenstore
 from harness.stack import Stack
 
 VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
@@ -60,51 +60,8 @@ def frontend_path(frontend_domid: int, devid: int) -> str:
 
 
 def write_libxl_vbd(stack: Stack, frontend_domid: int, devid: int, params: str, mode: str) -> str:
-    """The nodes libxl's device_disk_add writes for `disk=[...,script=blockbroker-block]`.
-
-    Backend owned by dom0 and readable by the frontend, frontend the other way round; the
-    backend `state` is 2 (InitWait): libxl runs the hotplug script only once blkback got there.
-    """
-    be, fe = backend_path(frontend_domid, devid), frontend_path(frontend_domid, devid)
-    xs = stack.xs
-    xs.transaction()
-    for parent, perms in (
-        (f"/local/domain/0/backend/vbd/{frontend_domid}", ["n0", f"r{frontend_domid}"]),
-        (f"/local/domain/{frontend_domid}/device/vbd", [f"n{frontend_domid}", "r0"]),
-    ):
-        if not xs.exists(parent.encode()):
-            xs.mkdir(parent.encode())
-            xs.set_perms(parent.encode(), [p.encode() for p in perms])
-    xs.mkdir(be.encode())
-    xs.set_perms(be.encode(), [b"n0", f"r{frontend_domid}".encode()])
-    xs.mkdir(fe.encode())
-    xs.set_perms(fe.encode(), [f"n{frontend_domid}".encode(), b"r0"])
-    for name, value in (
-        ("frontend", fe),
-        ("frontend-id", str(frontend_domid)),
-        ("params", params),
-        ("script", "/etc/xen/scripts/blockbroker-block"),
-        ("online", "1"),
-        ("removable", "0"),
-        ("bootable", "1"),
-        ("state", "2"),
-        ("dev", "xvda"),
-        ("type", "phy"),
-        ("mode", mode),
-        ("device-type", "disk"),
-        ("discard-enable", "0"),
-    ):
-        xs.write(f"{be}/{name}".encode(), value.encode())
-    for name, value in (
-        ("backend", be),
-        ("backend-id", "0"),
-        ("state", "1"),
-        ("virtual-device", str(devid)),
-        ("device-type", "disk"),
-    ):
-        xs.write(f"{fe}/{name}".encode(), value.encode())
-    assert xs.commit(), "writing the vbd nodes conflicted"
-    return be
+    """The nodes libxl's device_disk_add writes for `disk=[...,script=blockbroker-block]`."""
+    return xenstore.write_libxl_vbd(stack.xs, frontend_domid, devid, params, mode)
 
 
 def remove_libxl_vbd(stack: Stack, frontend_domid: int, devid: int) -> None:

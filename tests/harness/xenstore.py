@@ -21,6 +21,7 @@ from pyxs._internal import Op
 
 from harness import ns
 from harness.procs import Daemon, StackError
+from policyd.validate import vdev_name
 
 OXENSTORED = Path(os.environ.get("BLOCKBROKER_OXENSTORED", "/usr/lib/xen-4.17/bin/oxenstored"))
 SHIM_SOURCE = Path(__file__).with_name("xenstored-shim.c")
@@ -154,3 +155,60 @@ def register_domain(client: Client, name: str, domid: int) -> None:
     _mknod(client, f"/libxl/{domid}/type", ["n0"], "pv")
     if not client.commit():
         raise StackError(f"registering domain {name} ({domid}) in XenStore conflicted")
+
+
+def write_libxl_vbd(
+    client: Client,
+    frontend_domid: int,
+    devid: int,
+    params: str,
+    mode: str = "r",
+    extra: dict[str, str] | None = None,
+) -> str:
+    """The nodes libxl's device_disk_add writes for `disk=[..., script=blockbroker-block]`, in
+    one transaction, before it runs the hotplug script; returns the backend path. The backend
+    is dom0's and readable by the frontend, the frontend the other way round (parents made
+    first when missing, with the same permissions); backend `state` 2 (InitWait): libxl runs
+    the script once blkback got there. `extra` adds or replaces backend nodes (junk tests)."""
+    be = f"/local/domain/0/backend/vbd/{frontend_domid}/{devid}"
+    fe = f"/local/domain/{frontend_domid}/device/vbd/{devid}"
+    be_perms, fe_perms = ["n0", f"r{frontend_domid}"], [f"n{frontend_domid}", "r0"]
+    back = {
+        "frontend": fe,
+        "frontend-id": str(frontend_domid),
+        "params": params,
+        "script": "/etc/xen/scripts/blockbroker-block",
+        "online": "1",
+        "removable": "0",
+        "bootable": "1",
+        "state": "2",
+        "dev": vdev_name(devid),
+        "type": "phy",
+        "mode": mode,
+        "device-type": "disk",
+        "discard-enable": "0",
+        **(extra or {}),
+    }
+    front = {
+        "backend": be,
+        "backend-id": "0",
+        "state": "1",
+        "virtual-device": str(devid),
+        "device-type": "disk",
+    }
+    client.transaction()
+    try:
+        for path, perms in ((be.rsplit("/", 1)[0], be_perms), (fe.rsplit("/", 1)[0], fe_perms)):
+            if not client.exists(path.encode()):
+                _mknod(client, path, perms)
+        _mknod(client, be, be_perms)
+        _mknod(client, fe, fe_perms)
+        for base, nodes in ((be, back), (fe, front)):
+            for name, value in nodes.items():
+                client.write(f"{base}/{name}".encode(), value.encode())
+    except BaseException:
+        client.rollback()
+        raise
+    if not client.commit():
+        raise StackError("writing the vbd nodes conflicted with another writer")
+    return be

@@ -18,6 +18,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
+from harness import xenstore
 from harness.stack import Stack
 
 BUS_NAME = "org.qubes.BlockBroker1"
@@ -220,49 +221,8 @@ def write_libxl_vbd(
     mode: str = "r",
     extra: dict[str, str] | None = None,
 ) -> str:
-    """The backend and frontend nodes libxl's device_disk_add writes (one transaction), before
-    it runs the block script. Returns the backend path."""
-    be = f"/local/domain/0/backend/vbd/{frontend_domid}/{devid}"
-    fe = f"/local/domain/{frontend_domid}/device/vbd/{devid}"
-    back = {
-        "params": params,
-        "script": "/etc/xen/scripts/blockbroker-block",
-        "frontend-id": str(frontend_domid),
-        "online": "1",
-        "removable": "0",
-        "bootable": "1",
-        "state": "1",
-        "dev": "xvda",
-        "type": "phy",
-        "mode": mode,
-        "device-type": "disk",
-        "discard-enable": "1",
-        "frontend": fe,
-        **(extra or {}),
-    }
-    front = {
-        "backend-id": "0",
-        "state": "1",
-        "virtual-device": str(devid),
-        "device-type": "disk",
-        "backend": be,
-    }
-    xs = stack.xs
-    xs.transaction()
-    try:
-        xs.mkdir(be.encode())
-        xs.set_perms(be.encode(), [b"n0", f"r{frontend_domid}".encode()])
-        xs.mkdir(fe.encode())
-        xs.set_perms(fe.encode(), [f"n{frontend_domid}".encode(), b"r0"])
-        for name, value in back.items():
-            xs.write(f"{be}/{name}".encode(), value.encode())
-        for name, value in front.items():
-            xs.write(f"{fe}/{name}".encode(), value.encode())
-    except BaseException:
-        xs.rollback()
-        raise
-    assert xs.commit()
-    return be
+    """The nodes libxl's device_disk_add writes before it runs the block script (harness)."""
+    return xenstore.write_libxl_vbd(stack.xs, frontend_domid, devid, params, mode, extra)
 
 
 def xs_write_raw(stack: Stack, path: str, value: bytes) -> None:
