@@ -188,6 +188,7 @@ def test_hotplug_error_holds_backslashes_as_written(stack: Stack, vbd: Callable[
     assert "is invalid" in error and "\\\\x1b" in error, error  # repr doubled them once
     assert "\x1b" not in error and "\n" not in error
     assert error in result.stderr
+    assert not stack.xs_exists(f"{be}/physical-device") and leaked_loops(stack) == []
     assert block_script(stack, "remove", be).returncode == 0
 
 
@@ -206,6 +207,7 @@ def test_hotplug_error_is_written_with_sigchld_ignored(
     assert result.returncode == 1
     assert (stack.xs_read(f"{be}/hotplug-error") or "").startswith("org.qubes.BlockBroker1.")
     assert stack.xs_read(f"{be}/hotplug-status") == "error"
+    assert not stack.xs_exists(f"{be}/physical-device") and leaked_loops(stack) == []
 
 
 def test_add_with_missing_nodes_fails_cleanly(stack: Stack) -> None:
