@@ -55,8 +55,8 @@ from harness import xenstore  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
 from client.api import AsyncClient  # noqa: E402
-from policyd.xenstore import XenStore  # noqa: E402
-from policyd.xstx import Tx  # noqa: E402
+from policyd.xenstore.client import Tx  # noqa: E402
+from policyd.xenstore.store import XenStore  # noqa: E402
 
 VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
 BLOCK_SCRIPT = VENV / "bin" / "blockbroker-block"

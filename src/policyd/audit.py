@@ -1,30 +1,17 @@
-"""The export policy as policyd applies it, and the audit trail of every decision.
+"""The audit trail: who the current call comes from, and one log line per decision.
 
-Unprivileged policyd code. Request fields reach the policy engine unvalidated on purpose: the
-engine validates them itself and denies what it cannot parse (policyd.policy, fail closed).
-Every decision - by a policy rule or by a person - is logged as one logfmt line with
-`event=audit`: who asked, which device (with diskseq where known), which rule or person decided,
-and the result. Callers' identities come from the bus daemon, never from message bodies.
+Unprivileged policyd code. Every decision - by a policy rule or by a person - is logged as one
+logfmt line with `event=audit`: who asked, which device (with diskseq where known), which rule or
+person decided, and the result. Callers' identities come from the bus daemon (set per call by
+policyd.bus.service), never from message bodies.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from policyd import errors, logfmt
-from policyd.policy import (
-    ADMIN_DOMAIN,
-    Action,
-    Decision,
-    PolicyWatcher,
-    Request,
-    TagProvider,
-    device_for_path,
-    no_tags,
-)
+from policyd import logfmt
 
 
 @dataclass(frozen=True)
@@ -38,10 +25,8 @@ class Caller:
         return f"uid={self.uid} bus={self.bus_name}"
 
 
-# Set by policyd.service for each method call (each runs in its own task, so its own context).
+# Set by policyd.bus.service for each method call (each runs in its own task, so its own context).
 CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
-
-DomainName = Callable[[int], Awaitable[str]]
 
 
 def audit(result: str, **fields: object) -> None:
@@ -49,96 +34,3 @@ def audit(result: str, **fields: object) -> None:
     caller = CALLER.get()
     fields.setdefault("caller", "policyd" if caller is None else str(caller))
     logfmt.info("decision", event="audit", result=result, **fields)
-
-
-def policy_name(domid: int, xenstore_name: str) -> str:
-    """The policy's name for a domain: `dom0` for domid 0, else its XenStore name."""
-    return ADMIN_DOMAIN if domid == 0 else xenstore_name
-
-
-class PolicyGate:
-    """Evaluates the export policy for attach, export and request-export, and audits it."""
-
-    def __init__(
-        self, policy_dir: str | Path, domain_name: DomainName, tags: TagProvider = no_tags
-    ) -> None:
-        self.watcher = PolicyWatcher(policy_dir, tags)
-        self.domain_name = domain_name
-        if self.watcher.policy.error is not None:
-            logfmt.warning("policy has an error; it denies from there on", error=self.error_text)
-
-    @property
-    def error_text(self) -> str:
-        return str(self.watcher.policy.error)
-
-    async def name_of(self, domid: int) -> str:
-        """The policy's name for a domain: `dom0` for domid 0, else its XenStore name."""
-        return policy_name(domid, "" if domid == 0 else await self.domain_name(domid))
-
-    def evaluate(
-        self, operation: str, device: str, source: str, target: str, mode: str
-    ) -> Decision:
-        if self.watcher.reload_if_changed():
-            logfmt.info("policy reloaded", dir=self.watcher.directory, error=self.error_text)
-        return self.watcher.policy.evaluate(Request(operation, device, source, target, mode))
-
-    async def check_path(
-        self,
-        operation: str,
-        path: str,
-        backend: tuple[int, str],
-        frontend: tuple[int, str],
-        writable: bool,
-    ) -> None:
-        """attach/export of a dom0 path: allow, or PolicyDenied naming the deciding rule.
-
-        backend and frontend are (domid, name as the caller just read it from XenStore, "" if
-        none), so the check costs no XenStore round trip of its own. `ask` cannot be honoured
-        here (the caller is already an authorized admin or libxl, who waits synchronously), so
-        only `allow` passes.
-        """
-        try:
-            device = device_for_path(path)
-        except ValueError:
-            device = path  # the engine denies it as an invalid request, with the reason
-        source = policy_name(*backend)
-        target = policy_name(*frontend)
-        mode = "rw" if writable else "ro"
-        decision = self.evaluate(operation, device, source, target, mode)
-        self.enforce(decision, operation, device, source, target, mode, allow=(Action.ALLOW,))
-
-    def enforce(
-        self,
-        decision: Decision,
-        operation: str,
-        device: str,
-        source: str,
-        target: str,
-        mode: str,
-        *,
-        allow: tuple[Action, ...],
-        diskseq: int | None = None,
-    ) -> Decision:
-        """Audit `decision`; raise PolicyDenied unless its action is one of `allow`."""
-        result = "allow" if decision.action in allow else "deny"
-        audit(
-            result if decision.action is not Action.ASK or result == "deny" else "ask",
-            operation=operation,
-            device=device,
-            diskseq="" if diskseq is None else diskseq,
-            source=source,
-            target=target,
-            mode=mode,
-            decided_by=f"rule {decision.location}" if decision.location else "policy",
-            reason=decision.reason,
-        )
-        if result == "deny":
-            where = decision.location or "no rule"
-            reason = decision.reason
-            if decision.action is Action.ASK:
-                reason = f"the rule asks a person, which {operation} cannot wait for: deny"
-            raise errors.PolicyDenied(
-                f"{operation} of {device} from {source} to {target} ({mode}) is denied by the "
-                f"export policy at {where}: {reason}"
-            )
-        return decision

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-ERROR_PREFIX = "org.qubes.BlockBroker1.Error."
+from policyd.names import ERROR_PREFIX
 
 
 class PolicydError(Exception):
@@ -83,19 +83,3 @@ class Expired(PolicydError):
 
 class Internal(PolicydError):
     name = "Internal"
-
-
-ALL_ERRORS: tuple[type[PolicydError], ...] = (
-    AccessDenied,
-    UnknownDomain,
-    NotFound,
-    InvalidArgument,
-    Refused,
-    Busy,
-    DeviceChanged,
-    XenStoreError,
-    BrokerUnavailable,
-    PolicyDenied,
-    Expired,
-    Internal,
-)

@@ -19,16 +19,23 @@ import sys
 from pathlib import Path
 
 from dbus_fast import BusType, RequestNameReply
+from dbus_fast.aio import MessageBus
 from dbus_fast.constants import NameFlag
 
-from policyd import authz, logfmt, validate
+from policyd import logfmt, validate
 from policyd.brokerclient import AsyncBrokerClient
-from policyd.bus import PolicydBus
-from policyd.interfaces import BUS_NAME
+from policyd.bus.connection import PolicydBus
+from policyd.bus.objects import BusObjects
+from policyd.bus.service import Service, StartupError
+from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.exporter import Exporter
+from policyd.exports.registry import Registry
+from policyd.exports.sources import Sources
+from policyd.names import BUS_NAME
 from policyd.policy import DEFAULT_POLICY_DIR, FileTagProvider
-from policyd.requests import DEFAULT_EXPIRY_S, MAX_EXPIRY_S
-from policyd.service import Service
-from policyd.xenstore import XenStore
+from policyd.policygate import PolicyGate
+from policyd.requests.lifecycle import DEFAULT_EXPIRY_S, MAX_EXPIRY_S, Requests
+from policyd.xenstore.store import XenStore
 
 DEFAULT_XENSTORE = "/run/xenstored/socket"
 DEFAULT_TAGS_FILE = Path("/etc/blockbroker/tags")
@@ -79,23 +86,56 @@ def version() -> str:
         return "0+unknown"
 
 
+class Policyd:
+    """The daemon's objects, built and wired here and nowhere else."""
+
+    def __init__(self, bus: MessageBus, args: argparse.Namespace) -> None:
+        self.objects = BusObjects(bus, version())
+        self.xenstore = XenStore(
+            args.xenstore_path, on_connection_changed=self.objects.xenstore_connected
+        )
+        self.broker = BrokerCalls(
+            AsyncBrokerClient(args.broker_socket),
+            on_connected_changed=self.objects.broker_connected,
+        )
+        self.registry = Registry()
+        self.gate = PolicyGate(
+            args.policy_dir, self.xenstore.domain_name, FileTagProvider(args.tags_file)
+        )
+        self.exporter = Exporter(
+            xenstore=self.xenstore,
+            broker=self.broker,
+            registry=self.registry,
+            sources=Sources(self.registry, self.broker),
+            policy_check=self.gate.check_path,
+            listener=self.objects,
+            backend_domid=args.backend_domid,
+            sysfs_root=args.sysfs_root,
+        )
+        self.requests = Requests(
+            exporter=self.exporter,
+            xenstore=self.xenstore,
+            gate=self.gate,
+            listener=self.objects,
+            expiry_s=args.request_expiry,
+        )
+        self.service = Service(bus, exporter=self.exporter, requests=self.requests)
+
+    def start(self) -> None:
+        self.objects.start()
+        self.service.start()
+
+    def stop(self) -> None:
+        self.requests.shutdown()  # pending requests end audited (withdrawn, "policyd stopping")
+
+
 async def run(args: argparse.Namespace) -> int:
     bus = await PolicydBus(
         bus_address=args.bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True
     ).connect()
-    service = Service(
-        bus,
-        version=version(),
-        broker=AsyncBrokerClient(args.broker_socket),
-        xenstore=XenStore(args.xenstore_path),
-        backend_domid=args.backend_domid,
-        sysfs_root=args.sysfs_root,
-        policy_dir=args.policy_dir,
-        tags=FileTagProvider(args.tags_file),
-        request_expiry_s=args.request_expiry,
-    )
-    service.start()
-    await service.exporter.probe()
+    daemon = Policyd(bus, args)
+    daemon.start()
+    await daemon.exporter.probe()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,12 +156,12 @@ async def run(args: argparse.Namespace) -> int:
     disconnected = loop.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     stopped = loop.create_task(stop.wait())
     await asyncio.wait({disconnected, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    logfmt.info("stopping", exports=len(service.exporter.registry), bus_lost=disconnected.done())
+    logfmt.info("stopping", exports=len(daemon.registry), bus_lost=disconnected.done())
     for task in (disconnected, stopped):
         task.cancel()
-    service.requests.shutdown()  # pending requests end audited (withdrawn, "policyd stopping")
+    daemon.stop()
     bus.disconnect()
-    service.exporter.shutdown()
+    daemon.exporter.shutdown()
     return 0 if stopped.done() and not disconnected.done() else 1
 
 
@@ -130,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     logfmt.setup()
     try:
         return asyncio.run(run(args))
-    except authz.StartupError as e:
+    except StartupError as e:
         logfmt.error("refusing to start", error=e)
         return 2
     except Exception as e:

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from policyd import modes
 from policyd.errors import InvalidArgument, PolicydError, XenStoreError
+from policyd.policy import DOMAIN_NAME_GRAMMAR, DOMAIN_NAME_RE
 
-DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,31}")
 DOMID_RE = re.compile(r"0|[1-9][0-9]{0,4}")
 DEVID_RE = re.compile(r"[1-9][0-9]{0,9}")
 BACKEND_PATH_RE = re.compile(
@@ -52,8 +53,7 @@ class BackendPath:
 def domain_name(untrusted_name: object, error: type[PolicydError] = InvalidArgument) -> str:
     if not isinstance(untrusted_name, str) or not DOMAIN_NAME_RE.fullmatch(untrusted_name):
         raise error(
-            f"domain name {_show(untrusted_name)} is invalid: expected 1-31 characters "
-            "of A-Z a-z 0-9 _ . -"
+            f"domain name {_show(untrusted_name)} is invalid: expected {DOMAIN_NAME_GRAMMAR}"
         )
     return untrusted_name
 
@@ -109,7 +109,7 @@ def source_path(untrusted_path: object, error: type[PolicydError] = InvalidArgum
 
 
 def mode(untrusted_mode: str) -> str:
-    if untrusted_mode not in ("r", "w"):
+    if untrusted_mode not in modes.MODES:
         raise XenStoreError(f"mode {_show(untrusted_mode)} is invalid: expected 'r' or 'w'")
     return untrusted_mode
 

@@ -14,7 +14,7 @@ import pytest
 from harness.stack import Stack
 from policydlab import NOBODY, Api, assert_clean, run_as
 
-from policyd import authz
+from policyd.bus.service import METHODS, ROUTES, StartupError, check_table
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 
@@ -66,7 +66,7 @@ def test_every_mutating_method_is_denied_to_an_unprivileged_caller(stack: Stack,
     result = run_as(NOBODY, stack.bus_address, script)
     assert result.pop("uid") == NOBODY
     denied = "org.qubes.BlockBroker1.Error.AccessDenied"
-    mutating = {f"{i.rsplit('.', 1)[1]}.{m}" for i, m in authz.MUTATING_METHODS}
+    mutating = {f"{i.rsplit('.', 1)[1]}.{m}" for i, m in ROUTES}
     assert {k for k in result if not k.startswith("read.")} == mutating
     for key, outcome in result.items():
         assert outcome == ("ok" if key.startswith("read.") else denied), key
@@ -94,14 +94,14 @@ asyncio.run(main())
 
 
 def test_every_declared_method_has_a_polkit_action() -> None:
-    for (iface, member), action in authz.MUTATING_METHODS.items():
+    for iface, member, action in ((m.interface, m.name, m.action) for m in METHODS):
         assert iface.startswith("org.qubes.BlockBroker1.") and member
         assert action.startswith("org.qubes.blockbroker.")
-    with pytest.raises(authz.StartupError, match="without a polkit action"):
-        authz.check_table({*authz.MUTATING_METHODS, ("org.qubes.BlockBroker1.Manager", "New")})
-    with pytest.raises(authz.StartupError, match="do not exist"):
-        authz.check_table(set(list(authz.MUTATING_METHODS)[1:]))
-    authz.check_table(set(authz.MUTATING_METHODS))
+    with pytest.raises(StartupError, match="without a polkit action"):
+        check_table({*ROUTES, ("org.qubes.BlockBroker1.Manager", "New")})
+    with pytest.raises(StartupError, match="do not exist"):
+        check_table(set(list(ROUTES)[1:]))
+    check_table(set(ROUTES))
 
 
 def test_policyd_runs_unprivileged(stack: Stack) -> None:

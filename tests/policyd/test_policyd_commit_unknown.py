@@ -17,9 +17,9 @@ from harness.stack import Stack
 from pyxs._internal import Op
 
 from policyd.errors import CommitUnknown, XenStoreError
-from policyd.xenstore import XenStore
-from policyd.xsclient import HEADER
-from policyd.xstx import Tx
+from policyd.xenstore.client import Tx
+from policyd.xenstore.connection import HEADER
+from policyd.xenstore.store import XenStore
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 

@@ -7,7 +7,7 @@ from dbus_fast import Variant
 
 from policyd import errors, validate
 from policyd.brokerclient import Identity
-from policyd.registry import ExportRecord, Registry, file_key
+from policyd.exports.registry import ExportRecord, Registry, file_key
 
 
 @pytest.mark.parametrize("name", ["work", "Domain-0", "a", "x" * 31, "sys-usb.2_a"])

@@ -9,8 +9,8 @@ import contextlib
 
 import pytest
 
+from policyd.bus.polkit import Limiter
 from policyd.errors import Busy
-from policyd.polkit import Limiter
 
 
 def test_per_uid_and_total_bounds() -> None:

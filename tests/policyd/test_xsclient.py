@@ -26,14 +26,14 @@ from pyxs._internal import Op
 from xsfake import CLOSE, TX_ID, HostileXenstored, frame
 
 from policyd.errors import CommitUnknown, XenStoreError
-from policyd.xenstore import XenStore
-from policyd.xsclient import (
+from policyd.xenstore.client import BATCH_MAX, Tx
+from policyd.xenstore.connection import (
     WATCH_EVENTS_MAX,
     XENSTORE_PAYLOAD_MAX,
     XenStoreProtocolError,
     XenStoreTimeout,
 )
-from policyd.xstx import BATCH_MAX, Tx
+from policyd.xenstore.store import XenStore
 
 SHORT_TIMEOUT_S = 0.3
 
@@ -434,9 +434,8 @@ def test_real_conflict_is_retried(stack: Stack, node: str) -> None:
 @pytest.mark.daemon
 def test_real_reconnect_after_the_socket_is_closed(stack: Stack) -> None:
     async def scenario() -> None:
-        xs = XenStore(str(stack.xenstore_path))
         changes: list[bool] = []
-        xs.connection_changed = lambda: changes.append(xs.connected)
+        xs = XenStore(str(stack.xenstore_path), on_connection_changed=changes.append)
         try:
             assert await xs.domain_name(1) == "work"
             assert xs._conn is not None and xs._conn._transport is not None
@@ -575,8 +574,9 @@ def test_events_of_policyds_own_watches_are_handed_on_and_checked(tmp_path: Path
 
     async def case(server: HostileXenstored, xs: XenStore) -> None:
         seen: list[tuple[str, str]] = []
-        xs.on_watch = lambda path, token: seen.append((path, token))
-        await xs.watch("/local/domain/1/name", "frontend-1")
+        await xs.watch(
+            "/local/domain/1/name", "frontend-1", lambda path, token: seen.append((path, token))
+        )
         peer = server.peers[-1]
         assert peer.transport is not None
         peer.transport.write(frame(Op.WATCH_EVENT, 0, 0, b"/local/domain/1/name\0frontend-1\0"))

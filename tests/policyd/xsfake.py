@@ -18,7 +18,7 @@ from typing import cast
 
 from pyxs._internal import Op
 
-from policyd.xsclient import HEADER
+from policyd.xenstore.connection import HEADER
 
 TX_ID = 7
 CLOSE = object()  # a script's answer: close the connection instead of replying

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from client import bridge, request_export
 from client.bridge import BridgeError, parse_request, read_request
 from policyd import errors
-from policyd.vmdevice import device_descriptor, request_options
+from policyd.requests.vmdevice import device_descriptor, request_options
 
 ENV = {"QREXEC_REMOTE_DOMAIN": "sys-usb", "QREXEC_SERVICE_ARGUMENT": "work"}
 GOOD = b"name=sda1 major=8 minor=1 diskseq=12345 size=4096 ro=1 desc=USB_stick\n"

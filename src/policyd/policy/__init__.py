@@ -22,11 +22,21 @@ from .errors import (
 )
 from .parser import Rule, RuleParams, ValidatingParser
 from .tags import FileTagProvider, StaticTagProvider, TagProvider, no_tags
-from .tokens import ADMIN_DOMAIN, OPERATIONS, Action, Mode, device_for_path
+from .tokens import (
+    ADMIN_DOMAIN,
+    DOMAIN_NAME_GRAMMAR,
+    DOMAIN_NAME_RE,
+    OPERATIONS,
+    Action,
+    Mode,
+    device_for_path,
+)
 
 __all__ = [
     "ADMIN_DOMAIN",
     "DEFAULT_POLICY_DIR",
+    "DOMAIN_NAME_GRAMMAR",
+    "DOMAIN_NAME_RE",
     "OPERATIONS",
     "AccessDenied",
     "Action",

@@ -27,7 +27,9 @@ OPERATIONS = ("attach", "export", "request-export")
 
 # Explicit ASCII classes and fullmatch everywhere: no \w or \d (they accept Unicode digits
 # and letters), no `$` (it accepts a trailing newline).
-_DOMAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+# The one grammar of domain names (Xen's and Qubes'), used by the daemon's validation too.
+DOMAIN_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+DOMAIN_NAME_GRAMMAR = "a letter, then up to 30 of A-Z a-z 0-9 _ . -"
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BLOCK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _BLOCK_PREFIX = re.compile(r"[a-z0-9][a-z0-9_-]{0,30}")
@@ -53,11 +55,8 @@ class Mode(enum.Enum):
 
 def validate_domain_name(untrusted_name: str) -> str:
     """A Xen/Qubes domain name: a letter, then letters, digits, `_.-`; at most 31 chars."""
-    if not _DOMAIN_NAME.fullmatch(untrusted_name):
-        raise ValueError(
-            f"invalid domain name {untrusted_name[:40]!r} (a letter, then up to 30 of "
-            "A-Z a-z 0-9 _ . -)"
-        )
+    if not DOMAIN_NAME_RE.fullmatch(untrusted_name):
+        raise ValueError(f"invalid domain name {untrusted_name[:40]!r} ({DOMAIN_NAME_GRAMMAR})")
     return untrusted_name
 
 

@@ -22,7 +22,7 @@ from policyd.errors import (
     UnknownDomain,
     XenStoreError,
 )
-from policyd.xstx import (
+from policyd.xenstore.client import (
     BATCH_MAX,
     Tx,
     XsClient,

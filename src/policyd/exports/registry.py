@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 
 from policyd.brokerclient import Identity
 from policyd.errors import Busy
+from policyd.names import export_path
 
 BackingKey = tuple[str, int, int]  # ("file", st_dev, st_ino) or ("block", major, minor)
 
 STATE_WAITING = "waiting-for-blkback"
 STATE_CONNECTED = "connected"
 STATE_NO_BLKBACK = "no-blkback"
-STATE_REMOTE = "backend-in-vm"  # a VM's own device: its blkback, not dom0's sysfs
+STATE_BACKEND_IN_VM = "backend-in-vm"  # a VM's own device: its blkback, not dom0's sysfs
 
 
 def file_key(st_dev: int, st_ino: int) -> BackingKey:
@@ -47,11 +48,15 @@ class Backing:
     # other keys naming the same data: a file backing's loop device (block key); a loop device
     # held as a block device: the file it is bound to (file key)
     aliases: tuple[BackingKey, ...] = ()
+    # the device node's path, as sysfs names the device (policyd.exports.sources.device_path);
+    # "" for a device in another domain
+    device_path: str = ""
     users: set[int] = field(default_factory=set)
 
     @property
     def loop_device(self) -> str:
-        return f"/dev/loop{self.identity.minor}" if self.kind == "file" else ""
+        """The loop device a file is bound to ("" for a block device or a VM's device)."""
+        return self.device_path if self.kind == "file" else ""
 
 
 @dataclass(eq=False)
@@ -74,7 +79,7 @@ class ExportRecord:
 
     @property
     def object_path(self) -> str:
-        return f"/org/qubes/BlockBroker1/export/{self.number}"
+        return export_path(self.number)
 
 
 class Registry:
@@ -127,10 +132,12 @@ class Registry:
         kind: str,
         writable: bool,
         aliases: tuple[BackingKey, ...] = (),
+        device_path: str = "",
     ) -> Backing:
         if key in self._backings:
             raise AssertionError(f"backing {key} is already registered")
-        return Backing(key, fd, identity, kind, writable, tuple(a for a in aliases if a != key))
+        others = tuple(a for a in aliases if a != key)
+        return Backing(key, fd, identity, kind, writable, others, device_path)
 
     def next_number(self) -> int:
         number = self._next_number

@@ -1,16 +1,14 @@
-"""Who may call what: the one table of mutating methods and their polkit actions.
+"""Who may call what: the access rules of the D-Bus methods, the caller's identity, polkit.
 
 Unprivileged policyd code; the caller's identity comes from the bus daemon
-(GetConnectionUnixUser on the message's unique sender name), never from the message body.
-Attach/Detach (libxl's path) need uid 0; Export/ExportFd/DetachExport/Export.Detach pass for
-uid 0 and ask polkit for anyone else; Approve/Deny of a VM's request ask polkit (subject =
-the caller's bus name, policyd.polkit); RequestExport/Withdraw take root or the qrexec bridge's
-group (from GetConnectionCredentials), else polkit. The service
-refuses to start if a declared method is in neither table.
+(GetConnectionUnixUser on the message's unique sender name), never from the message body. Each
+method's access rule and polkit action are in its row of policyd.bus.service.METHODS; this
+module applies them (authorize). polkit's subject is the caller's bus name (policyd.bus.polkit).
 """
 
 from __future__ import annotations
 
+import enum
 import grp
 from collections.abc import Mapping
 from typing import TypeVar
@@ -18,57 +16,33 @@ from typing import TypeVar
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from policyd import audit, polkit
+from policyd import audit
+from policyd.bus import polkit
 from policyd.errors import AccessDenied
-from policyd.interfaces import EXPORT_IFACE, MANAGER_IFACE
-from policyd.requests import REQUEST_IFACE
 
 POLKIT_ATTACH = "org.qubes.blockbroker.attach"
 POLKIT_EXPORT = "org.qubes.blockbroker.export"
 POLKIT_DETACH = "org.qubes.blockbroker.detach"
-POLKIT_APPROVE = "org.qubes.blockbroker.approve"  # a person decides a VM's request: polkit
-# RequestExport/Withdraw: root and the qrexec bridge's group; anyone else only if polkit says so
+POLKIT_APPROVE = "org.qubes.blockbroker.approve"  # a person decides a VM's request
 POLKIT_REQUEST_EXPORT = "org.qubes.blockbroker.request-export"
 BRIDGE_GROUP = "blockbroker-qrexec"
-
-# (interface, member) -> polkit action, for every method that changes state.
-MUTATING_METHODS: dict[tuple[str, str], str] = {
-    (MANAGER_IFACE, "Attach"): POLKIT_ATTACH,
-    (MANAGER_IFACE, "Detach"): POLKIT_ATTACH,
-    (MANAGER_IFACE, "Export"): POLKIT_EXPORT,
-    (MANAGER_IFACE, "ExportFd"): POLKIT_EXPORT,
-    (MANAGER_IFACE, "DetachExport"): POLKIT_DETACH,
-    (EXPORT_IFACE, "Detach"): POLKIT_DETACH,
-    (MANAGER_IFACE, "RequestExport"): POLKIT_REQUEST_EXPORT,
-    (REQUEST_IFACE, "Approve"): POLKIT_APPROVE,
-    (REQUEST_IFACE, "Deny"): POLKIT_APPROVE,
-    (REQUEST_IFACE, "Withdraw"): POLKIT_REQUEST_EXPORT,
-}
-# Methods that change nothing; anyone the bus policy lets through may call them.
-READ_ONLY_METHODS: frozenset[tuple[str, str]] = frozenset()
-
 ROOT_UID = 0
 _V = TypeVar("_V")
 
 
-class StartupError(Exception):
-    """policyd refuses to start: the message says what is misconfigured."""
+class Access(enum.Enum):
+    """Who may call a method."""
 
-
-def check_table(declared: set[tuple[str, str]]) -> None:
-    """Every declared method is either read-only or has a polkit action, and vice versa."""
-    missing = declared - set(MUTATING_METHODS) - READ_ONLY_METHODS
-    if missing:
-        raise StartupError(f"methods without a polkit action or read-only entry: {sorted(missing)}")
-    stale = set(MUTATING_METHODS) - declared
-    if stale:
-        raise StartupError(f"polkit table names methods that do not exist: {sorted(stale)}")
+    ROOT = "uid 0 only"  # libxl's Attach and Detach
+    ROOT_OR_POLKIT = "uid 0, else polkit (interactive)"  # an administrator's GUI or CLI
+    BRIDGE_OR_POLKIT = "uid 0 or the qrexec bridge's group, else polkit (not interactive)"
+    POLKIT = "polkit, interactive, for every caller"  # a person decides (polkit passes uid 0)
 
 
 class CallerCache:
     """What the bus daemon said about each caller (uid; membership of BRIDGE_GROUP), by unique
     name. A unique name is never reused while the bus runs and a connection's credentials never
-    change, so an entry stays right until the name goes; Service drops it on NameOwnerChanged
+    change, so an entry stays right until the name goes; the service drops it on NameOwnerChanged
     (see forget). Bounded: when full, the oldest entries go. Saves a bus round trip per call."""
 
     MAX_ENTRIES = 1024
@@ -149,32 +123,28 @@ async def _in_bridge_group(bus: MessageBus, sender: str) -> bool:
 async def authorize(
     bus: MessageBus,
     sender: str | None,
-    interface: str,
     member: str,
+    access: Access,
+    action: str,
     details: Mapping[str, str] | None = None,
     cache: CallerCache | None = None,
 ) -> int:
-    """The caller's uid if it may call interface.member, else AccessDenied. `details` go to
+    """The caller's uid if `access` lets it call `member`, else AccessDenied. `details` go to
     polkit (policyd's own, validated values: polkit rules may test them with action.lookup)."""
-    action = MUTATING_METHODS.get((interface, member))
-    if action is None:
-        if (interface, member) in READ_ONLY_METHODS:
-            return -1
-        raise AccessDenied(f"{interface}.{member} is not in the authorization table")
     if not sender:
         raise AccessDenied("the call has no sender; access denied")
     uid = await caller_uid(bus, sender, cache)
-    if action == POLKIT_APPROVE:  # polkit itself authorizes uid 0
+    if access is Access.POLKIT:
         await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
         return uid
-    if action == POLKIT_REQUEST_EXPORT:
+    if access is Access.BRIDGE_OR_POLKIT:
         if uid == ROOT_UID or await in_bridge_group(bus, sender, cache):
             return uid
         await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=False)
         return uid
     if uid == ROOT_UID:
         return uid
-    if action in (POLKIT_EXPORT, POLKIT_DETACH):  # an admin's GUI/CLI: polkit may say yes
+    if access is Access.ROOT_OR_POLKIT:
         await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
         return uid
     raise AccessDenied(

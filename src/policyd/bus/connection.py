@@ -12,14 +12,18 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from policyd.interfaces import (
+from policyd.bus.interfaces import (
+    ExportInterface,
+    RequestInterface,
+    export_variants,
+    request_variants,
+)
+from policyd.names import (
     EXPORT_PATH_PREFIX,
     MANAGER_PATH,
     OBJECT_MANAGER_IFACE,
-    ExportInterface,
-    export_variants,
+    REQUEST_PATH_PREFIX,
 )
-from policyd.requests import REQUEST_PATH_PREFIX, RequestInterface, request_variants
 
 
 class PolicydBus(MessageBus):

@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from policyd import errors, validate
-from policyd.xenstore import (
+from policyd import errors, modes, validate
+from policyd.xenstore.client import XenStoreValueError
+from policyd.xenstore.store import (
     HOTPLUG_DEVIDS,
     MAX_DOMAINS,
     Tx,
@@ -26,7 +27,6 @@ from policyd.xenstore import (
     physical_nodes,
     write_vbd,
 )
-from policyd.xstx import XenStoreValueError
 
 PUBLISHED_DIR = "data/blockbroker"  # below /local/domain/<source-domid>/
 DEVICE_NAME_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
@@ -168,7 +168,7 @@ async def check_not_shared(tx: Tx, spec: VbdSpec) -> None:
         for be_dir, device in zip(be_dirs, devices, strict=True):
             if device != wanted:
                 continue
-            if spec.mode == "w" or await tx.read(f"{be_dir}/mode") != "r":
+            if modes.is_writable(spec.mode) or await tx.read(f"{be_dir}/mode") != modes.READ_ONLY:
                 raise errors.Busy(
                     f"{phys.device_path} of the VM is already exported ({be_dir}); a read-write "
                     "export needs it exclusively, and a read-write one is never shared"

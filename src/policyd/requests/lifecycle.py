@@ -11,19 +11,17 @@ before they get here. Every final state is audited (policyd.audit). See docs/req
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import OrderedDict
 from typing import Protocol
 
-from policyd import audit, errors, logfmt, validate
-from policyd.audit import PolicyGate
+from policyd import audit, errors, logfmt, modes, validate
 from policyd.brokerclient import Identity
-from policyd.exporter import Exporter
+from policyd.exports.exporter import Exporter
+from policyd.names import REQUEST_PATH_RE, number_in
 from policyd.policy import Action
-from policyd.requestobj import (
-    REQUEST_IFACE,
-    REQUEST_PATH_PREFIX,
+from policyd.policygate import PolicyGate
+from policyd.requests.model import (
     STATE_APPROVED,
     STATE_APPROVING,
     STATE_DENIED,
@@ -32,31 +30,15 @@ from policyd.requestobj import (
     STATE_PENDING,
     STATE_WITHDRAWN,
     PendingRequest,
-    RequestInterface,
-    request_values,
-    request_variants,
 )
-from policyd.vmdevice import (
+from policyd.requests.vmdevice import (
     check_published_now,
     device_descriptor,
     request_options,
     write_vm_vbd,
 )
-from policyd.xenstore import PhysicalDevice, VbdSpec, XenStore
+from policyd.xenstore.store import PhysicalDevice, VbdSpec, XenStore
 
-__all__ = [  # what policyd.service and policyd.authz use
-    "DEFAULT_EXPIRY_S",
-    "MAX_EXPIRY_S",
-    "REQUEST_IFACE",
-    "REQUEST_PATH_PREFIX",
-    "PendingRequest",
-    "RequestInterface",
-    "Requests",
-    "request_values",
-    "request_variants",
-]
-
-REQUEST_PATH_RE = re.compile(re.escape(REQUEST_PATH_PREFIX) + r"([1-9][0-9]{0,9})")
 DEFAULT_EXPIRY_S = 300
 MAX_EXPIRY_S = 86400
 MAX_TOMBSTONES = 1024
@@ -81,12 +63,15 @@ class Requests:
 
     def __init__(
         self,
+        *,
         exporter: Exporter,
+        xenstore: XenStore,
         gate: PolicyGate,
         listener: Listener,
         expiry_s: int = DEFAULT_EXPIRY_S,
     ) -> None:
         self.exporter = exporter
+        self.xenstore = xenstore
         self.gate = gate
         self.listener = listener
         self.expiry_s = expiry_s
@@ -109,16 +94,16 @@ class Requests:
         target = validate.domain_name(untrusted_target)
         device = device_descriptor(untrusted_device)
         opts = request_options(untrusted_options, device, self.expiry_s)
-        source_domid, target_domid = await self.exporter.xenstore.find_domains([source, target])
+        source_domid, target_domid = await self.xenstore.find_domains([source, target])
         if source_domid == 0:
             raise errors.InvalidArgument("the source of a request is a VM, never dom0")
         if source_domid == target_domid:
             raise errors.InvalidArgument(f"{source} cannot export a device to itself")
-        mode = "r" if opts.read_only else "w"
+        mode = modes.from_read_only(opts.read_only)
         policy_source = await self.gate.name_of(source_domid)
         policy_target = await self.gate.name_of(target_domid)
         decision = self.gate.evaluate(
-            "request-export", device.name, policy_source, policy_target, _pmode(mode)
+            "request-export", device.name, policy_source, policy_target, modes.policy_mode(mode)
         )
         self.gate.enforce(
             decision,
@@ -126,13 +111,13 @@ class Requests:
             device.name,
             policy_source,
             policy_target,
-            _pmode(mode),
+            modes.policy_mode(mode),
             allow=(Action.ALLOW, Action.ASK),
             diskseq=device.diskseq,
         )
         # The VM must publish the device it names; checked now for a clear early answer, and
         # again in the transaction that writes the nodes.
-        await check_published_now(self.exporter.xenstore, source_domid, device)
+        await check_published_now(self.xenstore, source_domid, device)
         if len(self.pending) >= MAX_PENDING:
             raise errors.Busy(f"{MAX_PENDING} requests are pending already; try again later")
         if sum(r.source_domid == source_domid for r in self.pending.values()) >= (
@@ -200,8 +185,8 @@ class Requests:
         spec = VbdSpec(req.source_domid, req.target_domid, dev_path, req.mode, phys)
         ident = Identity(device.major, device.minor, device.diskseq, device.size, 0, 0)
 
-        async def write_nodes(xs: XenStore) -> int:
-            return await write_vm_vbd(xs, spec, req.source_domid, device)
+        async def write_nodes() -> int:
+            return await write_vm_vbd(self.xenstore, spec, req.source_domid, device)
 
         record = await self.exporter.export_foreign(
             f"{req.source}:{dev_path}",
@@ -220,8 +205,7 @@ class Requests:
     # -- Request methods --------------------------------------------------------------------
 
     def lookup(self, untrusted_path: object) -> PendingRequest:
-        m = REQUEST_PATH_RE.fullmatch(untrusted_path) if isinstance(untrusted_path, str) else None
-        number = int(m[1]) if m else 0
+        number = number_in(REQUEST_PATH_RE, untrusted_path) or 0
         req = self.pending.get(number)
         if req is not None:
             if req.state == STATE_PENDING and _now_us() >= req.expires_us:
@@ -238,8 +222,7 @@ class Requests:
     def polkit_details(self, untrusted_path: object) -> dict[str, str]:
         """What polkit (and its rules, via action.lookup) learns about the request at a path:
         validated values only; {} when there is no pending request there."""
-        m = REQUEST_PATH_RE.fullmatch(untrusted_path) if isinstance(untrusted_path, str) else None
-        req = self.pending.get(int(m[1])) if m else None
+        req = self.pending.get(number_in(REQUEST_PATH_RE, untrusted_path) or 0)
         if req is None:
             return {}
         return {
@@ -349,10 +332,6 @@ class Requests:
         bus (the bridge answers Unavailable, not as if the request had been withdrawn)."""
         for req in list(self.pending.values()):
             self._finish(req, STATE_WITHDRAWN, "policyd stopping", notify=False)
-
-
-def _pmode(mode: str) -> str:
-    return "rw" if mode == "w" else "ro"
 
 
 def _person() -> str:

@@ -1,6 +1,6 @@
 """XenStore transactions and pipelined batches for policyd, on its event loop.
 
-Unprivileged policyd code, on policyd's event loop (policyd.xsclient is the connection and what
+Unprivileged policyd code, on its event loop (policyd.xenstore.connection is the connection and what
 it checks of xenstored's replies). XsClient connects lazily and again after a failure; its
 operations take turns (one asyncio lock, as the single XenStore worker thread did before), so
 policyd's own transactions never conflict with each other, and each has a deadline
@@ -31,15 +31,20 @@ from pyxs.helpers import check_path
 
 from policyd import logfmt
 from policyd.errors import CommitUnknown, PolicydError, XenStoreError
-from policyd.xsclient import XS_TIMEOUT_S, Reply, XenStoreProtocolError, XsConnection
+from policyd.xenstore.connection import XS_TIMEOUT_S, Reply, XenStoreProtocolError, XsConnection
 
 MAX_VALUE_BYTES = 4096
 BATCH_MAX = 32
 MAX_TX_ATTEMPTS = 16
 TX_ID_RE = re.compile(rb"[1-9][0-9]{0,9}")  # xenstored's transaction ids: u32, never 0
 T = TypeVar("T")
+WatchHandler = Callable[[str, str], None]  # (path, token), on the event loop
 _ASCII = re.compile(b"^[\x00\x20-\x7f]*$")  # what pyxs itself sends
 READ_OPS = frozenset({Op.READ, Op.DIRECTORY})  # all that may go outside a transaction
+
+
+def _ignore_connected(connected: bool) -> None:
+    pass
 
 
 class Tx:
@@ -197,18 +202,24 @@ def _text(path: str, raw: bytes) -> str:
 class XsClient:
     """One lazily (re)connected XsConnection; operations take turns and each has a deadline."""
 
-    def __init__(self, socket_path: str, timeout_s: float = XS_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        timeout_s: float = XS_TIMEOUT_S,
+        *,
+        on_connection_changed: Callable[[bool], None] = _ignore_connected,
+    ) -> None:
         self.socket_path = socket_path
         self.timeout_s = timeout_s
         self._conn: XsConnection | None = None
         self._turn = asyncio.Lock()
-        # called on the event loop whenever `connected` changes (policyd.exporter: a signal)
-        self.connection_changed: Callable[[], None] = _nothing
-        # watches: token -> path, set again on every new connection; `on_watch(path, token)`
-        # gets their events (and one per watch whenever it is set: XenStore fires a new watch
-        # once), on the event loop; it must only take note, not block
+        # called on the event loop whenever `connected` changes (the Manager's property)
+        self._connection_changed = on_connection_changed
+        # watches: token -> path, set again on every new connection; each watch's handler
+        # gets its events (and one whenever it is set: XenStore fires a new watch once), on
+        # the event loop; a handler must only take note, not block
         self.watches: dict[str, str] = {}
-        self.on_watch: Callable[[str, str], None] = _ignore_event
+        self._handlers: dict[str, WatchHandler] = {}
 
     @property
     def connected(self) -> bool:
@@ -225,7 +236,7 @@ class XsClient:
             logfmt.warning(
                 "XenStore connection dropped; the next operation reconnects", reason=reason
             )
-            self.connection_changed()
+            self._connection_changed(False)
 
     async def _connection(self, deadline: float) -> XsConnection:
         conn = self._conn
@@ -253,7 +264,7 @@ class XsClient:
                 new.abort(XenStoreError(f"xenstored refused a watch: {refused[0]}"))
                 raise XenStoreError(f"xenstored refused to set policyd's watches: {refused[0]}")
         self._conn = new
-        self.connection_changed()
+        self._connection_changed(True)
         return new
 
     def _deadline(self) -> float:
@@ -261,18 +272,22 @@ class XsClient:
 
     def _event(self, path: str, token: str) -> bool:
         """A watch event: handed on if it is one of ours (True), else counted by the caller."""
-        if token not in self.watches:
+        handler = self._handlers.get(token)
+        if handler is None:
             return False
-        self.on_watch(path, token)
+        handler(path, token)
         return True
 
-    async def watch(self, path: str, token: str) -> None:
-        """Watch `path` (and below) under `token`, on this and every later connection."""
+    async def watch(self, path: str, token: str, handler: WatchHandler) -> None:
+        """Watch `path` (and below) under `token`, on this and every later connection;
+        `handler(path, token)` gets the events."""
         await self._set_watch(Op.WATCH, path, token)
         self.watches[token] = path
+        self._handlers[token] = handler
 
     async def unwatch(self, token: str) -> None:
         path = self.watches.pop(token, None)
+        self._handlers.pop(token, None)
         if path is not None:
             await self._set_watch(Op.UNWATCH, path, token)
 
@@ -395,14 +410,6 @@ class XsClient:
                 f"XenStore failed during a commit ({reply!r}); it may have been applied"
             )
         return True
-
-
-def _nothing() -> None:
-    pass
-
-
-def _ignore_event(path: str, token: str) -> None:
-    pass
 
 
 def watch_payload(path: str, token: str) -> bytes:

@@ -1,19 +1,19 @@
-"""The D-Bus service: dispatches method calls, authorizes callers, publishes export objects.
+"""The D-Bus service: one table of methods, dispatch, authorization, received fds.
 
 Unprivileged policyd code; input from the bus is validated here (arguments through
-policyd.validate) before policyd.exporter acts on it. Every method call on the Manager and
-Export interfaces goes through one message handler, because authorization needs the caller's
-unique name (msg.sender), which dbus-fast's decorated methods do not expose. Routing is data
-(ROUTES); policyd.authz checks at start-up that every declared method is routed and has an
-authorization entry. Received fds are owned here: each is either handed to the exporter or
-closed when the call ends, whatever the message was.
+policyd.validate) before policyd.exports and policyd.requests act on it. Every method call on
+the Manager, Export and Request interfaces goes through one message handler, because
+authorization needs the caller's unique name (msg.sender), which dbus-fast's decorated methods
+do not expose. METHODS is the whole D-Bus surface, one row per method (signature, access rule,
+polkit action, handler), as the broker's DISPATCH is its protocol; the service refuses to start
+if it does not match the interfaces' declarations. Received fds are owned here: each is either
+handed to the exporter or closed when the call ends, whatever the message was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,35 +22,35 @@ from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from policyd import audit, authz, errors, logfmt, validate
-from policyd.audit import PolicyGate
-from policyd.brokerclient import AsyncBrokerClient
-from policyd.bus import PolicydBus
-from policyd.exporter import Exporter
-from policyd.interfaces import (
+from policyd import audit, errors, logfmt, validate
+from policyd.bus import authz
+from policyd.bus.authz import (
+    POLKIT_APPROVE,
+    POLKIT_ATTACH,
+    POLKIT_DETACH,
+    POLKIT_EXPORT,
+    POLKIT_REQUEST_EXPORT,
+    Access,
+)
+from policyd.bus.connection import PolicydBus
+from policyd.bus.interfaces import ExportInterface, ManagerInterface, RequestInterface
+from policyd.exports.exporter import Exporter
+from policyd.exports.registry import ExportRecord
+from policyd.names import (
     EXPORT_IFACE,
     EXPORT_PATH_PREFIX,
+    EXPORT_PATH_RE,
     MANAGER_IFACE,
     MANAGER_PATH,
-    ExportInterface,
-    ManagerInterface,
-    ManagerState,
-    export_values,
-)
-from policyd.policy import TagProvider, no_tags
-from policyd.registry import ExportRecord
-from policyd.requests import (
-    DEFAULT_EXPIRY_S,
     REQUEST_IFACE,
     REQUEST_PATH_PREFIX,
-    PendingRequest,
-    RequestInterface,
-    Requests,
-    request_values,
+    number_in,
 )
-from policyd.xenstore import XenStore
+from policyd.requests.lifecycle import Requests
 
-EXPORT_PATH_RE = re.compile(re.escape(EXPORT_PATH_PREFIX) + r"([1-9][0-9]{0,9})")
+
+class StartupError(Exception):
+    """policyd refuses to start: the message says what is misconfigured."""
 
 
 class ReceivedFds:
@@ -81,84 +81,25 @@ class ReceivedFds:
         self._fds = []
 
 
-Handler = Callable[[list[Any], ReceivedFds], Awaitable[list[Any]]]
-
-
-@dataclass(frozen=True)
-class Route:
-    in_signature: str
-    out_signature: str
-    handler: Handler
-
-
 class Service:
-    def __init__(
-        self,
-        bus: MessageBus,
-        *,
-        version: str,
-        broker: AsyncBrokerClient,
-        xenstore: XenStore,
-        backend_domid: int,
-        sysfs_root: str,
-        policy_dir: str = "/etc/blockbroker/policy.d",
-        tags: TagProvider = no_tags,
-        request_expiry_s: int = DEFAULT_EXPIRY_S,
-    ) -> None:
+    """Dispatches every method call of policyd's interfaces through METHODS: authorize the
+    caller, check the signature, run the handler, reply (or a named error), close stray fds."""
+
+    def __init__(self, bus: MessageBus, *, exporter: Exporter, requests: Requests) -> None:
         self.bus = bus
-        self.state = ManagerState(version)
-        self.manager = ManagerInterface(self.state)
-        self.exporter = Exporter(
-            broker, xenstore, backend_domid=backend_domid, sysfs_root=sysfs_root, listener=self
-        )
-        self._objects: dict[int, ExportInterface] = {}
-        self.gate = PolicyGate(
-            policy_dir,
-            lambda domid: self.exporter.xenstore_call(self.exporter.xenstore.domain_name, domid),
-            tags,
-        )
-        self.exporter.policy_check = self.gate.check_path
-        self.requests = Requests(self.exporter, self.gate, self, request_expiry_s)
-        self._request_objects: dict[int, RequestInterface] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.exporter = exporter
+        self.requests = requests
         self.callers = authz.CallerCache()
-        self.routes: dict[tuple[str, str], Route] = {
-            (MANAGER_IFACE, "Attach"): Route("s", "o", self._attach),
-            (MANAGER_IFACE, "Detach"): Route("s", "", self._detach_backend),
-            (MANAGER_IFACE, "Export"): Route("ssa{sv}", "o", self._export),
-            (MANAGER_IFACE, "ExportFd"): Route("hsa{sv}", "o", self._export_fd),
-            (MANAGER_IFACE, "DetachExport"): Route("o", "", self._detach_export),
-            (EXPORT_IFACE, "Detach"): Route("", "", self._detach_self),
-            (MANAGER_IFACE, "RequestExport"): Route("sa{sv}sa{sv}", "o", self._request_export),
-            (REQUEST_IFACE, "Approve"): Route("", "", self._approve),
-            (REQUEST_IFACE, "Deny"): Route("", "", self._deny),
-            (REQUEST_IFACE, "Withdraw"): Route("", "", self._withdraw),
-        }
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        """Check the tables, export the manager and take over method dispatch."""
-        declared = self._declared_methods()
-        authz.check_table(declared)
-        unrouted = declared - set(self.routes)
-        if unrouted or set(self.routes) - declared:
-            raise authz.StartupError(f"routing table does not match the interfaces: {unrouted}")
-        self.bus.export(MANAGER_PATH, self.manager)
+        """Check the table against the interfaces and take over method dispatch."""
+        check_table(declared_methods())
         self.bus.add_message_handler(self._on_message)
         self.bus.add_message_handler(self._on_name_lost)
         watch = asyncio.get_running_loop().create_task(self._watch_requesters())
         self._tasks.add(watch)
         watch.add_done_callback(self._tasks.discard)
-
-    def _declared_methods(self) -> set[tuple[str, str]]:
-        probe = ExportInterface.__new__(ExportInterface)
-        ServiceInterface.__init__(probe, EXPORT_IFACE)
-        request_probe = RequestInterface.__new__(RequestInterface)
-        ServiceInterface.__init__(request_probe, REQUEST_IFACE)
-        declared = set()
-        for iface in (self.manager, probe, request_probe):
-            for method in iface.introspect().methods:
-                declared.add((iface.name, method.name))
-        return declared
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -187,7 +128,7 @@ class Service:
         if msg.interface not in (None, iface):
             return None
         key = (iface, msg.member)
-        return key if key in self.routes else None
+        return key if key in ROUTES else None
 
     async def _run(self, msg: Message, key: tuple[str, str]) -> None:
         """Handle one call; the signals it causes are sent after its reply (PolicydBus)."""
@@ -202,19 +143,25 @@ class Service:
 
     async def _call(self, msg: Message, key: tuple[str, str]) -> None:
         fds = ReceivedFds(msg.unix_fds)
-        route = self.routes[key]
+        route = ROUTES[key]
         uid: int | None = None
         try:
             details = self.requests.polkit_details(msg.path) if key[0] == REQUEST_IFACE else None
             uid = await authz.authorize(
-                self.bus, msg.sender, *key, details=details, cache=self.callers
+                self.bus,
+                msg.sender,
+                route.name,
+                route.access,
+                route.action,
+                details=details,
+                cache=self.callers,
             )
             audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
             if msg.signature != route.in_signature:
                 raise errors.InvalidArgument(
                     f"{key[1]} takes ({route.in_signature}), not ({msg.signature})"
                 )
-            body = await route.handler([msg.path, *msg.body], fds)
+            body = await route.handler(self, [msg.path, *msg.body], fds)
             reply = Message.new_method_return(msg, route.out_signature, body)
         except errors.PolicydError as e:
             logfmt.info("call refused", method=key[1], uid=uid, error=e.name, detail=e.text)
@@ -291,51 +238,11 @@ class Service:
         return []
 
     def _record_at(self, untrusted_path: object) -> ExportRecord:
-        m = EXPORT_PATH_RE.fullmatch(untrusted_path) if isinstance(untrusted_path, str) else None
-        record = self.exporter.registry.get(int(m[1])) if m else None
+        number = number_in(EXPORT_PATH_RE, untrusted_path)
+        record = None if number is None else self.exporter.registry.get(number)
         if record is None:
             raise errors.NotFound(f"no export at {untrusted_path!s:.200}")
         return record
-
-    # -- exporter.Listener ------------------------------------------------------------------------
-
-    def export_added(self, record: ExportRecord) -> None:
-        iface = ExportInterface(record)
-        self._objects[record.number] = iface
-        self.bus.export(record.object_path, iface)
-
-    def export_removed(self, record: ExportRecord) -> None:
-        if self._objects.pop(record.number, None) is not None:
-            self.bus.unexport(record.object_path)
-
-    def export_changed(self, record: ExportRecord, names: list[str]) -> None:
-        iface = self._objects.get(record.number)
-        if iface is not None:
-            values = export_values(record)
-            iface.emit_properties_changed({name: values[name] for name in names})
-
-    def manager_changed(self, names: list[str]) -> None:
-        self.state.export_count = len(self.exporter.registry)
-        self.state.broker_connected = self.exporter.broker_connected
-        self.state.xenstore_connected = self.exporter.xenstore.connected
-        self.manager.emit_properties_changed(self.manager.values(names))
-
-    # -- requests.Listener ------------------------------------------------------------------------
-
-    def request_added(self, req: PendingRequest) -> None:
-        iface = RequestInterface(req)
-        self._request_objects[req.number] = iface
-        self.bus.export(req.object_path, iface)
-
-    def request_changed(self, req: PendingRequest, names: list[str]) -> None:
-        iface = self._request_objects.get(req.number)
-        if iface is not None:
-            values = request_values(req)
-            iface.emit_properties_changed({name: values[name] for name in names})
-
-    def request_removed(self, req: PendingRequest) -> None:
-        if self._request_objects.pop(req.number, None) is not None:
-            self.bus.unexport(req.object_path)
 
     async def _watch_requesters(self) -> None:
         """A bridge that disconnects (its VM's qrexec call ended) withdraws its requests."""
@@ -357,3 +264,69 @@ class Service:
             self.callers.forget(msg.body[0])
             self.requests.requester_gone(msg.body[0])
         return False
+
+
+Handler = Callable[[Service, list[Any], ReceivedFds], Awaitable[list[Any]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One D-Bus method: its signature, who may call it, and the Service method that runs it."""
+
+    interface: str
+    name: str
+    in_signature: str
+    out_signature: str
+    access: Access
+    action: str  # the polkit action asked (or named in the refusal, for Access.ROOT)
+    handler: Handler
+
+
+M, E, R = MANAGER_IFACE, EXPORT_IFACE, REQUEST_IFACE
+S = Service
+METHODS: tuple[Method, ...] = (
+    Method(M, "Attach", "s", "o", Access.ROOT, POLKIT_ATTACH, S._attach),
+    Method(M, "Detach", "s", "", Access.ROOT, POLKIT_ATTACH, S._detach_backend),
+    Method(M, "Export", "ssa{sv}", "o", Access.ROOT_OR_POLKIT, POLKIT_EXPORT, S._export),
+    Method(M, "ExportFd", "hsa{sv}", "o", Access.ROOT_OR_POLKIT, POLKIT_EXPORT, S._export_fd),
+    Method(M, "DetachExport", "o", "", Access.ROOT_OR_POLKIT, POLKIT_DETACH, S._detach_export),
+    Method(E, "Detach", "", "", Access.ROOT_OR_POLKIT, POLKIT_DETACH, S._detach_self),
+    Method(
+        M,
+        "RequestExport",
+        "sa{sv}sa{sv}",
+        "o",
+        Access.BRIDGE_OR_POLKIT,
+        POLKIT_REQUEST_EXPORT,
+        S._request_export,
+    ),
+    Method(R, "Approve", "", "", Access.POLKIT, POLKIT_APPROVE, S._approve),
+    Method(R, "Deny", "", "", Access.POLKIT, POLKIT_APPROVE, S._deny),
+    Method(R, "Withdraw", "", "", Access.BRIDGE_OR_POLKIT, POLKIT_REQUEST_EXPORT, S._withdraw),
+)
+del M, E, R, S
+ROUTES: dict[tuple[str, str], Method] = {(m.interface, m.name): m for m in METHODS}
+
+
+def declared_methods() -> set[tuple[str, str]]:
+    """(interface, method) of every method the interfaces declare (their introspection)."""
+    probes: list[ServiceInterface] = []
+    for cls, name in (
+        (ManagerInterface, MANAGER_IFACE),
+        (ExportInterface, EXPORT_IFACE),
+        (RequestInterface, REQUEST_IFACE),
+    ):
+        probe = cls.__new__(cls)
+        ServiceInterface.__init__(probe, name)
+        probes.append(probe)
+    return {(p.name, method.name) for p in probes for method in p.introspect().methods}
+
+
+def check_table(declared: set[tuple[str, str]]) -> None:
+    """Every declared method has its row in METHODS, and every row a declared method."""
+    missing = declared - set(ROUTES)
+    if missing:
+        raise StartupError(f"methods without a polkit action or read-only entry: {sorted(missing)}")
+    stale = set(ROUTES) - declared
+    if stale:
+        raise StartupError(f"polkit table names methods that do not exist: {sorted(stale)}")

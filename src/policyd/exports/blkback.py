@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 
 from policyd import logfmt
-from policyd.registry import STATE_CONNECTED, STATE_NO_BLKBACK, STATE_WAITING, ExportRecord
+from policyd.exports.registry import STATE_CONNECTED, STATE_NO_BLKBACK, STATE_WAITING, ExportRecord
 
 POLL_INTERVAL_S = 0.05
 MAX_POLL_INTERVAL_S = 1.0

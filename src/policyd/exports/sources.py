@@ -15,29 +15,24 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
 
 from policyd import errors
-from policyd.brokerclient import AsyncBrokerClient, Identity
-from policyd.registry import Backing, BackingKey, Registry, block_key, file_key
-from policyd.xenstore import PhysicalDevice
+from policyd.brokerclient import Identity
+from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.registry import Backing, BackingKey, Registry, block_key, file_key
+from policyd.xenstore.store import PhysicalDevice
 
-T = TypeVar("T")
 LOOP_MAJOR = 7
 
 
-class BrokerCall(Protocol):
-    """Runs one broker request, bounded in time; broker errors come back as PolicydError."""
-
-    def __call__(self, what: str, call: Callable[[], Awaitable[T]]) -> Awaitable[T]: ...
-
-
 class Sources:
-    def __init__(self, registry: Registry, broker: AsyncBrokerClient, call: BrokerCall) -> None:
+    """Finds or opens the backing of a path or a caller's fd (through the broker)."""
+
+    def __init__(self, registry: Registry, calls: BrokerCalls, sysfs_root: str = "/sys") -> None:
         self.registry = registry
-        self.broker = broker
-        self.call = call
+        self.broker = calls.client
+        self.call = calls
+        self.sysfs_root = sysfs_root  # the real sysfs: it names the devices policyd holds
 
     async def open_path(
         self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
@@ -149,7 +144,9 @@ class Sources:
         if kind == "file":
             alias = block_key(ident.major, ident.minor)
         aliases = () if alias is None else (alias,)
-        return self.registry.new_backing(key, fd, ident, kind, writable, aliases)
+        return self.registry.new_backing(
+            key, fd, ident, kind, writable, aliases, device_path(ident, self.sysfs_root)
+        )
 
     async def adopt_fd(self, fd: int, writable: bool) -> Backing:
         """A caller-supplied fd, re-verified by the broker. The caller owns (and closes) fd
@@ -176,24 +173,30 @@ class Sources:
         if alias is not None:
             self.registry.shareable(alias, writable)  # Busy on a read-write conflict
         aliases = () if alias is None else (alias,)
-        return self.registry.new_backing(block_key(*dev), fd, ident, "block", writable, aliases)
+        return self.registry.new_backing(
+            block_key(*dev),
+            fd,
+            ident,
+            "block",
+            writable,
+            aliases,
+            device_path(ident, self.sysfs_root),
+        )
 
 
 def physical(backing: Backing) -> PhysicalDevice:
     ident = backing.identity
-    return PhysicalDevice(ident.major, ident.minor, device_path(backing), ident.diskseq)
+    return PhysicalDevice(ident.major, ident.minor, backing.device_path, ident.diskseq)
 
 
-def device_path(backing: Backing) -> str:
-    """/dev/loopN for a loop device (N from sysfs, since max_part changes the minor), else
-    /dev/block/MAJ:MIN's target name."""
-    ident = backing.identity
+def device_path(ident: Identity, sysfs_root: str = "/sys") -> str:
+    """The device node's path as the kernel names the device: sysfs's dev/block/MAJ:MIN links
+    to it (for a loop device /dev/loopN; N is not the minor once the loop driver's max_part is
+    above 0). /dev/block/MAJ:MIN if sysfs does not know it."""
     try:
-        target = os.readlink(f"/sys/dev/block/{ident.major}:{ident.minor}")
+        target = os.readlink(f"{sysfs_root}/dev/block/{ident.major}:{ident.minor}")
         return "/dev/" + os.path.basename(target)
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise
-    if ident.major == LOOP_MAJOR:
-        return f"/dev/loop{ident.minor}"
     return f"/dev/block/{ident.major}:{ident.minor}"

@@ -1,13 +1,12 @@
-"""Export, attach and detach: broker fds, XenStore nodes and the registry, kept consistent.
+"""Export, attach and detach: the operations, and custody of the fds they hold.
 
-Unprivileged policyd code; arguments arrive already validated by policyd.service, and XenStore
-content is validated by policyd.xenstore. The broker decides what may be opened at all; this
-module decides sharing (opening itself is policyd.sources), writes the nodes and holds the fds.
-Every operation runs under one asyncio lock, so registry checks and the XenStore/broker steps
-that follow cannot interleave.
-XenStore and the broker are reached on the event loop (policyd.xenstore, policyd.brokerclient),
-each bounded by a deadline. A failed operation undoes what it did (ExitStack, handed over with
-pop_all() only on success): no fd, node or loop device is left behind.
+Unprivileged policyd code; arguments arrive already validated by policyd.bus.service, and
+XenStore content is validated by policyd.xenstore. The broker decides what may be opened at all;
+policyd.exports.sources opens (through it) and decides sharing; this module writes the nodes,
+registers the exports and holds their fds. Every operation runs under one asyncio lock, so
+registry checks and the XenStore/broker steps that follow cannot interleave. A failed operation
+undoes what it did (ExitStack, handed over with pop_all() only on success): no fd, node or loop
+device is left behind.
 """
 
 from __future__ import annotations
@@ -15,25 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from broker.protocol import ErrorCode
-from policyd import brokerclient, errors, logfmt, validate
-from policyd.blkback import BlkbackWatcher
-from policyd.brokerclient import AsyncBrokerClient, BrokerError, Identity
-from policyd.registry import (
+from policyd import errors, logfmt, modes, validate
+from policyd.brokerclient import Identity
+from policyd.exports.blkback import BlkbackWatcher
+from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.frontends import FrontendWatch
+from policyd.exports.registry import (
+    STATE_BACKEND_IN_VM,
     STATE_CONNECTED,
-    STATE_REMOTE,
     Backing,
     BackingKey,
     ExportRecord,
     Registry,
 )
-from policyd.sources import Sources, device_path, physical
-from policyd.xenstore import (
+from policyd.exports.sources import Sources, physical
+from policyd.xenstore.store import (
     XENBUS_STATE_CLOSED,
     XENBUS_STATE_CONNECTED,
     BackendNodes,
@@ -45,36 +44,10 @@ from policyd.xenstore import (
 T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
-FRONTEND_TOKEN = "frontend-"  # watch tokens: frontend-<domid>
 NO_FD = -1  # a device in another domain (a VM's own, through a request): policyd holds no fd
 Domain = tuple[int, str]  # domid, and its name as read from XenStore ("" if it has none)
 # (operation, dom0 path, backend, frontend, writable) -> None, or PolicyDenied
 PolicyCheck = Callable[[str, str, Domain, Domain, bool], Awaitable[None]]
-
-
-async def deny_without_policy(
-    operation: str, path: str, backend: Domain, frontend: Domain, writable: bool
-) -> None:
-    raise errors.PolicyDenied(f"{operation} of {path}: no export policy is configured: deny")
-
-
-LOOP_BUSY_ATTEMPTS = 3
-BROKER_TIMEOUT_S = 5.0  # a broker request takes milliseconds; far beyond that it is stuck
-
-BROKER_ERRORS: dict[ErrorCode, type[errors.PolicydError]] = {
-    ErrorCode.BAD_PATH: errors.InvalidArgument,
-    ErrorCode.BAD_ARGUMENT: errors.InvalidArgument,
-    ErrorCode.NOT_FOUND: errors.NotFound,
-    ErrorCode.NOT_BLOCK_DEVICE: errors.InvalidArgument,
-    ErrorCode.NOT_REGULAR_FILE: errors.InvalidArgument,
-    ErrorCode.IDENTITY_MISMATCH: errors.DeviceChanged,
-    ErrorCode.VERIFY_FAILED: errors.DeviceChanged,
-    ErrorCode.LOOP_BUSY: errors.Busy,
-    ErrorCode.IN_USE: errors.Refused,
-    ErrorCode.UNAVAILABLE: errors.BrokerUnavailable,
-    ErrorCode.PROTOCOL: errors.BrokerUnavailable,
-    ErrorCode.INTERNAL: errors.Internal,
-}
 
 
 class Listener(Protocol):
@@ -83,48 +56,40 @@ class Listener(Protocol):
     def export_added(self, record: ExportRecord) -> None: ...
     def export_removed(self, record: ExportRecord) -> None: ...
     def export_changed(self, record: ExportRecord, names: list[str]) -> None: ...
-    def manager_changed(self, names: list[str]) -> None: ...
-
-
-def broker_error(e: BrokerError, what: str) -> errors.PolicydError:
-    cls = BROKER_ERRORS.get(e.code, errors.Refused)
-    if cls is errors.BrokerUnavailable:
-        return cls(f"the broker is unavailable ({e}); check blockbroker-broker.service")
-    if cls is errors.Internal:  # the detail goes to the log, never onto the wire
-        logfmt.error("broker internal error", what=what, detail=str(e))
-        return cls("internal error in the broker; see the broker's and policyd's logs")
-    return cls(f"broker refused {what}: {e}")
+    def export_count_changed(self, count: int) -> None: ...
 
 
 class Exporter:
+    """The export operations (Export, ExportFd, Attach, Detach, a VM's approved export) and
+    the fds they hold: in the registry while an export uses them, or kept until policyd stops
+    while XenStore may still name their device after a failure (kept_after_unknown_commit)."""
+
     def __init__(
         self,
-        broker: AsyncBrokerClient,
-        xenstore: XenStore,
         *,
+        xenstore: XenStore,
+        broker: BrokerCalls,
+        registry: Registry,
+        sources: Sources,
+        policy_check: PolicyCheck,
+        listener: Listener,
         backend_domid: int,
         sysfs_root: str,
-        listener: Listener,
     ) -> None:
-        self.broker = broker
         self.xenstore = xenstore
+        self.broker = broker
+        self.registry = registry
+        self.sources = sources
+        self.policy_check = policy_check
+        self.listener = listener
         self.backend_domid = backend_domid
         self.kept_after_unknown_commit: list[contextlib.ExitStack] = []
-        self.registry = Registry()
-        self.listener = listener
-        self.broker_connected = False
         self.blkback = BlkbackWatcher(sysfs_root, self._state_changed)
-        self.sources = Sources(self.registry, broker, self._broker)
-        self.policy_check: PolicyCheck = deny_without_policy  # policyd.audit.PolicyGate's
+        self.frontends = FrontendWatch(xenstore, self._frontend_gone)
         self._lock = asyncio.Lock()
-        self._frontends_to_check: set[int] = set()
-        self._sweep_task: asyncio.Task[None] | None = None
-        xenstore.on_watch = self._frontend_event
-        xenstore.connection_changed = self._xenstore_connection_changed
 
     def shutdown(self) -> None:
-        if self._sweep_task is not None:
-            self._sweep_task.cancel()
+        self.frontends.stop()
         for kept in self.kept_after_unknown_commit:
             kept.close()
         self.blkback.stop()
@@ -146,47 +111,6 @@ class Exporter:
             raise
         undo.pop_all()
         return result
-
-    # -- XenStore's connection state, broker requests -------------------------------------------
-
-    def _xenstore_connection_changed(self) -> None:
-        """policyd.xenstore connected or lost its connection (the latter: EOF, a protocol
-        error or a missed deadline; the next XenStore operation reconnects)."""
-        self.listener.manager_changed(["XenStoreConnected"])
-
-    async def _broker(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Run a broker request, bounded by BROKER_TIMEOUT_S. LOOP_BUSY (the broker's own
-        bounded retry lost every race for a free loop device to other allocators) is retried a
-        few times here, after a growing random pause, before it becomes Error.Busy."""
-        for attempt in range(LOOP_BUSY_ATTEMPTS):
-            try:
-                async with asyncio.timeout(BROKER_TIMEOUT_S):  # no extra task, unlike wait_for
-                    result = await call()
-            except TimeoutError:
-                # The cancelled request dropped its connection (AsyncBrokerClient): a late
-                # reply and its fd die with it. The next call reconnects, and times out the
-                # same way until the broker answers again.
-                self._set_broker_connected(False)
-                logfmt.warning("the broker does not answer; request abandoned", what=what)
-                raise errors.BrokerUnavailable(
-                    f"the broker did not answer within {BROKER_TIMEOUT_S:g} s; check "
-                    "blockbroker-broker.service"
-                ) from None
-            except BrokerError as e:
-                self._set_broker_connected(not isinstance(e, brokerclient.BrokerUnavailable))
-                if e.code == ErrorCode.LOOP_BUSY and attempt + 1 < LOOP_BUSY_ATTEMPTS:
-                    logfmt.warning("no free loop device; retrying", what=what, attempt=attempt)
-                    await asyncio.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
-                    continue
-                raise broker_error(e, what) from None
-            self._set_broker_connected(True)
-            return result
-        raise AssertionError("unreachable")
-
-    def _set_broker_connected(self, connected: bool) -> None:
-        if connected != self.broker_connected:
-            self.broker_connected = connected
-            self.listener.manager_changed(["BrokerConnected"])
 
     async def probe(self) -> None:
         """Start-up: connect to XenStore (read the backend domain's name); errors are logged."""
@@ -224,7 +148,7 @@ class Exporter:
                     undo.close()  # a shared backing holds its own fd: the caller's is not needed
                 await self.policy_check(
                     "export",
-                    device_path(backing),
+                    backing.device_path,
                     (self.backend_domid, be_name),
                     (fe_domid, frontend),
                     not opts.read_only,
@@ -242,7 +166,7 @@ class Exporter:
         opts: validate.ExportOptions,
         undo: contextlib.ExitStack,
     ) -> ExportRecord:
-        mode = "r" if opts.read_only else "w"
+        mode = modes.from_read_only(opts.read_only)
         spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing))
         devid = await self._publish(undo, self.xenstore.add_vbd(spec, opts.devid))
         record = self._record(
@@ -257,7 +181,7 @@ class Exporter:
             wrote_vbd=True,
         )
         self._register(record)
-        await self._watch_frontend(fe_domid)
+        await self.frontends.watch(fe_domid)
         return record
 
     def _own_backend_path(self, untrusted_path: str) -> validate.BackendPath:
@@ -284,9 +208,11 @@ class Exporter:
                     nodes.params,
                     (be.backend_domid, be_name),
                     (be.frontend_domid, fe_name),
-                    nodes.mode == "w",
+                    modes.is_writable(nodes.mode),
                 )
-                backing = await self.sources.open_path(nodes.params, nodes.mode == "w", False, undo)
+                backing = await self.sources.open_path(
+                    nodes.params, modes.is_writable(nodes.mode), False, undo
+                )
                 # once the trio is written, the fd is held
                 await self._publish(
                     undo, self.xenstore.write_physical_device(be.path, physical(backing), nodes)
@@ -319,56 +245,19 @@ class Exporter:
         )
         self._unregister(record)
 
-    # -- exports whose frontend domain died ------------------------------------------------------
-    #
-    # libxl removes /local/domain/<domid> when it destroys a domain, but it does not know the
-    # vbds Export wrote, so their nodes and held devices would stay. policyd watches each
-    # frontend's name node (dom0's: the guest cannot write it) while it has exports there;
-    # when the node is gone, those exports are detached and the watch is dropped.
-
-    async def _watch_frontend(self, fe_domid: int) -> None:
-        token = f"{FRONTEND_TOKEN}{fe_domid}"
-        if token in self.xenstore.watches:
-            return
-        try:
-            await self.xenstore.watch(f"/local/domain/{fe_domid}/name", token)
-        except errors.XenStoreError as e:
-            logfmt.warning(
-                "cannot watch the frontend domain; its exports stay if it dies",
+    async def _frontend_gone(self, fe_domid: int) -> None:
+        """FrontendWatch saw the domain go: detach the exports policyd wrote for it."""
+        gone = [r for r in self.registry if r.wrote_vbd and r.frontend_domid == fe_domid]
+        for record in gone:
+            logfmt.info(
+                "frontend domain gone: detaching its export",
+                export=record.object_path,
                 frontend=fe_domid,
-                error=e,
             )
-
-    def _frontend_event(self, path: str, token: str) -> None:
-        """A watch fired (on the event loop): note the domain, check it in one task."""
-        domid = token.removeprefix(FRONTEND_TOKEN)
-        if domid == token or not domid.isdigit():
-            return
-        self._frontends_to_check.add(int(domid))
-        if self._sweep_task is None or self._sweep_task.done():
-            self._sweep_task = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        while self._frontends_to_check:
-            fe_domid = self._frontends_to_check.pop()
             try:
-                if await self.xenstore.read_one(f"/local/domain/{fe_domid}/name") is not None:
-                    continue  # alive (a watch also fires once when it is set)
-            except errors.XenStoreError:
-                continue  # a new connection sets the watches again, and they fire again
-            gone = [r for r in self.registry if r.wrote_vbd and r.frontend_domid == fe_domid]
-            for record in gone:
-                logfmt.info(
-                    "frontend domain gone: detaching its export",
-                    export=record.object_path,
-                    frontend=fe_domid,
-                )
-                try:
-                    await self.detach(record)
-                except errors.PolicydError as e:
-                    logfmt.warning("detaching a dead frontend's export failed", error=e)
-            with contextlib.suppress(errors.XenStoreError):
-                await self.xenstore.unwatch(f"{FRONTEND_TOKEN}{fe_domid}")
+                await self.detach(record)
+            except errors.PolicydError as e:
+                logfmt.warning("detaching a dead frontend's export failed", error=e)
 
     async def detach_backend(self, untrusted_path: str) -> None:
         be = self._own_backend_path(untrusted_path)
@@ -390,7 +279,7 @@ class Exporter:
             )
             if record.wrote_vbd:
                 if record.state == STATE_CONNECTED or (
-                    record.state == STATE_REMOTE and await self._remote_connected(record)
+                    record.state == STATE_BACKEND_IN_VM and await self._remote_connected(record)
                 ):
                     await self._wait_closed(record)
                 await self.xenstore.remove_vbd(spec, record.devid)
@@ -416,10 +305,6 @@ class Exporter:
                 released=released,
             )
 
-    async def xenstore_call(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
-        """Await a XenStore method (policyd.service's policy gate reads names through this)."""
-        return await fn(*args)
-
     async def export_foreign(
         self,
         source: str,
@@ -427,7 +312,7 @@ class Exporter:
         backend: tuple[int, str],
         frontend: tuple[int, str],
         mode: str,
-        write_nodes: Callable[[XenStore], Awaitable[int]],
+        write_nodes: Callable[[], Awaitable[int]],
     ) -> ExportRecord:
         """Register an export of a device in another domain (a VM's own device, approved
         through policyd.requests): policyd holds no fd, the backend domain's blkback opens it;
@@ -437,9 +322,11 @@ class Exporter:
         (be_domid, be_name), (fe_domid, fe_name) = backend, frontend
         key: BackingKey = (f"dom{be_domid}", identity.major, identity.minor)
         async with self._lock:
-            shared = self.registry.shareable(key, mode == "w")
-            devid = await write_nodes(self.xenstore)
-            backing = shared or self.registry.new_backing(key, NO_FD, identity, "vm", mode == "w")
+            shared = self.registry.shareable(key, modes.is_writable(mode))
+            devid = await write_nodes()
+            backing = shared or self.registry.new_backing(
+                key, NO_FD, identity, "vm", modes.is_writable(mode)
+            )
             be_path = backend_dir(be_domid, fe_domid, devid)
             record = self._record(
                 source,
@@ -454,7 +341,7 @@ class Exporter:
                 be_domid=be_domid,
             )
             self._register(record)
-            await self._watch_frontend(fe_domid)
+            await self.frontends.watch(fe_domid)
             return record
 
     async def _remote_connected(self, record: ExportRecord) -> bool:
@@ -473,7 +360,7 @@ class Exporter:
             state = await self.xenstore.read_one(f"{be_path}/state")
             if state in (None, str(XENBUS_STATE_CLOSED)):
                 return
-            if record.state != STATE_REMOTE and not self.blkback.holds(record):
+            if record.state != STATE_BACKEND_IN_VM and not self.blkback.holds(record):
                 return
             await asyncio.sleep(CLOSE_POLL_S)
         logfmt.warning("backend did not reach Closed; removing its nodes anyway", path=be_path)
@@ -512,7 +399,7 @@ class Exporter:
     def _register(self, record: ExportRecord) -> None:
         self.registry.add(record)
         remote = record.backing.kind == "vm"  # dom0's sysfs cannot see another domain's blkback
-        record.state = STATE_REMOTE if remote else self.blkback.initial_state()
+        record.state = STATE_BACKEND_IN_VM if remote else self.blkback.initial_state()
         ident = record.backing.identity
         logfmt.info(
             "exported",
@@ -525,7 +412,7 @@ class Exporter:
             shared=len(record.backing.users) > 1,
         )
         self.listener.export_added(record)
-        self.listener.manager_changed(["ExportCount"])
+        self.listener.export_count_changed(len(self.registry))
         if not remote:
             self.blkback.watch(record)
 
@@ -543,7 +430,7 @@ class Exporter:
             else:
                 os.close(fd)
         self.listener.export_removed(record)
-        self.listener.manager_changed(["ExportCount"])
+        self.listener.export_count_changed(len(self.registry))
         return fd is not None
 
     def _state_changed(self, record: ExportRecord) -> None:
