@@ -49,9 +49,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from dbus_fast import Message  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 from harness import xenstore  # noqa: E402
+from harness.names import DBUS_IFACE, DBUS_NAME, DBUS_PATH, MANAGER_IFACE, PROPS_IFACE  # noqa: E402
+from harness.rawbus import message  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
 from client.api import AsyncClient  # noqa: E402
@@ -267,16 +268,9 @@ async def round_trips(stack: Stack, n: int) -> dict[str, list[float]]:
     """The unavoidable round trips, each timed over an already open connection (ms)."""
     bus = await MessageBus(bus_address=stack.bus_address).connect()
     xs = XenStore(str(stack.xenstore_path))
-    get = Message(
-        destination="org.qubes.BlockBroker1", path="/org/qubes/BlockBroker1",
-        interface="org.freedesktop.DBus.Properties", member="Get", signature="ss",
-        body=["org.qubes.BlockBroker1.Manager", "Version"],
-    )  # fmt: skip
-    uid = Message(
-        destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-        interface="org.freedesktop.DBus", member="GetConnectionUnixUser", signature="s",
-        body=[bus.unique_name],
-    )  # fmt: skip
+    get = message("Get", "ss", [MANAGER_IFACE, "Version"], iface=PROPS_IFACE)
+    uid = message("GetConnectionUnixUser", "s", [bus.unique_name], path=DBUS_PATH,
+                  iface=DBUS_IFACE, dest=DBUS_NAME)  # fmt: skip
     times: dict[str, list[float]] = {
         "D-Bus call to policyd (open connection)": [],
         "uid lookup, GetConnectionUnixUser": [],

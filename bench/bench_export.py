@@ -33,14 +33,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from dbus_fast import Message, MessageType, Variant  # noqa: E402
+from dbus_fast import MessageType, Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-from harness import xenstore  # noqa: E402
+from harness import rawbus, xenstore  # noqa: E402
+from harness.names import EXPORT_IFACE  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "200"))
 WARMUP = 5
-MANAGER = "/org/qubes/BlockBroker1"
 ATTACH_FE, ATTACH_DEVID = 1, 51728  # xvdb in domain "work"
 
 
@@ -59,23 +59,14 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def call(bus: MessageBus, member: str, sig: str, body: list[Any], **kw: str) -> Any:
-    reply = await bus.call(
-        Message(
-            destination="org.qubes.BlockBroker1",
-            path=kw.get("path", MANAGER),
-            interface=kw.get("iface", "org.qubes.BlockBroker1.Manager"),
-            member=member,
-            signature=sig,
-            body=body,
-        )
-    )
+    reply = await rawbus.call(bus, member, sig, body, **kw)
     if reply.message_type is not MessageType.METHOD_RETURN:
         raise RuntimeError(f"{member}: {reply.error_name} {reply.body}")
     return reply.body[0] if reply.body else None
 
 
 async def detach(bus: MessageBus, export: str) -> None:
-    await call(bus, "Detach", "", [], path=export, iface="org.qubes.BlockBroker1.Export")
+    await call(bus, "Detach", "", [], path=export, iface=EXPORT_IFACE)
 
 
 def write_libxl_vbd(stack: Stack, params: str) -> str:

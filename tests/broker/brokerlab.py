@@ -7,8 +7,6 @@ machine): a loop device counts as leaked only if its backing file lies under the
 from __future__ import annotations
 
 import array
-import contextlib
-import glob
 import os
 import socket
 import subprocess
@@ -18,27 +16,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import loops
+
 from policyd.brokerclient import BrokerClient
 
 BROKER_BIN = Path(sys.executable).with_name("blockbroker-broker")
 
 
 def bound_loops(root: Path) -> list[str]:
-    """Loop devices whose backing file lies under `root`."""
-    found = []
-    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
-        with contextlib.suppress(OSError), open(backing) as f:
-            if f.read().strip().startswith(f"{root}/"):
-                found.append(backing.split("/")[3])
-    return found
+    """Names of the loop devices whose backing file lies under `root`."""
+    return [loop.name for loop in loops.loops_under([root])]
 
 
-def wait_no_loops(root: Path, timeout: float = 5.0) -> list[str]:
-    """Waits (bounded) for AUTOCLEAR to release every loop device backed below `root`."""
-    deadline = time.monotonic() + timeout
-    while (left := bound_loops(root)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return left
+def wait_no_loops(root: Path, timeout: float = loops.SETTLE_S) -> list[str]:
+    """Waits (bounded) for AUTOCLEAR to release every loop device backed below `root`; the
+    names of those left."""
+    return [loop.name for loop in loops.leaked_loops([root], timeout)]
 
 
 def write_config(path: Path, client_user: str | int, roots: list[Path], majors: list[int]) -> Path:
@@ -64,7 +57,7 @@ class Broker:
         return self.proc.pid
 
     def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        return loops.fd_count(self.pid)
 
     def status(self, key: str) -> str:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -150,10 +143,7 @@ def make_image(path: Path, size: int = 1 << 20, fill: bytes = b"\0") -> Path:
 def settled_fd_count(broker: Broker, expected: int, timeout: float = 5.0) -> int:
     """The broker's fd count once it equals `expected` (or the last count after `timeout`):
     the broker closes a sent fd just after the reply, so the count settles a moment later."""
-    deadline = time.monotonic() + timeout
-    while (count := broker.fd_count()) != expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return count
+    return loops.settled_fd_count(broker.pid, expected, timeout)
 
 
 def exchange_raw(broker: Broker, frame: bytes, fds: list[int] | None = None) -> bytes:

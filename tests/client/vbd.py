@@ -78,17 +78,17 @@ def loop_name(device: str) -> str:
 
 def loop_backing_file(device: str) -> str | None:
     try:
-        return Path(f"/sys/block/{loop_name(device)}/loop/backing_file").read_text().strip()
+        return loops.sysfs(loop_name(device), "loop/backing_file")
     except FileNotFoundError:
         return None
 
 
 def loop_diskseq(device: str) -> int:
-    return int(Path(f"/sys/block/{loop_name(device)}/diskseq").read_text())
+    return int(loops.sysfs(loop_name(device), "diskseq"))
 
 
 def loop_readonly(device: str) -> bool:
-    return Path(f"/sys/block/{loop_name(device)}/ro").read_text().strip() == "1"
+    return loops.sysfs(loop_name(device), "ro") == "1"
 
 
 def wait_loop_released(device: str, diskseq: int, timeout: float = 5.0) -> bool:

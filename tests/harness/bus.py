@@ -10,17 +10,17 @@ the one under test.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import select
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
+from dbus_fast import MessageType
 
+from harness.names import DBUS_IFACE, DBUS_NAME, DBUS_PATH
 from harness.procs import Daemon, StackError
+from harness.rawbus import SyncBus, message
 
 POLKIT_BUS_POLICY = Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")
 
@@ -106,35 +106,13 @@ class BusDaemon(Daemon):
             os.close(self._address_r)
 
 
-class BusProbe:
+class BusProbe(SyncBus):
     """A root connection to the stack's bus for readiness checks (its own event loop)."""
 
-    def __init__(self, address: str) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._bus = self._loop.run_until_complete(self._connect(address))
-
-    @staticmethod
-    async def _connect(address: str) -> MessageBus:
-        return await MessageBus(bus_address=address).connect()
-
     def has_owner(self, name: str) -> bool:
-        reply = self._loop.run_until_complete(
-            self._bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface="org.freedesktop.DBus",
-                    member="NameHasOwner",
-                    signature="s",
-                    body=[name],
-                )
-            )
+        reply = self.send(
+            message("NameHasOwner", "s", [name], path=DBUS_PATH, iface=DBUS_IFACE, dest=DBUS_NAME)
         )
         if reply.message_type == MessageType.ERROR:
             raise StackError(f"NameHasOwner({name}) failed: {reply.error_name} {reply.body}")
         return bool(reply.body[0])
-
-    def close(self) -> None:
-        self._bus.disconnect()
-        self._loop.run_until_complete(asyncio.sleep(0))
-        self._loop.close()

@@ -26,11 +26,11 @@ from pyxs._internal import Op
 
 from harness import loops, polkit, xenstore
 from harness.bus import BusDaemon, BusProbe
+from harness.names import BUS_NAME
 from harness.procs import Daemon, StackError, log, tail
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_USER = "blockbroker"
-BUS_NAME = "org.qubes.BlockBroker1"
 POLKIT_BUS_NAME = polkit.BUS_NAME
 DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 

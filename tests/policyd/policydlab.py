@@ -1,4 +1,4 @@
-"""Helpers for policyd's tests: a raw D-Bus client of the stack's bus, leak checks, libxl nodes.
+"""Helpers for policyd's tests: a client of the stack's bus, leak checks, libxl nodes.
 
 Test code, runs as root against the shared host stack (harness.stack): real oxenstored, a private
 dbus-daemon with the project's bus policy, the real broker and policyd as user blockbroker.
@@ -6,90 +6,57 @@ dbus-daemon with the project's bus policy, the real broker and policyd as user b
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
-from harness import xenstore
+from harness import loops, xenstore
+from harness.loops import loops_of, loops_released
+from harness.names import (
+    BUS_NAME,
+    DBUS_IFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    ERROR_PREFIX,
+    EXPORT_IFACE,
+    INTROSPECTABLE_IFACE,
+    MANAGER,
+    OM_IFACE,
+    PEER_IFACE,
+    PROPS_IFACE,
+    short_error,
+)
+from harness.rawbus import SyncBus, as_user, message
 from harness.stack import Stack
 
-BUS_NAME = "org.qubes.BlockBroker1"
-MANAGER = "/org/qubes/BlockBroker1"
-MANAGER_IFACE = "org.qubes.BlockBroker1.Manager"
-EXPORT_IFACE = "org.qubes.BlockBroker1.Export"
-PROPS_IFACE = "org.freedesktop.DBus.Properties"
-OM_IFACE = "org.freedesktop.DBus.ObjectManager"
-ERROR_PREFIX = "org.qubes.BlockBroker1.Error."
 XVDA, XVDB, XVDC = 51712, 51728, 51744
 NOBODY = 65534
-LOOP_SETTLE_S = 5.0
 
 
-async def connect(address: str) -> MessageBus:
-    return await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
-
-
-class Api:
+class Api(SyncBus):
     """Synchronous raw-message client (its own event loop), recording signals it sees."""
 
     def __init__(self, address: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.bus = self.loop.run_until_complete(connect(address))
+        super().__init__(address)
         self.signals: list[Message] = []
         self.bus.add_message_handler(self._on_message)
-        self._call_bus(
-            "org.freedesktop.DBus", "AddMatch", "s", [f"type='signal',sender='{BUS_NAME}'"]
-        )
+        self.send(
+            message("AddMatch", "s", [f"type='signal',sender='{BUS_NAME}'"], path=DBUS_PATH,
+                    iface=DBUS_IFACE, dest=DBUS_NAME)
+        )  # fmt: skip
 
     def _on_message(self, msg: Message) -> bool:
-        if msg.message_type is MessageType.SIGNAL and msg.interface != "org.freedesktop.DBus":
+        if msg.message_type is MessageType.SIGNAL and msg.interface != DBUS_IFACE:
             self.signals.append(msg)
         return False
 
-    def _call_bus(self, iface: str, member: str, sig: str, body: list[Any]) -> Message:
-        return self.loop.run_until_complete(
-            self.bus.call(
-                Message(
-                    destination="org.freedesktop.DBus",
-                    path="/org/freedesktop/DBus",
-                    interface=iface,
-                    member=member,
-                    signature=sig,
-                    body=body,
-                )
-            )
-        )
-
-    def call(
-        self,
-        member: str,
-        sig: str = "",
-        body: list[Any] | None = None,
-        *,
-        path: str = MANAGER,
-        iface: str | None = MANAGER_IFACE,
-        fds: list[int] | None = None,
-    ) -> Message:
-        msg = Message(
-            destination=BUS_NAME,
-            path=path,
-            interface=iface,
-            member=member,
-            signature=sig,
-            body=body or [],
-            unix_fds=fds or [],
-        )
-        reply = self.loop.run_until_complete(self.bus.call(msg))
-        assert reply is not None
-        return reply
+    def call(self, member: str, sig: str = "", body: list[Any] | None = None,
+             **kw: Any) -> Message:  # fmt: skip
+        """One call (rawbus.message's keywords: path, iface, fds); the reply or error."""
+        return self.send(message(member, sig, body, **kw))
 
     def ok(self, member: str, sig: str = "", body: list[Any] | None = None, **kw: Any) -> Any:
         reply = self.call(member, sig, body, **kw)
@@ -102,7 +69,7 @@ class Api:
         assert reply.message_type is MessageType.ERROR, f"{member} unexpectedly succeeded"
         assert reply.error_name.startswith(ERROR_PREFIX), (reply.error_name, reply.body)
         assert "Traceback" not in str(reply.body)
-        return reply.error_name[len(ERROR_PREFIX) :]
+        return str(short_error(reply.error_name))
 
     def export(self, path: str | Path, frontend: str = "work", **options: Variant) -> str:
         return str(self.ok("Export", "ssa{sv}", [str(path), frontend, options]))
@@ -126,16 +93,11 @@ class Api:
         }
 
     def introspect(self, path: str = MANAGER) -> str:
-        return str(self.ok("Introspect", path=path, iface="org.freedesktop.DBus.Introspectable"))
+        return str(self.ok("Introspect", path=path, iface=INTROSPECTABLE_IFACE))
 
     def pump(self) -> None:
         """Let queued signals arrive (a Ping round trip orders them before its reply)."""
-        self.ok("Ping", path=MANAGER, iface="org.freedesktop.DBus.Peer")
-
-    def close(self) -> None:
-        self.bus.disconnect()
-        self.loop.run_until_complete(asyncio.sleep(0))
-        self.loop.close()
+        self.ok("Ping", path=MANAGER, iface=PEER_IFACE)
 
 
 def ro(value: bool = True) -> Variant:
@@ -152,44 +114,11 @@ def policyd_pid(stack: Stack) -> int:
 
 def held_block_fds(stack: Stack) -> list[tuple[int, int]]:
     """major:minor of every block device policyd holds an fd on."""
-    held = []
-    fd_dir = Path(f"/proc/{policyd_pid(stack)}/fd")
-    for entry in fd_dir.iterdir():
-        try:
-            st = os.stat(entry)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISBLK(st.st_mode):
-            held.append((os.major(st.st_rdev), os.minor(st.st_rdev)))
-    return sorted(held)
+    return loops.block_fds(policyd_pid(stack))
 
 
 def open_fd_count(stack: Stack) -> int:
-    return len(os.listdir(f"/proc/{policyd_pid(stack)}/fd"))
-
-
-def loops_of(path: Path) -> list[str]:
-    """Names of loop devices bound to `path` (scoped to this test's own file)."""
-    found = []
-    for entry in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (entry / "loop" / "backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing == str(path):
-            found.append(entry.name)
-    return found
-
-
-def loops_released(path: Path, settle_s: float = LOOP_SETTLE_S) -> bool:
-    """True once no loop device is bound to `path`. Closing the last fd of an AUTOCLEAR loop
-    clears it asynchronously in the kernel (a workqueue), so allow a bounded settle time."""
-    deadline = time.monotonic() + settle_s
-    while loops_of(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
+    return loops.fd_count(policyd_pid(stack))
 
 
 def vbd_nodes(stack: Stack) -> list[str]:
@@ -245,15 +174,7 @@ def remove_libxl_vbd(stack: Stack, be: str) -> None:
 def run_as(uid: int, address: str, script: str) -> Any:
     """Run `script` (which prints one JSON value) in a child Python as `uid`."""
     result = subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={uid}",
-            f"--regid={uid}",
-            "--clear-groups",
-            sys.executable,
-            "-c",
-            script,
-        ],
+        [*as_user(uid), sys.executable, "-c", script],
         env={"DBUS_ADDRESS": address, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

@@ -11,6 +11,15 @@ import pwd
 from pathlib import Path
 
 import pytest
+from harness.names import (
+    EXPORT_IFACE,
+    INTROSPECTABLE_IFACE,
+    MANAGER_IFACE,
+    OM_IFACE,
+    PROPS_IFACE,
+    REQUEST_IFACE,
+)
+from harness.rawbus import calls_as, child_call
 from harness.stack import Stack
 from policydlab import NOBODY, Api, assert_clean, run_as
 
@@ -18,52 +27,46 @@ from policyd.bus.service import METHODS, ROUTES, StartupError, check_table
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 
-CLIENT = r"""
-import asyncio, json, os
-from dbus_fast import Message, Variant
-from dbus_fast.aio import MessageBus
-
-EXPORT = os.environ.get("EXPORT", "/org/qubes/BlockBroker1/export/1")
-M = ("/org/qubes/BlockBroker1", "org.qubes.BlockBroker1.Manager")
+BE = "/local/domain/0/backend/vbd/1/51712"
 REQUEST = "/org/qubes/BlockBroker1/request/1"
-CALLS = {
-    "Manager.Attach": (*M, "Attach", "s", ["/local/domain/0/backend/vbd/1/51712"]),
-    "Manager.Detach": (*M, "Detach", "s", ["/local/domain/0/backend/vbd/1/51712"]),
-    "Manager.Export": (*M, "Export", "ssa{sv}", ["/etc/passwd", "work", {}]),
-    "Manager.ExportFd": (*M, "ExportFd", "hsa{sv}", [0, "work", {}]),
-    "Manager.DetachExport": (*M, "DetachExport", "o", [EXPORT]),
-    "Export.Detach": (EXPORT, "org.qubes.BlockBroker1.Export", "Detach", "", []),
-    "Manager.RequestExport": (*M, "RequestExport", "sa{sv}sa{sv}", ["work", {}, "untrusted", {}]),
-    "Request.Approve": (REQUEST, "org.qubes.BlockBroker1.Request", "Approve", "", []),
-    "Request.Deny": (REQUEST, "org.qubes.BlockBroker1.Request", "Deny", "", []),
-    "Request.Withdraw": (REQUEST, "org.qubes.BlockBroker1.Request", "Withdraw", "", []),
-    "read.GetAll": (*M[:1], "org.freedesktop.DBus.Properties", "GetAll", "s", [M[1]]),
-    "read.GetManagedObjects": (*M[:1], "org.freedesktop.DBus.ObjectManager",
-                               "GetManagedObjects", "", []),
-    "read.Introspect": (*M[:1], "org.freedesktop.DBus.Introspectable", "Introspect", "", []),
-}
+DBUS_NULL = ("/dev/null",)  # the fd an ExportFd call passes
 
-async def main():
-    bus = await MessageBus(bus_address=os.environ["DBUS_ADDRESS"], negotiate_unix_fd=True).connect()
-    out = {"uid": os.getuid()}
-    for key, (path, iface, member, sig, body) in CALLS.items():
-        fds = [os.open("/dev/null", os.O_RDONLY)] if "h" in sig else []
-        reply = await bus.call(Message(destination="org.qubes.BlockBroker1", path=path,
-            interface=iface, member=member, signature=sig, body=body, unix_fds=fds))
-        out[key] = reply.error_name or "ok"
-    print(json.dumps(out))
 
-asyncio.run(main())
-"""
+def calls(export: str) -> dict[str, list[object]]:
+    """One call of each method (mutating ones and a few reads), keyed like authz's table."""
+    return {
+        "Manager.Attach": child_call("Attach", "s", [BE]),
+        "Manager.Detach": child_call("Detach", "s", [BE]),
+        "Manager.Export": child_call("Export", "ssa{sv}", ["/etc/passwd", "work", {}]),
+        "Manager.ExportFd": child_call("ExportFd", "hsa{sv}", [0, "work", {}], fd_paths=DBUS_NULL),
+        "Manager.DetachExport": child_call("DetachExport", "o", [export]),
+        "Export.Detach": child_call("Detach", path=export, iface=EXPORT_IFACE),
+        "Manager.RequestExport": child_call(
+            "RequestExport", "sa{sv}sa{sv}", ["work", {}, "untrusted", {}]
+        ),
+        "Request.Approve": child_call("Approve", path=REQUEST, iface=REQUEST_IFACE),
+        "Request.Deny": child_call("Deny", path=REQUEST, iface=REQUEST_IFACE),
+        "Request.Withdraw": child_call("Withdraw", path=REQUEST, iface=REQUEST_IFACE),
+        "read.GetAll": child_call("GetAll", "s", [MANAGER_IFACE], iface=PROPS_IFACE),
+        "read.GetManagedObjects": child_call("GetManagedObjects", iface=OM_IFACE),
+        "read.Introspect": child_call("Introspect", iface=INTROSPECTABLE_IFACE),
+    }
+
+
+def run_calls_as(uid: int, address: str, export: str) -> dict[str, object]:
+    """Every call of calls() on one connection as `uid`: {"uid": its uid, key: error or "ok"}."""
+    table = calls(export)
+    child_uid, outcomes = calls_as(address, list(table.values()), user=uid, short=False)
+    result: dict[str, object] = {"uid": child_uid}
+    for key, out in zip(table, outcomes, strict=True):
+        result[key] = out["error"] or "ok"
+    return result
 
 
 def test_every_mutating_method_is_denied_to_an_unprivileged_caller(stack: Stack, api: Api) -> None:
     image = stack.make_image("access.img")
     export = api.export(image)  # a real object, so Export.Detach reaches the check
-    script = CLIENT.replace(
-        'os.environ.get("EXPORT", "/org/qubes/BlockBroker1/export/1")', repr(export)
-    )
-    result = run_as(NOBODY, stack.bus_address, script)
+    result = run_calls_as(NOBODY, stack.bus_address, export)
     assert result.pop("uid") == NOBODY
     denied = "org.qubes.BlockBroker1.Error.AccessDenied"
     mutating = {f"{i.rsplit('.', 1)[1]}.{m}" for i, m in ROUTES}

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from harness.loops import loops_of, loops_released
 from harness.stack import Stack
 from policydlab import (
     XVDA,
     Api,
     assert_clean,
     held_block_fds,
-    loops_of,
-    loops_released,
     remove_libxl_vbd,
     write_libxl_vbd,
     xs_write_raw,

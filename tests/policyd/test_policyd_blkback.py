@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from harness.names import EXPORT_IFACE
 from harness.stack import Stack, StackConfig
-from policydlab import EXPORT_IFACE, Api, assert_clean
+from policydlab import Api, assert_clean
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 

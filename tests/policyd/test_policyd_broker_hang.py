@@ -14,8 +14,10 @@ import signal
 from collections.abc import Callable
 
 import pytest
+from harness.loops import loops_released
+from harness.names import MANAGER, MANAGER_IFACE
 from harness.stack import Stack, StackConfig
-from policydlab import MANAGER, MANAGER_IFACE, Api, held_block_fds, loops_released, vbd_nodes
+from policydlab import Api, held_block_fds, vbd_nodes
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon, pytest.mark.slow]
 

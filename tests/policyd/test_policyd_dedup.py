@@ -11,8 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from harness.loops import loops_of
 from harness.stack import Stack
-from policydlab import Api, assert_clean, held_block_fds, loops_of, ro, vbd_nodes
+from policydlab import Api, assert_clean, held_block_fds, ro, vbd_nodes
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 

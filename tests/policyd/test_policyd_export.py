@@ -7,32 +7,23 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import pytest
+from harness.loops import loops_of, loops_released, sysfs
+from harness.names import EXPORT_IFACE, MANAGER, MANAGER_IFACE, OM_IFACE
 from harness.stack import Stack
 from harness.xenstore import register_domain
 from policydlab import (
-    EXPORT_IFACE,
-    MANAGER,
-    MANAGER_IFACE,
-    OM_IFACE,
     XVDB,
     XVDC,
     Api,
     assert_clean,
     held_block_fds,
-    loops_of,
-    loops_released,
     ro,
     u32,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
-
-
-def sysfs(loop: str, attr: str) -> str:
-    return Path(f"/sys/block/{loop}/{attr}").read_text().strip()
 
 
 def test_export_writes_vbd_nodes_and_holds_a_loop(stack: Stack, api: Api) -> None:

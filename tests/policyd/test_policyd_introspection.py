@@ -10,8 +10,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from harness.names import EXPORT_IFACE, MANAGER_IFACE
 from harness.stack import Stack
-from policydlab import EXPORT_IFACE, MANAGER_IFACE, Api, assert_clean
+from policydlab import Api, assert_clean
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 

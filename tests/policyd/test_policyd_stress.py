@@ -12,8 +12,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from harness.loops import loops_released
 from harness.stack import Stack
-from policydlab import Api, assert_clean, held_block_fds, loops_released, ro
+from policydlab import Api, assert_clean, held_block_fds, ro
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon, pytest.mark.slow]
 

@@ -11,8 +11,9 @@ import signal
 from collections.abc import Callable
 
 import pytest
+from harness.names import MANAGER, MANAGER_IFACE
 from harness.stack import Stack, StackConfig
-from policydlab import MANAGER, MANAGER_IFACE, Api, assert_clean, held_block_fds
+from policydlab import Api, assert_clean, held_block_fds
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon, pytest.mark.slow]
 

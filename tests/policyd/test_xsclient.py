@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from harness.loops import open_fds
 from harness.stack import Stack, StackConfig
 from pyxs._internal import Op
 from xsfake import CLOSE, TX_ID, HostileXenstored, frame
@@ -36,15 +36,6 @@ from policyd.xenstore.connection import (
 from policyd.xenstore.store import XenStore
 
 SHORT_TIMEOUT_S = 0.3
-
-
-def open_fds() -> list[str]:
-    """What each open fd refers to (a socket by its inode: numbers are reused, inodes not)."""
-    targets = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(FileNotFoundError):  # the listing's own fd, closed by now
-            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return sorted(targets)
 
 
 def run_clean(

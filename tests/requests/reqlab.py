@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import os
 import subprocess
 import sys
@@ -19,17 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from harness import loops
+from harness.names import EXPORT_IFACE, MANAGER, OM_IFACE, REQUEST_IFACE
+from harness.rawbus import HeldCall, as_user, call_as, child_call
 from harness.stack import Stack
 
-BUS_NAME = "org.qubes.BlockBroker1"
-MANAGER = "/org/qubes/BlockBroker1"
-MANAGER_IFACE = "org.qubes.BlockBroker1.Manager"
-REQUEST_IFACE = "org.qubes.BlockBroker1.Request"
-REQUEST_PREFIX = MANAGER + "/request/"
-OM_IFACE = "org.freedesktop.DBus.ObjectManager"
-ERROR = "org.qubes.BlockBroker1.Error."
 VENV_BIN = Path(sys.executable).parent
-BUSCALL = Path(__file__).with_name("buscall.py")
 BRIDGE_GROUP = "blockbroker-qrexec"
 NOBODY = 65534  # the approver: the polkit rules say yes for user nobody
 REFUSED_USER = "daemon"  # a polkit rule says no
@@ -46,81 +40,21 @@ def bridge_gid() -> int:
     return grp.getgrnam(BRIDGE_GROUP).gr_gid
 
 
-def as_user(uid: int | str, groups: tuple[int, ...] = ()) -> list[str]:
-    """setpriv prefix: run as `uid` (its own primary group) with exactly `groups` besides."""
-    import pwd
-
-    entry = pwd.getpwuid(uid) if isinstance(uid, int) else pwd.getpwnam(uid)
-    extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-    return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", extra]
+def call(stack: Stack, member: str, sig: str = "", body: list[Any] | None = None,
+         **kw: Any) -> dict[str, Any]:  # fmt: skip
+    """One call in a child process (as `user`, else root; rawbus.call_as's keywords: path,
+    iface, user, groups); {"error": short name or full, ...}."""
+    return call_as(stack.bus_address, member, sig, body, **kw)
 
 
-def call(
-    stack: Stack,
-    member: str,
-    sig: str = "",
-    body: list[Any] | None = None,
-    *,
-    path: str = MANAGER,
-    iface: str = MANAGER_IFACE,
-    user: int | str | None = None,
-    groups: tuple[int, ...] = (),
-) -> dict[str, Any]:
-    """One call in a child process (as `user`, else root); {"error": short name or full}."""
-    argv = [sys.executable, str(BUSCALL), stack.bus_address, BUS_NAME, path, iface, member, sig,
-            json.dumps(body or [])]  # fmt: skip
-    if user is not None:
-        argv = [*as_user(user, groups), *argv]
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    out: dict[str, Any] = json.loads(result.stdout)
-    if out["error"] and out["error"].startswith(ERROR):
-        out["error"] = out["error"][len(ERROR) :]
-    assert "Traceback" not in out.get("message", "")
-    return out
-
-
-class Holder:
+class Holder(HeldCall):
     """A requester that stays connected (like the bridge waiting for a decision), running as
     `user` with `groups`; `send("Withdraw")` calls a method on its request with its connection."""
 
     def __init__(self, stack: Stack, body: list[Any], user: int | str | None = None,
                  groups: tuple[int, ...] = ()) -> None:  # fmt: skip
-        argv = [sys.executable, str(BUSCALL), "--hold", stack.bus_address, BUS_NAME, MANAGER,
-                MANAGER_IFACE, "RequestExport", "sa{sv}sa{sv}", json.dumps(body)]  # fmt: skip
-        if user is not None:
-            argv = [*as_user(user, groups), *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)  # fmt: skip
-        self.first = self._answer()
-
-    def _answer(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        out: dict[str, Any] = json.loads(self.proc.stdout.readline())
-        if out["error"] and out["error"].startswith(ERROR):
-            out["error"] = out["error"][len(ERROR) :]
-        return out
-
-    @property
-    def path(self) -> str:
-        assert self.first["error"] is None, self.first
-        return str(self.first["body"][0])
-
-    def send(self, member: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(member + "\n")
-        self.proc.stdin.flush()
-        return self._answer()
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-EXPORT_IFACE = "org.qubes.BlockBroker1.Export"
+        request = child_call("RequestExport", "sa{sv}sa{sv}", body)
+        super().__init__(stack.bus_address, request, REQUEST_IFACE, user, groups)
 
 
 def managed_exports(stack: Stack) -> dict[str, dict[str, Any]]:
@@ -184,24 +118,11 @@ def vm_loop(directory: Path, name: str = "vm-disk.img") -> Iterator[Path]:
     try:
         yield Path(dev)
     finally:
-        detach_loops_of(backing)
-
-
-def loops_of(backing: Path) -> list[str]:
-    out = subprocess.run(
-        ["losetup", "--noheadings", "--output", "NAME", "--associated", str(backing)],
-        capture_output=True, text=True, check=False,
-    ).stdout  # fmt: skip
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def detach_loops_of(backing: Path) -> None:
-    for dev in loops_of(backing):
-        subprocess.run(["losetup", "--detach", dev], check=False)
+        loops.detach_all(backing)
 
 
 def sysfs(dev: Path, attr: str) -> str:
-    return Path(f"/sys/class/block/{dev.name}/{attr}").read_text().strip()
+    return loops.sysfs(dev.name, attr)
 
 
 def publish(stack: Stack, domid: int, name: str, dev: str, diskseq: str) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dbus_fast import Message, Variant
-from dbus_fast.aio import MessageBus
+from dbus_fast import Variant
+from harness.names import REQUEST_IFACE
+from harness.rawbus import call as bus_call
+from harness.rawbus import connect
 from harness.stack import Stack
 from reqlab import (
     NOBODY,
     REFUSED_USER,
-    REQUEST_IFACE,
     UNRULED_USER,
     Holder,
     audit_lines,
@@ -127,23 +128,13 @@ def test_expired_request_is_removed_and_cannot_be_approved(stack: Stack, publish
 
 async def flood(address: str, count: int) -> list[str | None]:
     """`count` requests on one connection (root, like one bridge); their error names."""
-    bus = await MessageBus(bus_address=address).connect()
+    bus = await connect(address)
     errors: list[str | None] = []
     try:
         for _ in range(count):
             body = request_body("loop9", 4242)
             body[1] = {k: Variant(*v) for k, v in body[1].items()}  # type: ignore[union-attr]
-            reply = await bus.call(
-                Message(
-                    destination="org.qubes.BlockBroker1",
-                    path="/org/qubes/BlockBroker1",
-                    interface="org.qubes.BlockBroker1.Manager",
-                    member="RequestExport",
-                    signature="sa{sv}sa{sv}",
-                    body=body,
-                )
-            )
-            assert reply is not None
+            reply = await bus_call(bus, "RequestExport", "sa{sv}sa{sv}", body)
             errors.append(reply.error_name)
     finally:
         bus.disconnect()

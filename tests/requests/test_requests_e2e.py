@@ -13,10 +13,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from harness.names import REQUEST_IFACE
 from harness.stack import Stack
 from reqlab import (
     NOBODY,
-    REQUEST_IFACE,
     XVDB,
     audit_lines,
     call,

@@ -8,12 +8,11 @@ daemon no, user bin no rule and no authentication agent). Root is never the subj
 from __future__ import annotations
 
 import pytest
+from harness.names import EXPORT_IFACE, PROPS_IFACE
 from harness.stack import Stack
 from reqlab import NOBODY, audit_lines, call
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
-
-EXPORT_IFACE = "org.qubes.BlockBroker1.Export"
 
 
 def nothing_exported(stack: Stack) -> bool:
@@ -28,7 +27,7 @@ def test_polkit_admin_exports_and_detaches(stack: Stack) -> None:
     assert out["error"] is None, out
     export_path = out["body"][0]
     backend = call(stack, "Get", "ss", [EXPORT_IFACE, "BackendPath"], path=export_path,
-                   iface="org.freedesktop.DBus.Properties")["body"][0]  # fmt: skip
+                   iface=PROPS_IFACE)["body"][0]  # fmt: skip
     assert stack.xs_exists(f"{backend}/physical-device")
     refused = call(stack, "Detach", path=export_path, iface=EXPORT_IFACE, user="daemon")
     assert refused["error"] == "AccessDenied", refused

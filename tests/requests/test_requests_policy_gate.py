@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 from dbus_fast import Message, MessageType
-from dbus_fast.aio import MessageBus
+from harness.names import INTROSPECTABLE_IFACE, REQUEST_IFACE
+from harness.rawbus import call as bus_call
+from harness.rawbus import connect
 from harness.stack import Stack
 from reqlab import (
-    BUS_NAME,
-    MANAGER,
-    MANAGER_IFACE,
-    REQUEST_IFACE,
     Holder,
     audit_lines,
     bridge_gid,
@@ -83,23 +81,11 @@ def test_export_into_dom0_is_denied_by_the_catch_all(stack: Stack) -> None:
 
 
 async def export_fd(address: str, fd: int) -> Message:
-    bus = await MessageBus(bus_address=address, negotiate_unix_fd=True).connect()
+    bus = await connect(address)
     try:
-        reply = await bus.call(
-            Message(
-                destination=BUS_NAME,
-                path=MANAGER,
-                interface=MANAGER_IFACE,
-                member="ExportFd",
-                signature="hsa{sv}",
-                body=[0, "work", {}],
-                unix_fds=[fd],
-            )
-        )
+        return await bus_call(bus, "ExportFd", "hsa{sv}", [0, "work", {}], fds=[fd])
     finally:
         bus.disconnect()
-    assert reply is not None
-    return reply
 
 
 def test_export_fd_and_attach_are_gated(stack: Stack, extra_rule: Path, loop_dir: Path) -> None:
@@ -134,7 +120,7 @@ def test_request_introspection_matches_the_xml(stack: Stack) -> None:
                     user=65534, groups=(bridge_gid(),))  # fmt: skip
     try:
         xml = call(stack, "Introspect", path=holder.path,
-                   iface="org.freedesktop.DBus.Introspectable")["body"][0]  # fmt: skip
+                   iface=INTROSPECTABLE_IFACE)["body"][0]  # fmt: skip
         live = ET.fromstring(xml).find(f"interface[@name='{REQUEST_IFACE}']")
         doc = ET.parse(DBUS_DIR / "org.qubes.BlockBroker1.Request.xml").getroot()
         documented = doc.find(f"interface[@name='{REQUEST_IFACE}']")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness.names import EXPORT_IFACE
 from harness.stack import Stack, StackConfig
 from reqlab import audit_lines, call
 
@@ -57,7 +58,7 @@ def export(stack: Stack, image: Path, domain: str) -> dict[str, object]:
 
 
 def detach(stack: Stack, export_path: str) -> None:
-    out = call(stack, "Detach", path=export_path, iface="org.qubes.BlockBroker1.Export")
+    out = call(stack, "Detach", path=export_path, iface=EXPORT_IFACE)
     assert out["error"] is None, out
 
 

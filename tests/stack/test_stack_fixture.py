@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness.stack import BUS_NAME, POLKIT_BUS_NAME, SERVICE_USER, Stack, StackConfig
+from harness.names import BUS_NAME
+from harness.stack import POLKIT_BUS_NAME, SERVICE_USER, Stack, StackConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness.stack import BUS_NAME, SERVICE_USER, Stack, StackConfig
+from harness.names import BUS_NAME, DBUS_IFACE, DBUS_NAME, DBUS_PATH
+from harness.stack import SERVICE_USER, Stack, StackConfig
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 
@@ -22,8 +23,8 @@ DEVSTACK = Path(__file__).resolve().parents[2] / "scripts" / "devstack"
 
 def owner_uid(stack: Stack) -> int:
     result = subprocess.run(
-        ["busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-         "org.freedesktop.DBus", "GetConnectionUnixUser", "s", BUS_NAME],
+        ["busctl", "--system", "call", DBUS_NAME, DBUS_PATH, DBUS_IFACE, "GetConnectionUnixUser",
+         "s", BUS_NAME],
         env=stack.env(),
         capture_output=True,
         text=True,
