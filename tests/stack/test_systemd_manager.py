@@ -9,8 +9,6 @@ standing in for the broker), which attaches the image with LOOP_CONFIGURE and AU
 
 from __future__ import annotations
 
-import array
-import ctypes
 import errno
 import fcntl
 import json
@@ -25,9 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from broker import kernel
 from harness.stack import StackConfig
 from harness.systemd import UserManager
+
+from broker import kernel
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
 
@@ -167,9 +166,6 @@ def wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-_ = ctypes  # kernel's structs are ctypes structures
 
 
 @pytest.fixture
