@@ -18,9 +18,11 @@ Service processes run in the same private mount namespace and cgroup subtree. st
 manager with SIGTERM (exit.target), then kills whatever is left in the subtree (cgroup.kill)
 and removes it, reporting each leftover as a problem.
 
-Type=dbus: a user manager follows BusName= on its user bus only while units named dbus.socket
-and dbus.service are active (manager_dbus_is_running()); `bus_address` gives it
-DBUS_SESSION_BUS_ADDRESS and writes stand-ins for both units (see write_bus_stand_ins()).
+Type=dbus: a user manager follows BusName= on its user bus, $XDG_RUNTIME_DIR/bus, and connects
+only once units named dbus.socket and dbus.service are active (manager_dbus_is_running()).
+With `bus_socket` (the harness's own dbus-daemon) xdg/bus is a symlink to that socket and both
+units are stand-ins (write_bus_stand_ins()). The manager, root on that bus, also asks for
+org.freedesktop.systemd1: the bus policy must allow it (BUS_POLICY, for the bus's system.d).
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ BASE_UNITS = (
 )
 DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _serial = count()
+# For the harness bus's local policy dir: lets the manager own its name (as the stock
+# /usr/share/dbus-1/system.d/org.freedesktop.systemd1.conf does on a real system bus).
+BUS_POLICY = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root">
+    <allow own="org.freedesktop.systemd1"/>
+    <allow send_destination="org.freedesktop.systemd1"/>
+  </policy>
+</busconfig>
+"""
 
 
 def cgroup2_mount() -> Path:
@@ -90,7 +103,7 @@ class UserManager:
     teardown() (or the context manager) ends it and returns the problems found."""
 
     def __init__(
-        self, base_dir: Path, bus_address: str | None = None, log_path: Path | None = None
+        self, base_dir: Path, bus_socket: Path | None = None, log_path: Path | None = None
     ) -> None:
         self.base_dir = base_dir
         self.runtime_dir = base_dir / "xdg"
@@ -98,7 +111,7 @@ class UserManager:
         self.generator_dir = base_dir / "no-generators"
         self.cgroup_name = f"blockbroker-harness-{os.getpid()}-{next(_serial)}"
         self.cgroup = cgroup2_mount() / self.cgroup_name  # host path of the subtree
-        self.bus_address = bus_address
+        self.bus_socket = bus_socket
         env = {
             "PATH": DAEMON_PATH,
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
@@ -107,8 +120,8 @@ class UserManager:
             "SYSTEMD_ENVIRONMENT_GENERATOR_PATH": str(self.generator_dir),
             "SYSTEMD_LOG_TIME": "1",
         }
-        if bus_address is not None:
-            env["DBUS_SESSION_BUS_ADDRESS"] = bus_address
+        if bus_socket is not None:  # for the services; the manager itself uses xdg/bus
+            env["DBUS_SESSION_BUS_ADDRESS"] = f"unix:path={bus_socket}"
         self.daemon = Daemon(
             name="systemd",
             argv=[SYSTEMD, "--user", "--log-target=console", "--log-level=info"],
@@ -138,7 +151,8 @@ class UserManager:
         self.runtime_dir.chmod(0o755)
         for unit in BASE_UNITS:
             shutil.copyfile(DISTRO_USER_UNITS / unit, self.unit_dir / unit)
-        if self.bus_address is not None:
+        if self.bus_socket is not None:
+            (self.runtime_dir / "bus").symlink_to(self.bus_socket)
             self.write_bus_stand_ins()
         self.cgroup.mkdir()
         started = time.monotonic()
@@ -149,6 +163,8 @@ class UserManager:
             for problem in self.teardown():
                 log("teardown_problem", problem=problem)
             raise
+        if self.bus_socket is not None:
+            self.systemctl("start", "dbus.socket", "dbus.service")
         # NOTIFY_SOCKET must be writable by services that drop to another user (setpriv, User=)
         self.notify_socket.chmod(0o777)
         self.started_s = time.monotonic() - started
@@ -240,7 +256,7 @@ class UserManager:
         started = time.monotonic()
         self.systemctl("start", unit)
         took = time.monotonic() - started
-        log("unit_started", unit=unit, ms=f"{took * 1e3:.1f}", main_pid=self.main_pid(unit))
+        log("unit_started", unit=unit, ms=f"{took * 1e3:.1f}")
         return took
 
     def stop(self, unit: str) -> None:
