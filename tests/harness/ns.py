@@ -52,6 +52,16 @@ def bind_mount(source: Path, target: Path) -> None:
     )
 
 
+def mount_fs(fstype: str, target: Path, options: str = "") -> None:
+    """Mount a fresh `fstype` (tmpfs, cgroup2) on `target` in the current mount namespace."""
+    _check(
+        _libc.mount(
+            fstype.encode(), os.fsencode(target), fstype.encode(), 0, options.encode() or None
+        ),
+        f"mount -t {fstype} {target}",
+    )
+
+
 def private_binds(binds: list[tuple[Path, Path]]) -> None:
     """preexec_fn body: a private mount namespace with `binds` (source, target) applied."""
     enter_private_mount_namespace()

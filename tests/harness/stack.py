@@ -28,6 +28,7 @@ from harness import loops, polkit, xenstore
 from harness.bus import BusDaemon, BusProbe
 from harness.names import BUS_NAME
 from harness.procs import Daemon, StackError, log, tail
+from harness.systemd import BUS_POLICY, UserManager
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_USER = "blockbroker"
@@ -73,6 +74,9 @@ class StackConfig:
     )
     stop_timeout_s: float = 5.0
     loop_settle_s: float = 2.0
+    # Run the broker (socket-activated) and policyd (Type=dbus) as units of a real systemd
+    # user manager (harness.systemd) that uses the stack's bus as its user bus.
+    systemd: bool = False
 
 
 class Stack:
@@ -108,6 +112,7 @@ class Stack:
         self.daemons: dict[str, Daemon] = {}
         self._xs: Client | None = None
         self._probe: BusProbe | None = None
+        self.manager: UserManager | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -135,6 +140,8 @@ class Stack:
                 self.blkback_devices_dir.mkdir(parents=True, exist_ok=True)
             self._start_xenstore()
             self._start_bus()
+            if self.config.systemd:
+                self._start_manager()
             if self.config.broker:
                 self._start_broker()
             if self.config.polkit_rules is not None:
@@ -163,6 +170,9 @@ class Stack:
                 xs.close()
         except Exception as e:  # a broken client connection must not keep daemons alive
             problems.append(f"closing the harness's own connections: {e!r}")
+        manager, self.manager = self.manager, None
+        if manager is not None:  # started after the bus; holds the broker and policyd
+            problems.extend(manager.teardown(self.config.stop_timeout_s))
         for name in reversed(list(self.daemons)):
             problems.extend(self.daemons.pop(name).stop(self.config.stop_timeout_s))
         for loop in loops.leaked_loops(self.leak_roots(), self.config.loop_settle_s):
@@ -203,6 +213,9 @@ class Stack:
 
     def _start_bus(self) -> None:
         self.bus_dir.mkdir(exist_ok=True)
+        if self.config.systemd:
+            (self.bus_dir / "system.d").mkdir(exist_ok=True)
+            (self.bus_dir / "system.d" / "systemd1.conf").write_text(BUS_POLICY)
         daemon = BusDaemon(
             self.bus_dir, self.config.project_bus_policy_dir, self.stack_dir / "dbus.log"
         )
@@ -221,8 +234,56 @@ class Stack:
         os.chown(self.broker_config, 0, 0)
         self.broker_config.chmod(0o644)
 
+    def _start_manager(self) -> None:
+        started = time.monotonic()
+        self.manager = UserManager(
+            self.stack_dir / "systemd",
+            bus_socket=self.bus_dir / "system_bus_socket",
+            log_path=self.stack_dir / "systemd.log",
+        )
+        self.manager.launch(self.config.start_timeout_s)
+        self.timings_ms["systemd"] = (time.monotonic() - started) * 1e3
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`systemctl --user ARGS` against the stack's manager (StackConfig(systemd=True))."""
+        if self.manager is None:
+            raise StackError("this stack runs no systemd manager")
+        return self.manager.systemctl(*args, check=check)
+
+    def _broker_argv(self) -> list[str]:
+        return [
+            str(self.config.venv / "bin/blockbroker-broker"),
+            "--config",
+            str(self.broker_config),
+        ]
+
+    def _start_broker_unit(self, manager: UserManager) -> None:
+        """dbus/blockbroker-broker.socket's settings at the stack's socket path; the broker
+        starts on the first connection and takes the socket from LISTEN_FDS."""
+        started = time.monotonic()
+        manager.write_unit(
+            "blockbroker-broker.socket",
+            "[Socket]\n"
+            f"ListenSequentialPacket={self.broker_socket}\n"
+            "SocketUser=root\nSocketGroup=blockbroker\nSocketMode=0660\nAccept=no\n",
+        )
+        manager.write_unit(
+            "blockbroker-broker.service",
+            "[Unit]\nRequires=blockbroker-broker.socket\nAfter=blockbroker-broker.socket\n"
+            "[Service]\nType=simple\n"
+            f"ExecStart={' '.join(self._broker_argv())}\n"
+            "Restart=on-failure\nRestartSec=100ms\n"
+            f"StandardOutput=append:{self.stack_dir / 'broker.log'}\nStandardError=inherit\n",
+        )
+        manager.daemon_reload()
+        manager.start("blockbroker-broker.socket")
+        self.timings_ms["broker"] = (time.monotonic() - started) * 1e3
+
     def _start_broker(self) -> None:
         self._write_broker_config()
+        if self.manager is not None:
+            self._start_broker_unit(self.manager)
+            return
         daemon = Daemon(
             name="broker",
             argv=[
@@ -265,34 +326,69 @@ class Stack:
             shutil.copytree(self.config.policy_dir, self.policy_dir)
             for path in [self.policy_dir, *self.policy_dir.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
+        if self.manager is not None:
+            self._start_policyd_unit(self.manager)
+            return
         daemon = Daemon(
             name="policyd",
-            argv=[
-                str(self.config.venv / "bin/blockbroker-policyd"),
-                "--broker-socket",
-                str(self.broker_socket),
-                "--xenstore-path",
-                str(self.xenstore_path),
-                "--sysfs-root",
-                str(self.sysfs_root),
-                "--bus-address",
-                self.bus_address,
-                "--policy-dir",
-                str(self.policy_dir),
-                *self.config.policyd_args,
-            ],
+            argv=self._policyd_argv(),
             log_path=self.stack_dir / "policyd.log",
             env={"PATH": DAEMON_PATH, "PYTHONUNBUFFERED": "1"},
             user=SERVICE_USER,
         )
         self._launch(daemon, lambda: self.has_owner(BUS_NAME), f"{BUS_NAME} on the bus")
 
+    POLICYD_UNIT = "blockbroker-policyd.service"
+
+    def _start_policyd_unit(self, manager: UserManager) -> None:
+        """The settings of dbus/blockbroker-policyd.service that work in a user manager: Type=dbus
+        (active once it owns its name), Restart=, the fd store, LimitNOFILE. Not the sandboxing
+        (ProtectSystem= and friends need mount namespaces per service; untested here)."""
+        started = time.monotonic()
+        manager.write_unit(
+            self.POLICYD_UNIT,
+            "[Unit]\nAfter=blockbroker-broker.socket\n"
+            "StartLimitIntervalSec=0\n"
+            f"[Service]\nType=dbus\nBusName={BUS_NAME}\n"
+            f"User={SERVICE_USER}\nGroup={SERVICE_USER}\n"
+            f"ExecStart={' '.join(self._policyd_argv())}\n"
+            "Environment=PYTHONUNBUFFERED=1\n"
+            "Restart=on-failure\nRestartSec=100ms\n"
+            "FileDescriptorStoreMax=1024\nLimitNOFILE=4096\n"
+            f"StandardOutput=append:{self.stack_dir / 'policyd.log'}\nStandardError=inherit\n",
+        )
+        manager.daemon_reload()
+        manager.start(self.POLICYD_UNIT)
+        self.timings_ms["policyd"] = (time.monotonic() - started) * 1e3
+
+    def _policyd_argv(self) -> list[str]:
+        return [
+            str(self.config.venv / "bin/blockbroker-policyd"),
+            "--broker-socket",
+            str(self.broker_socket),
+            "--xenstore-path",
+            str(self.xenstore_path),
+            "--sysfs-root",
+            str(self.sysfs_root),
+            "--bus-address",
+            self.bus_address,
+            "--policy-dir",
+            str(self.policy_dir),
+            *self.config.policyd_args,
+        ]
+
     def stop_policyd(self) -> list[str]:
         """Stop policyd (SIGTERM, bounded wait, SIGKILL); returns problems found."""
+        if self.manager is not None:
+            done = self.manager.systemctl("stop", self.POLICYD_UNIT, check=False)
+            return [] if done.returncode == 0 else [f"systemctl stop: {done.stderr.strip()}"]
         daemon = self.daemons.pop("policyd", None)
         return [] if daemon is None else daemon.stop(self.config.stop_timeout_s)
 
     def restart_policyd(self) -> None:
+        if self.manager is not None:  # one restart job: keeps the fd store
+            self.manager.restart(self.POLICYD_UNIT)
+            return
         problems = self.stop_policyd()
         if problems:
             raise StackError("stopping policyd: " + "; ".join(problems))
