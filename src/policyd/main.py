@@ -28,7 +28,10 @@ from policyd.bus.connection import PolicydBus
 from policyd.bus.objects import BusObjects
 from policyd.bus.service import Service, StartupError
 from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.custody import DEFAULT_STORE_MAX, Custody
 from policyd.exports.exporter import Exporter
+from policyd.exports.fdstore import FdStore, ListenFdsError, take_listen_fds
+from policyd.exports.reconcile import reconcile
 from policyd.exports.registry import Registry
 from policyd.exports.sources import Sources
 from policyd.names import BUS_NAME
@@ -64,6 +67,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "malformed file makes every @tag rule deny; see docs/policy.md)",
     )
     p.add_argument(
+        "--fd-store-max",
+        type=int,
+        default=DEFAULT_STORE_MAX,
+        help="the unit's FileDescriptorStoreMax= (default %(default)s): policyd refuses new "
+        "devices before its fd store would overflow",
+    )
+    p.add_argument(
         "--request-expiry",
         type=int,
         default=DEFAULT_EXPIRY_S,
@@ -89,7 +99,7 @@ def version() -> str:
 class Policyd:
     """The daemon's objects, built and wired here and nowhere else."""
 
-    def __init__(self, bus: MessageBus, args: argparse.Namespace) -> None:
+    def __init__(self, bus: MessageBus, args: argparse.Namespace, store: FdStore) -> None:
         self.objects = BusObjects(bus, version())
         self.xenstore = XenStore(
             args.xenstore_path, on_connection_changed=self.objects.xenstore_connected
@@ -109,6 +119,7 @@ class Policyd:
             sources=Sources(self.registry, self.broker),
             policy_check=self.gate.check_path,
             listener=self.objects,
+            custody=Custody(store, args.fd_store_max),
             backend_domid=args.backend_domid,
             sysfs_root=args.sysfs_root,
         )
@@ -117,6 +128,7 @@ class Policyd:
             xenstore=self.xenstore,
             gate=self.gate,
             listener=self.objects,
+            home=args.backend_domid,
             expiry_s=args.request_expiry,
         )
         self.service = Service(bus, exporter=self.exporter, requests=self.requests)
@@ -130,12 +142,21 @@ class Policyd:
 
 
 async def run(args: argparse.Namespace) -> int:
+    try:
+        stored = take_listen_fds()  # systemd's fd store: what policyd held before a restart
+    except ListenFdsError as e:
+        logfmt.error("ignoring a malformed LISTEN_FDS environment", error=e)
+        stored = []
     bus = await PolicydBus(
         bus_address=args.bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True
     ).connect()
-    daemon = Policyd(bus, args)
+    daemon = Policyd(bus, args, FdStore.from_environ())
     daemon.start()
     await daemon.exporter.probe()
+    # Before the name is taken, so no call sees a half-rebuilt registry. A failure (XenStore or
+    # the broker unavailable) ends policyd: the fd store keeps the fds for the next start.
+    await reconcile(daemon.exporter, stored)
+    await daemon.requests.load_counter()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,4 @@
-"""policyd.fdstore without systemd: LISTEN_* parsing (hostile values) and the bytes on the wire.
+"""policyd.exports.fdstore without systemd: LISTEN_* parsing (hostile values), the wire bytes.
 
 Unit tests, unprivileged. A datagram socket bound by the test stands in for systemd's notify
 socket only to check the byte format; tests/stack/test_systemd_manager.py runs the real thing.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from policyd import fdstore
-from policyd.fdstore import FdStore, ListenFdsError, NotifySocketError, take_listen_fds
+from policyd.exports import fdstore
+from policyd.exports.fdstore import FdStore, ListenFdsError, NotifySocketError, take_listen_fds
 
 ME = str(os.getpid())
 
@@ -94,7 +94,7 @@ def test_valid_fdname_is_systemds_rule() -> None:
 
 CHILD = """
 import json, os, sys, fcntl
-from policyd.fdstore import take_listen_fds, ListenFdsError
+from policyd.exports.fdstore import take_listen_fds, ListenFdsError
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.environ["LISTEN_FDS"] = sys.argv[1]
 if sys.argv[2] != "-":

@@ -65,6 +65,9 @@ def test_export_writes_vbd_nodes_and_holds_a_loop(stack: Stack, api: Api) -> Non
         "physical-device": f"{props['Major']:x}:{props['Minor']:x}",
         "physical-device-path": props["LoopDevice"],
         "diskseq": f"{props['Diskseq']:x}",
+        # the tag reconciliation finds again after a restart: number, kind, Since; Source
+        "blockbroker-export": f"{export.rsplit('/', 1)[1]} export {props['Since']}",
+        "blockbroker-source": str(image),
     }
     assert {n: stack.xs_read(f"{be}/{n}") for n in stack.xs_ls(be)} == expected_be
     expected_fe = {

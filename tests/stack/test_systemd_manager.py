@@ -2,7 +2,7 @@
 
 Runs as root with a real `systemd --user` (tests/harness/systemd.py) and real loop devices. The
 test service runs as user blockbroker (User= works in a root user manager) and uses
-policyd.fdstore as policyd will: take_listen_fds() at start, FdStore.push()/remove().
+policyd.exports.fdstore as policyd will: take_listen_fds() at start, FdStore.push()/remove().
 It gets its loop fd the way policyd does, over a unix socket from a root process (the test,
 standing in for the broker), which attaches the image with LOOP_CONFIGURE and AUTOCLEAR.
 """
@@ -36,7 +36,7 @@ NAME = "vbd-5-768 loop"  # a space is a valid fd name
 
 SERVICE = r"""
 import json, os, signal, socket, sys, time
-from policyd.fdstore import FdStore, take_listen_fds
+from policyd.exports.fdstore import FdStore, take_listen_fds
 
 out = open(sys.argv[1], "a", buffering=1)
 def say(**kw):

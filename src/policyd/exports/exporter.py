@@ -22,6 +22,7 @@ from policyd import errors, logfmt, modes, validate
 from policyd.brokerclient import Identity
 from policyd.exports.blkback import BlkbackWatcher
 from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.custody import Custody, fd_name
 from policyd.exports.frontends import FrontendWatch
 from policyd.exports.registry import (
     STATE_BACKEND_IN_VM,
@@ -36,6 +37,7 @@ from policyd.xenstore.store import (
     XENBUS_STATE_CLOSED,
     XENBUS_STATE_CONNECTED,
     BackendNodes,
+    ExportTag,
     VbdSpec,
     XenStore,
     backend_dir,
@@ -61,8 +63,9 @@ class Listener(Protocol):
 
 class Exporter:
     """The export operations (Export, ExportFd, Attach, Detach, a VM's approved export) and
-    the fds they hold: in the registry while an export uses them, or kept until policyd stops
-    while XenStore may still name their device after a failure (kept_after_unknown_commit)."""
+    the fds they hold (policyd.exports.custody: also in systemd's fd store): in the registry
+    while an export uses them, or held on while XenStore may still name their device after a
+    failure (a commit of unknown outcome, a trio that could not be removed)."""
 
     def __init__(
         self,
@@ -73,6 +76,7 @@ class Exporter:
         sources: Sources,
         policy_check: PolicyCheck,
         listener: Listener,
+        custody: Custody,
         backend_domid: int,
         sysfs_root: str,
     ) -> None:
@@ -83,31 +87,33 @@ class Exporter:
         self.policy_check = policy_check
         self.listener = listener
         self.backend_domid = backend_domid
-        self.kept_after_unknown_commit: list[contextlib.ExitStack] = []
+        self.custody = custody
         self.blkback = BlkbackWatcher(sysfs_root, self._state_changed)
         self.frontends = FrontendWatch(xenstore, self._frontend_gone)
         self._lock = asyncio.Lock()
 
     def shutdown(self) -> None:
         self.frontends.stop()
-        for kept in self.kept_after_unknown_commit:
-            kept.close()
+        self.custody.close_all()
         self.blkback.stop()
         self.xenstore.close()
         self.broker.close()
 
-    async def _publish(self, undo: contextlib.ExitStack, step: Awaitable[T]) -> T:
+    async def _publish(self, undo: contextlib.ExitStack, backing: Backing, step: Awaitable[T]) -> T:
         """Run the step that names a device in XenStore (its commit). Once it succeeded, the
         fds in `undo` are held whatever happens next (a failure after it leaks, never frees).
         If the commit's outcome is unknown, or the step is cancelled while it may be in
         flight, XenStore may name the device now: closing its fd would let AUTOCLEAR free the
-        number for reuse under that name (the race blockbroker exists to close). So the fds
-        are kept, until policyd stops, and the error is still reported."""
+        number for reuse under that name (the race blockbroker exists to close). So a fresh
+        backing's fd is held (in custody, so in the fd store: the next start reconciles it
+        against XenStore), and the error is still reported."""
         try:
             result = await step
         except (errors.CommitUnknown, asyncio.CancelledError):
-            self.kept_after_unknown_commit.append(undo.pop_all())
-            logfmt.warning("commit outcome unknown: keeping the device's fd until policyd stops")
+            undo.pop_all()
+            if backing.fd != NO_FD and not backing.users:
+                self.custody.hold(fd_name("kept", backing.identity), backing.fd)
+            logfmt.warning("commit outcome unknown: keeping the device's fd")
             raise
         undo.pop_all()
         return result
@@ -123,6 +129,7 @@ class Exporter:
         self, path: str, frontend: str, opts: validate.ExportOptions
     ) -> ExportRecord:
         async with self._lock:
+            self.custody.check_room()
             fe_domid, be_name = await self.xenstore.find_export_domains(
                 frontend, self.backend_domid
             )
@@ -140,6 +147,7 @@ class Exporter:
         async with self._lock:
             with contextlib.ExitStack() as undo:
                 undo.callback(os.close, fd)  # ours from here on; closed unless held
+                self.custody.check_room()
                 fe_domid, be_name = await self.xenstore.find_export_domains(
                     frontend, self.backend_domid
                 )
@@ -167,9 +175,12 @@ class Exporter:
         undo: contextlib.ExitStack,
     ) -> ExportRecord:
         mode = modes.from_read_only(opts.read_only)
-        spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing))
-        devid = await self._publish(undo, self.xenstore.add_vbd(spec, opts.devid))
+        number = self.registry.next_number()
+        tag = ExportTag(number, "export", source, self.backend_domid, _now_us())
+        spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing), tag)
+        devid = await self._publish(undo, backing, self.xenstore.add_vbd(spec, opts.devid))
         record = self._record(
+            number,
             source,
             backing,
             fe_domid,
@@ -179,6 +190,7 @@ class Exporter:
             mode,
             be_name,
             wrote_vbd=True,
+            since_us=tag.since_us,
         )
         self._register(record)
         await self.frontends.watch(fe_domid)
@@ -210,14 +222,19 @@ class Exporter:
                     (be.frontend_domid, fe_name),
                     modes.is_writable(nodes.mode),
                 )
+                self.custody.check_room()
                 backing = await self.sources.open_path(
                     nodes.params, modes.is_writable(nodes.mode), False, undo
                 )
+                number = self.registry.next_number()
+                tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())
                 # once the trio is written, the fd is held
+                phys = physical(backing)
                 await self._publish(
-                    undo, self.xenstore.write_physical_device(be.path, physical(backing), nodes)
+                    undo, backing, self.xenstore.write_physical_device(be.path, phys, nodes, tag)
                 )
                 record = self._record(
+                    number,
                     nodes.params,
                     backing,
                     be.frontend_domid,
@@ -227,6 +244,7 @@ class Exporter:
                     nodes.mode,
                     be_name,
                     wrote_vbd=False,
+                    since_us=tag.since_us,
                 )
                 self._register(record)
             return record
@@ -260,50 +278,56 @@ class Exporter:
                 logfmt.warning("detaching a dead frontend's export failed", error=e)
 
     async def detach_backend(self, untrusted_path: str) -> None:
+        """libxl's remove. The export is looked up under the lock Attach holds, so a Detach
+        that races a late Attach waits for it and detaches what it registered."""
         be = self._own_backend_path(untrusted_path)
-        record = self.registry.by_backend_path(be.path)
-        if record is None:
-            raise errors.NotFound(f"no export for {be.path}")
-        await self.detach(record)
+        async with self._lock:
+            record = self.registry.by_backend_path(be.path)
+            if record is None:
+                raise errors.NotFound(f"no export for {be.path}")
+            await self._detach(record)
 
     async def detach(self, record: ExportRecord) -> None:
         async with self._lock:
             if self.registry.get(record.number) is not record:
                 raise errors.NotFound(f"{record.object_path} is already detached")
-            spec = VbdSpec(
-                record.backend_domid,
-                record.frontend_domid,
-                "",
-                record.mode,
-                physical(record.backing),
-            )
-            if record.wrote_vbd:
-                if record.state == STATE_CONNECTED or (
-                    record.state == STATE_BACKEND_IN_VM and await self._remote_connected(record)
-                ):
-                    await self._wait_closed(record)
-                await self.xenstore.remove_vbd(spec, record.devid)
-            keep = False
-            if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
-                try:
-                    await self.xenstore.remove_physical_device(record.backend_path)
-                except errors.XenStoreError as e:
-                    # libxl removes the backend dir itself (libxl's remove must not fail over
-                    # it), but until then the trio may still name the device: its fd is kept
-                    logfmt.warning(
-                        "could not remove physical-device nodes; keeping the device's fd "
-                        "until policyd stops",
-                        path=record.backend_path,
-                        error=e,
-                    )
-                    keep = True
-            released = self._unregister(record, keep_fd=keep)
-            logfmt.info(
-                "detached",
-                export=record.object_path,
-                backend=record.backend_path,
-                released=released,
-            )
+            await self._detach(record)
+
+    async def _detach(self, record: ExportRecord) -> None:
+        """The body of Detach; the caller holds self._lock."""
+        spec = VbdSpec(
+            record.backend_domid,
+            record.frontend_domid,
+            "",
+            record.mode,
+            physical(record.backing),
+        )
+        if record.wrote_vbd:
+            if record.state == STATE_CONNECTED or (
+                record.state == STATE_BACKEND_IN_VM and await self._remote_connected(record)
+            ):
+                await self._wait_closed(record)
+            await self.xenstore.remove_vbd(spec, record.devid)
+        keep = False
+        if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
+            try:
+                await self.xenstore.remove_physical_device(record.backend_path)
+            except errors.XenStoreError as e:
+                # libxl removes the backend dir itself (libxl's remove must not fail over
+                # it), but until then the trio may still name the device: its fd is kept
+                logfmt.warning(
+                    "could not remove physical-device nodes; keeping the device's fd",
+                    path=record.backend_path,
+                    error=e,
+                )
+                keep = True
+        released = self._unregister(record, keep_fd=keep)
+        logfmt.info(
+            "detached",
+            export=record.object_path,
+            backend=record.backend_path,
+            released=released,
+        )
 
     async def export_foreign(
         self,
@@ -312,23 +336,26 @@ class Exporter:
         backend: tuple[int, str],
         frontend: tuple[int, str],
         mode: str,
-        write_nodes: Callable[[], Awaitable[int]],
+        write_nodes: Callable[[ExportTag], Awaitable[int]],
     ) -> ExportRecord:
         """Register an export of a device in another domain (a VM's own device, approved
         through policyd.requests): policyd holds no fd, the backend domain's blkback opens it;
-        it is listed and detached like any export. `write_nodes` writes the vbd in one
-        transaction and returns the devid; nothing is registered if it raises. The backing key
-        names the domain, so it never matches dom0's own devices."""
+        it is listed and detached like any export. `write_nodes(tag)` writes the vbd with its
+        tag in one transaction and returns the devid; nothing is registered if it raises. The
+        backing key names the domain, so it never matches dom0's own devices."""
         (be_domid, be_name), (fe_domid, fe_name) = backend, frontend
         key: BackingKey = (f"dom{be_domid}", identity.major, identity.minor)
         async with self._lock:
             shared = self.registry.shareable(key, modes.is_writable(mode))
-            devid = await write_nodes()
+            number = self.registry.next_number()
+            tag = ExportTag(number, "vm", source, self.backend_domid, _now_us())
+            devid = await write_nodes(tag)
             backing = shared or self.registry.new_backing(
                 key, NO_FD, identity, "vm", modes.is_writable(mode)
             )
             be_path = backend_dir(be_domid, fe_domid, devid)
             record = self._record(
+                number,
                 source,
                 backing,
                 fe_domid,
@@ -338,6 +365,7 @@ class Exporter:
                 mode,
                 be_name,
                 wrote_vbd=True,
+                since_us=tag.since_us,
                 be_domid=be_domid,
             )
             self._register(record)
@@ -369,6 +397,7 @@ class Exporter:
 
     def _record(
         self,
+        number: int,
         source: str,
         backing: Backing,
         fe_domid: int,
@@ -379,10 +408,11 @@ class Exporter:
         be_name: str,
         *,
         wrote_vbd: bool,
+        since_us: int,
         be_domid: int | None = None,  # another domain's backend (a VM's own device)
     ) -> ExportRecord:
         return ExportRecord(
-            number=self.registry.next_number(),
+            number=number,
             source=source,
             backing=backing,
             backend_domid=self.backend_domid if be_domid is None else be_domid,
@@ -392,12 +422,16 @@ class Exporter:
             devid=devid,
             backend_path=be_path,
             mode=mode,
-            since_us=time.time_ns() // 1000,
+            since_us=since_us,
             wrote_vbd=wrote_vbd,
         )
 
     def _register(self, record: ExportRecord) -> None:
+        backing = record.backing
+        fresh = not backing.users
         self.registry.add(record)
+        if fresh and backing.fd != NO_FD:
+            self.custody.hold(backing_name(backing), backing.fd)
         remote = record.backing.kind == "vm"  # dom0's sysfs cannot see another domain's blkback
         record.state = STATE_BACKEND_IN_VM if remote else self.blkback.initial_state()
         ident = record.backing.identity
@@ -418,20 +452,37 @@ class Exporter:
 
     def _unregister(self, record: ExportRecord, keep_fd: bool = False) -> bool:
         """The twin of _register: the export is gone from the registry and the bus. Its fd is
-        closed if it was the backing's last user (True), or kept until policyd stops while
-        XenStore may still name the device (keep_fd)."""
+        released if it was the backing's last user (True), or stays held (in custody, so in the
+        fd store) while XenStore may still name the device (keep_fd)."""
         self.blkback.forget(record)
         fd = self.registry.remove(record)
-        if fd is not None and fd != NO_FD:
-            if keep_fd:
-                kept = contextlib.ExitStack()
-                kept.callback(os.close, fd)
-                self.kept_after_unknown_commit.append(kept)
-            else:
-                os.close(fd)
+        if fd is not None and fd != NO_FD and not keep_fd:
+            self.custody.release(backing_name(record.backing))
         self.listener.export_removed(record)
         self.listener.export_count_changed(len(self.registry))
         return fd is not None
+
+    async def adopt(self, record: ExportRecord) -> None:
+        """Start-up (policyd.exports.reconcile): an export found again in XenStore, with its
+        backing (held already), back in the registry, on the bus and watched."""
+        self.registry.add(record)
+        remote = record.backing.kind == "vm"
+        record.state = STATE_BACKEND_IN_VM if remote else self.blkback.initial_state()
+        logfmt.info(
+            "adopted",
+            export=record.object_path,
+            source=record.source,
+            backend=record.backend_path,
+            device=f"{record.backing.identity.major}:{record.backing.identity.minor}",
+            diskseq=record.backing.identity.diskseq,
+            mode=record.mode,
+        )
+        self.listener.export_added(record)
+        self.listener.export_count_changed(len(self.registry))
+        if not remote:
+            self.blkback.watch(record)
+        if record.wrote_vbd:
+            await self.frontends.watch(record.frontend_domid)
 
     def _state_changed(self, record: ExportRecord) -> None:
         if self.registry.get(record.number) is record:
@@ -447,3 +498,12 @@ def still_attached(record: ExportRecord, nodes: BackendNodes) -> bool:
         and nodes.mode == record.mode
         and nodes.physical_device == f"{ident.major:x}:{ident.minor:x}"
     )
+
+
+def backing_name(backing: Backing) -> str:
+    """A held backing's name in the fd store."""
+    return fd_name(backing.kind, backing.identity)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000

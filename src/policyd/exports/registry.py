@@ -139,6 +139,10 @@ class Registry:
         others = tuple(a for a in aliases if a != key)
         return Backing(key, fd, identity, kind, writable, others, device_path)
 
+    def resume_numbers(self, last: int) -> None:
+        """Start-up: numbers go on after `last`, the highest given out before."""
+        self._next_number = max(self._next_number, last + 1)
+
     def next_number(self) -> int:
         number = self._next_number
         self._next_number += 1

@@ -11,6 +11,7 @@ before they get here. Every final state is audited (policyd.audit). See docs/req
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from typing import Protocol
@@ -37,7 +38,7 @@ from policyd.requests.vmdevice import (
     request_options,
     write_vm_vbd,
 )
-from policyd.xenstore.store import PhysicalDevice, VbdSpec, XenStore
+from policyd.xenstore.store import ExportTag, PhysicalDevice, VbdSpec, XenStore
 
 DEFAULT_EXPIRY_S = 300
 MAX_EXPIRY_S = 86400
@@ -68,6 +69,7 @@ class Requests:
         xenstore: XenStore,
         gate: PolicyGate,
         listener: Listener,
+        home: int = 0,
         expiry_s: int = DEFAULT_EXPIRY_S,
     ) -> None:
         self.exporter = exporter
@@ -75,9 +77,15 @@ class Requests:
         self.gate = gate
         self.listener = listener
         self.expiry_s = expiry_s
+        self.home = home
         self.pending: dict[int, PendingRequest] = {}
         self._finished: OrderedDict[int, str] = OrderedDict()  # number -> final state
         self._next = 1
+
+    async def load_counter(self) -> None:
+        """Start-up: request numbers go on from the last one given out (a node of policyd's
+        home domain), so a number never names another request after a restart."""
+        self._next = await self.xenstore.read_counter(self.home, "request") + 1
 
     # -- RequestExport ----------------------------------------------------------------------
 
@@ -127,9 +135,12 @@ class Requests:
                 f"{source} has {MAX_PENDING_PER_SOURCE} requests pending already; wait for them"
             )
         caller = audit.CALLER.get()
+        number = self._next
+        self._next += 1
+        await self.xenstore.write_counter(self.home, "request", number)
         now = _now_us()
         req = PendingRequest(
-            number=self._next,
+            number=number,
             source=source,
             source_domid=source_domid,
             target=target,
@@ -141,7 +152,6 @@ class Requests:
             requester=caller.bus_name if caller else "",
             location=decision.location or "",
         )
-        self._next += 1
         if decision.action is Action.ALLOW:
             # Decided by a rule: export now. The object still appears (already approved, with
             # BackendPath and Devid) and goes at once, so a requester watching the
@@ -185,8 +195,9 @@ class Requests:
         spec = VbdSpec(req.source_domid, req.target_domid, dev_path, req.mode, phys)
         ident = Identity(device.major, device.minor, device.diskseq, device.size, 0, 0)
 
-        async def write_nodes() -> int:
-            return await write_vm_vbd(self.xenstore, spec, req.source_domid, device)
+        async def write_nodes(tag: ExportTag) -> int:
+            tagged = dataclasses.replace(spec, tag=tag)
+            return await write_vm_vbd(self.xenstore, tagged, req.source_domid, device)
 
         record = await self.exporter.export_foreign(
             f"{req.source}:{dev_path}",

@@ -9,15 +9,17 @@ why.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pyxs.exceptions import PyXSError
 
-from policyd import validate
+from policyd import modes, validate
 from policyd.errors import (
     Busy,
     DeviceChanged,
+    InvalidArgument,
     NotFound,
     UnknownDomain,
     XenStoreError,
@@ -35,6 +37,7 @@ from policyd.xenstore.client import (
 
 __all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
 MAX_DOMAINS = 4096
+MAX_ERROR_CHARS = 512  # hotplug-error written at start-up
 HOTPLUG_DEVIDS = tuple(validate.hotplug_devids())  # computed once: 701 of them
 
 
@@ -59,6 +62,41 @@ class PhysicalDevice:
 
 
 @dataclass(frozen=True)
+class ExportTag:
+    """What marks a backend as one blockbroker manages, written with its physical-device trio
+    and found again at start-up (policyd.exports.reconcile): the export's number (its object
+    path), its Source, and the high-water mark of export numbers under policyd's own
+    /local/domain/<home>/blockbroker, so that a number is never given to another export after
+    a restart."""
+
+    number: int
+    kind: str  # one of TAG_KINDS
+    source: str
+    home: int  # policyd's backend domain
+    since_us: int = 0
+
+    def nodes(self, be_dir: str) -> list[tuple[str, str]]:
+        return [
+            (f"{be_dir}/{EXPORT_NODE}", f"{self.number} {self.kind} {self.since_us}"),
+            (f"{be_dir}/{SOURCE_NODE}", self.source),
+            (counter_path(self.home, "export"), str(self.number)),
+        ]
+
+
+EXPORT_NODE = "blockbroker-export"  # in a managed backend dir: "<number> <kind> <since_us>"
+TAG_KINDS = ("attach", "export", "vm")  # libxl's backend; Export's vbd; a VM's own device
+TAG_RE = re.compile(r"([1-9][0-9]{0,9}) (attach|export|vm) (0|[1-9][0-9]{0,19})")
+SOURCE_NODE = "blockbroker-source"  # ... and its Source (a path, fd:MAJ:MIN, VM:/dev/NAME)
+STATE_DIR = "blockbroker"  # /local/domain/<home>/blockbroker: policyd's counters
+
+
+def counter_path(home: int, kind: str) -> str:
+    """/local/domain/<home>/blockbroker/last-<kind>: the highest number given out (export,
+    request); nodes of dom0's that no guest can write."""
+    return f"/local/domain/{home}/{STATE_DIR}/last-{kind}"
+
+
+@dataclass(frozen=True)
 class VbdSpec:
     """A hot-plugged vbd: what Export writes for the frontend and backend."""
 
@@ -67,6 +105,7 @@ class VbdSpec:
     params: str
     mode: str
     physical: PhysicalDevice
+    tag: ExportTag | None = None
 
     def backend_dir(self, devid: int) -> str:
         return backend_dir(self.backend_domid, self.frontend_domid, devid)
@@ -161,7 +200,7 @@ class XenStore(XsClient):
         return await self.reads(body)
 
     async def write_physical_device(
-        self, be_path: str, phys: PhysicalDevice, nodes: BackendNodes
+        self, be_path: str, phys: PhysicalDevice, nodes: BackendNodes, tag: ExportTag
     ) -> None:
         """The trio and hotplug-status = connected (what a hotplug script's success() writes),
         in one transaction, sent as one batch behind the check that the backend still exists
@@ -176,6 +215,7 @@ class XenStore(XsClient):
                     read_request(f"{be_path}/params"),
                     read_request(f"{be_path}/mode"),
                     *(write_request(f"{be_path}/{n}", v) for n, v in written),
+                    *(write_request(path, v) for path, v in tag.nodes(be_path)),
                 ]
             )
             if is_enoent(exists):
@@ -191,10 +231,66 @@ class XenStore(XsClient):
         await self.transact(body)
 
     async def remove_physical_device(self, be_path: str) -> None:
-        """Remove the trio (a node already gone, or the whole backend, is no error)."""
-        await self.transact(
-            lambda tx: tx.rm_many([f"{be_path}/{n}" for n, _ in physical_nodes(None)])
-        )
+        """Remove the trio and the export's tag (a node already gone, or the whole backend,
+        is no error)."""
+        names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
+        await self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n in names]))
+
+    async def fail_backend(self, be_path: str, reason: str) -> None:
+        """Reconciliation found that the device a backend names is gone or another one: the
+        trio and the tag go, and hotplug-error says why (blkback never opens a device that was
+        not written; libxl and `xl` show the error)."""
+        names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
+
+        async def body(tx: Tx) -> None:
+            if await tx.exists(be_path):
+                await tx.rm_many([f"{be_path}/{n}" for n in names])
+                await tx.write_many([(f"{be_path}/hotplug-error", reason[:MAX_ERROR_CHARS])])
+
+        await self.transact(body)
+
+    async def managed_backends(self, home: int) -> list[ManagedBackend]:
+        """Every vbd backend that carries blockbroker's tag, in every domain (a VM's own
+        device is exported from the VM's backend dir), with what reconciliation needs; read
+        outside a transaction (policyd is the only writer of the tags, and it is starting)."""
+
+        async def body(tx: Tx) -> list[ManagedBackend]:
+            dirs = []
+            for domain in (await tx.children("/local/domain"))[:MAX_DOMAINS]:
+                base = f"/local/domain/{domain}/backend/vbd"
+                for frontend in (await tx.children(base))[:MAX_DOMAINS]:
+                    devids = (await tx.children(f"{base}/{frontend}"))[:MAX_DOMAINS]
+                    for devid in devids:
+                        try:  # a VM may put junk in its own backend dir: skipped
+                            dirs.append(validate.backend_path(f"{base}/{frontend}/{devid}", -1))
+                        except InvalidArgument:
+                            continue
+            tags = await tx.read_many([f"{d.path}/{EXPORT_NODE}" for d in dirs])
+            tagged = [(d, tag) for d, tag in zip(dirs, tags, strict=True) if tag is not None]
+            names = (SOURCE_NODE, "params", "mode", *(n for n, _ in physical_nodes(None)))
+            values = await tx.read_many([f"{d.path}/{n}" for d, _ in tagged for n in names])
+            found = []
+            for i, (be, tag) in enumerate(tagged):
+                nodes = dict(zip(names, values[i * len(names) : (i + 1) * len(names)], strict=True))
+                found.append(parse_managed(be, tag, home, nodes))
+            return found
+
+        return await self.reads(body)
+
+    async def domain_names(self) -> dict[int, str]:
+        """Every domain's validated name ("" if it has none or a malformed one)."""
+
+        async def body(tx: Tx) -> dict[int, str]:
+            return {d: valid_name(n) for d, n in (await read_domains(tx)).items()}
+
+        return await self.reads(body)
+
+    async def read_counter(self, home: int, kind: str) -> int:
+        value = await self.read_one(counter_path(home, kind))
+        return int(value) if value is not None and value.isdigit() and len(value) <= 10 else 0
+
+    async def write_counter(self, home: int, kind: str, number: int) -> None:
+        await self.transact(lambda tx: tx.write_many([(counter_path(home, kind), str(number))]))
 
     # -- hot-plug vbds (Export) ---------------------------------------------------------------
 
@@ -240,6 +336,71 @@ class XenStore(XsClient):
                 )
 
         await self.transact(body)
+
+
+@dataclass(frozen=True)
+class ManagedBackend:
+    """A backend carrying blockbroker's tag, as reconciliation found it. `problem` is set when
+    its nodes are not what policyd writes (then it is failed, never adopted)."""
+
+    path: str
+    backend_domid: int
+    frontend_domid: int
+    devid: int
+    number: int
+    kind: str
+    since_us: int
+    source: str
+    params: str
+    mode: str
+    major: int
+    minor: int
+    device_path: str
+    diskseq: int
+    problem: str = ""
+
+
+PHYSICAL_DEVICE_RE = re.compile(r"([0-9a-f]{1,8}):([0-9a-f]{1,8})")
+DISKSEQ_RE = re.compile(r"[0-9a-f]{1,16}")
+
+
+def parse_managed(
+    be: validate.BackendPath, tag: str, home: int, nodes: dict[str, str | None]
+) -> ManagedBackend:
+    """Parse a tagged backend's nodes (policyd wrote the tag and the trio; libxl the rest, or
+    policyd for Export's), strictly: anything malformed becomes `problem`. A VM's own device
+    is exported from the VM's backend dir, which the VM owns and could have rewritten: there
+    only kind `vm` is taken (policyd holds no fd for it), and in policyd's home only the
+    others."""
+    m = TAG_RE.fullmatch(tag)
+    phys = PHYSICAL_DEVICE_RE.fullmatch(nodes["physical-device"] or "")
+    seq = nodes["diskseq"] or ""
+    problem = ""
+    if m is None:
+        problem = f"malformed {EXPORT_NODE} {tag[:40]!r}"
+    elif (m[2] == "vm") == (be.backend_domid == home):
+        problem = f"a {m[2]} export cannot have its backend in domain {be.backend_domid}"
+    elif phys is None or not DISKSEQ_RE.fullmatch(seq):
+        problem = "no well-formed physical-device and diskseq"
+    elif nodes["mode"] not in modes.MODES:
+        problem = "no valid mode"
+    return ManagedBackend(
+        path=be.path,
+        backend_domid=be.backend_domid,
+        frontend_domid=be.frontend_domid,
+        devid=be.devid,
+        number=int(m[1]) if m else 0,
+        kind=m[2] if m else "",
+        since_us=int(m[3]) if m else 0,
+        source=nodes[SOURCE_NODE] or nodes["params"] or "",
+        params=nodes["params"] or "",
+        mode=nodes["mode"] or "",
+        major=int(phys[1], 16) if phys else 0,
+        minor=int(phys[2], 16) if phys else 0,
+        device_path=nodes["physical-device-path"] or "",
+        diskseq=int(seq, 16) if not problem else 0,
+        problem=problem,
+    )
 
 
 def valid_name(untrusted: str | None) -> str:
@@ -351,6 +512,7 @@ async def write_vbd(
         ("discard-enable", "0"),
         *physical_nodes(spec.physical),
     ]
+    tag_nodes = [] if spec.tag is None else spec.tag.nodes(be_dir)
     fe_nodes = [
         ("backend", be_dir),
         ("backend-id", str(be)),
@@ -362,6 +524,7 @@ async def write_vbd(
         [
             *(r for path, perms in dirs for r in mkdir_requests(path, perms)),
             *(write_request(f"{be_dir}/{n}", v) for n, v in be_nodes),
+            *(write_request(path, v) for path, v in tag_nodes),
             *(write_request(f"{fe_dir}/{n}", v) for n, v in fe_nodes),
         ]
     )

@@ -1,0 +1,212 @@
+"""Start-up reconciliation: the fds systemd kept, the backends XenStore names, made one again.
+
+Unprivileged policyd code; runs once, before policyd takes its bus name. What it trusts: the fd
+store's fds (systemd kept them for policyd) re-identified by the broker (device number, diskseq,
+backing file), and the tags policyd wrote in backend dirs (policyd.xenstore.store.ExportTag),
+parsed strictly. For every tagged backend:
+  - an fd vouches for its device (same major:minor and diskseq): adopted, with its number,
+    source, mode and state (registry, sharing, exclusion, D-Bus object, watches);
+  - no fd (no service manager, `systemctl stop` + `start` on systemd 252, a crash before the
+    push): the device is re-opened by number through the broker with the diskseq XenStore
+    names; if it is still there and the same, it is adopted and held again;
+  - otherwise (gone, another diskseq, nodes not as policyd writes them, a sharing conflict) the
+    trio and the tag are removed and hotplug-error says why, so blkback can never open a device
+    other than the one written; logged and audited.
+Stored fds that no backend names are removed from the store and closed. Numbers go on after the
+highest given out, so an object path never names another export after a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from policyd import audit, errors, logfmt, modes
+from policyd.brokerclient import Identity
+from policyd.exports.custody import FDNAME_PREFIX
+from policyd.exports.exporter import NO_FD, Exporter, backing_name
+from policyd.exports.registry import Backing, BackingKey, ExportRecord, block_key, file_key
+from policyd.exports.sources import device_path
+from policyd.xenstore.store import ManagedBackend
+
+DEVICE_PATH_PREFIX = "/dev/"
+DeviceKey = tuple[int, int, int]  # major, minor, diskseq
+
+
+@dataclass
+class Summary:
+    """What reconciliation did; logged, and shown by `make demo` and the tests."""
+
+    stored_fds: int = 0
+    adopted: int = 0
+    reopened: int = 0
+    failed: list[str] = field(default_factory=list)
+    released_fds: int = 0
+
+
+async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summary:
+    summary = Summary(stored_fds=len(stored))
+    held = await _identify(exporter, stored, summary)
+    xenstore = exporter.xenstore
+    home = exporter.backend_domid
+    backends = sorted(await xenstore.managed_backends(home), key=lambda b: b.number)
+    last = max([await xenstore.read_counter(home, "export"), *(b.number for b in backends)])
+    exporter.registry.resume_numbers(last)
+    names = await xenstore.domain_names() if backends else {}
+    backings: dict[DeviceKey, Backing] = {}
+    for be in backends:
+        try:
+            backing = await _backing_for(exporter, be, held, backings, summary)
+            _check_sharing(exporter, be, backing)
+        except errors.PolicydError as e:
+            await _fail(exporter, be, str(e), summary)
+            continue
+        record = ExportRecord(
+            number=be.number,
+            source=be.source,
+            backing=backing,
+            backend_domid=be.backend_domid,
+            backend_domain=names.get(be.backend_domid, ""),
+            frontend_domid=be.frontend_domid,
+            frontend_domain=names.get(be.frontend_domid, ""),
+            devid=be.devid,
+            backend_path=be.path,
+            mode=be.mode,
+            since_us=be.since_us or time.time_ns() // 1000,
+            wrote_vbd=be.kind != "attach",
+        )
+        await exporter.adopt(record)
+        summary.adopted += 1
+    used = {b.fd for b in backings.values()}
+    for fd, name, _ in held.values():
+        if fd not in used:
+            exporter.custody.adopt(name, fd)
+            exporter.custody.release(name)
+            summary.released_fds += 1
+    logfmt.info(
+        "reconciled",
+        stored_fds=summary.stored_fds,
+        adopted=summary.adopted,
+        reopened=summary.reopened,
+        failed=len(summary.failed),
+        released_fds=summary.released_fds,
+    )
+    return summary
+
+
+async def _identify(
+    exporter: Exporter, stored: list[tuple[int, str]], summary: Summary
+) -> dict[DeviceKey, tuple[int, str, Identity]]:
+    """The stored fds by device; fds that are not policyd's, or a second fd of a device, are
+    closed (and removed from the store)."""
+    held: dict[DeviceKey, tuple[int, str, Identity]] = {}
+    for fd, name in stored:
+        ident = None
+        if name.startswith(FDNAME_PREFIX + "-"):
+            ident = await exporter.broker("a stored fd", _identify_call(exporter, fd))
+        key = None if ident is None else (ident.major, ident.minor, ident.diskseq)
+        if ident is None or key is None or key in held:
+            exporter.custody.adopt(name, fd)
+            exporter.custody.release(name)  # its name may be shared: held re-pushes below
+            summary.released_fds += 1
+            continue
+        held[key] = (fd, name, ident)
+    return held
+
+
+def _identify_call(exporter: Exporter, fd: int):  # type: ignore[no-untyped-def]
+    return lambda: exporter.broker.client.identify(fd)
+
+
+async def _backing_for(
+    exporter: Exporter,
+    be: ManagedBackend,
+    held: dict[DeviceKey, tuple[int, str, Identity]],
+    backings: dict[DeviceKey, Backing],
+    summary: Summary,
+) -> Backing:
+    if be.problem:
+        raise errors.DeviceChanged(be.problem)
+    key: DeviceKey = (be.major, be.minor, be.diskseq)
+    if key in backings:
+        return backings[key]
+    writable = modes.is_writable(be.mode)
+    if be.kind == "vm":  # a VM's own device: policyd holds no fd (see Exporter.export_foreign)
+        ident = Identity(be.major, be.minor, be.diskseq, 0, 0, 0)
+        vm_key: BackingKey = (f"dom{be.backend_domid}", be.major, be.minor)
+        backing = exporter.registry.new_backing(vm_key, NO_FD, ident, "vm", writable)
+        backings[key] = backing
+        return backing
+    if key in held:
+        fd, name, ident = held[key]
+    else:
+        fd, ident = await _reopen(exporter, be, writable)
+        name = ""
+        summary.reopened += 1
+    kind = "file" if ident.backing_ino else "block"
+    main_key = block_key(be.major, be.minor)
+    aliases: tuple[BackingKey, ...] = ()
+    if kind == "file":
+        main_key, aliases = file_key(ident.backing_dev, ident.backing_ino), (main_key,)
+    backing = exporter.registry.new_backing(
+        main_key, fd, ident, kind, writable, aliases, device_path(ident)
+    )
+    if name == backing_name(backing):
+        exporter.custody.adopt(name, fd)
+    elif name:  # stored under another name (kept after a commit of unknown outcome)
+        exporter.custody.rename(name, backing_name(backing), fd)
+    else:  # re-opened
+        exporter.custody.hold(backing_name(backing), fd)
+    backings[key] = backing
+    return backing
+
+
+async def _reopen(exporter: Exporter, be: ManagedBackend, writable: bool) -> tuple[int, Identity]:
+    """The degraded path: no fd vouches for the device; re-open it by its node through the
+    broker, which checks major:minor and diskseq (DeviceChanged or NotFound if not)."""
+    path = be.device_path
+    if not path.startswith(DEVICE_PATH_PREFIX) or "/" in path[len(DEVICE_PATH_PREFIX) :]:
+        raise errors.DeviceChanged(f"physical-device-path {path[:60]!r} is not a /dev node")
+    client = exporter.broker.client
+    fd, ident = await exporter.broker(
+        path,
+        lambda: client.open_block(
+            path,
+            writable=writable,
+            expect_dev=(be.major, be.minor),
+            expect_diskseq=be.diskseq,
+        ),
+    )
+    if ident.major == 7 and not ident.backing_ino:
+        ident = await exporter.broker("the loop device", lambda: client.identify(fd))
+    return fd, ident
+
+
+def _check_sharing(exporter: Exporter, be: ManagedBackend, backing: Backing) -> None:
+    """The rules Export and Attach keep: a read-write device is never shared."""
+    if backing.users and (backing.writable or modes.is_writable(be.mode)):
+        raise errors.Busy(
+            f"{be.path} names a device another backend uses, and one of them is read-write"
+        )
+
+
+async def _fail(exporter: Exporter, be: ManagedBackend, reason: str, summary: Summary) -> None:
+    text = (
+        f"blockbroker: after a restart of policyd the device this backend named "
+        f"({be.major:x}:{be.minor:x}, diskseq {be.diskseq:x}) could not be adopted: {reason}"
+    )
+    logfmt.warning("backend failed at start-up", backend=be.path, reason=reason)
+    audit.audit(
+        "failed",
+        operation="reconcile",
+        backend=be.path,
+        device=f"{be.major}:{be.minor}",
+        diskseq=be.diskseq,
+        reason=reason,
+        decided_by="policyd start-up",
+    )
+    try:
+        await exporter.xenstore.fail_backend(be.path, text)
+    except errors.XenStoreError as e:
+        logfmt.error("cannot remove the nodes of a failed backend", backend=be.path, error=e)
+    summary.failed.append(be.path)
