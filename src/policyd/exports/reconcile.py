@@ -9,9 +9,10 @@ parsed strictly. For every tagged backend:
   - no fd (no service manager, `systemctl stop` + `start` on systemd 252, a crash before the
     push): the device is re-opened by number through the broker with the diskseq XenStore
     names; if it is still there and the same, it is adopted and held again;
-  - otherwise (gone, another diskseq, nodes not as policyd writes them, a sharing conflict) the
-    trio and the tag are removed and hotplug-error says why, so blkback can never open a device
-    other than the one written; logged and audited.
+  - otherwise (gone, another diskseq, nodes not as policyd writes them, a sharing conflict):
+    in a libxl backend the trio and the tag are removed and hotplug-error says why; a vbd
+    policyd wrote itself (Export's, a VM's device) is removed whole. Either way blkback can
+    never open a device other than the one written; logged and audited.
 Stored fds that no backend names are removed from the store and closed. Numbers go on after the
 highest given out, so an object path never names another export after a restart.
 """
@@ -27,7 +28,7 @@ from policyd.exports.custody import FDNAME_PREFIX
 from policyd.exports.exporter import NO_FD, Exporter, backing_name
 from policyd.exports.registry import Backing, BackingKey, ExportRecord, block_key, file_key
 from policyd.exports.sources import device_path
-from policyd.xenstore.store import ManagedBackend
+from policyd.xenstore.store import ManagedBackend, PhysicalDevice, VbdSpec
 
 DEVICE_PATH_PREFIX = "/dev/"
 DeviceKey = tuple[int, int, int]  # major, minor, diskseq
@@ -206,7 +207,12 @@ async def _fail(exporter: Exporter, be: ManagedBackend, reason: str, summary: Su
         decided_by="policyd start-up",
     )
     try:
-        await exporter.xenstore.fail_backend(be.path, text)
+        if be.kind == "attach":  # libxl's dir: it shows hotplug-error and removes the dir
+            await exporter.xenstore.fail_backend(be.path, text)
+        else:  # a vbd policyd wrote: nobody else would remove it
+            nothing = PhysicalDevice(0, 0, "", 0)
+            spec = VbdSpec(be.backend_domid, be.frontend_domid, "", be.mode, nothing)
+            await exporter.xenstore.remove_vbd(spec, be.devid)
     except errors.XenStoreError as e:
         logfmt.error("cannot remove the nodes of a failed backend", backend=be.path, error=e)
     summary.failed.append(be.path)

@@ -1,0 +1,251 @@
+"""Exports survive policyd's restarts: real systemd 252 (user manager) with its fd store, the
+real broker (socket-activated), oxenstored and dbus-daemon; and the degraded path without a
+store. Test code, runs as root.
+
+After every restart: each export is listed with the same identity (number, source, device,
+diskseq, mode, backend, Since), the loop devices stayed bound to their files, dedup and
+read-write exclusion hold, detach works through the CLI and libxl's remove, nothing leaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import xenstore
+from harness.stack import Stack, StackConfig
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
+XVDK = 51872  # xvdk: the devid of the libxl (Attach) backend below
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV / "bin/blockbroker"), *args],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def listing(stack: Stack) -> dict[str, dict[str, Any]]:
+    done = cli(stack, "list", "--json")
+    assert done.returncode == 0, done.stderr + stack.log_tail("policyd")
+    return {e["export"]: e for e in map(json.loads, done.stdout.splitlines())}
+
+
+def export(stack: Stack, image: Path, to: str, *opts: str) -> dict[str, Any]:
+    done = cli(stack, "export", str(image), "--to", to, "--json", *opts)
+    assert done.returncode == 0, done.stderr + stack.log_tail("policyd")
+    (exported,) = [json.loads(line) for line in done.stdout.splitlines()]
+    return exported
+
+
+def block_script(stack: Stack, command: str, backend: str) -> subprocess.CompletedProcess[str]:
+    env = stack.env()
+    env.update(XENBUS_PATH=backend, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+    return subprocess.run(
+        [str(VENV / "bin/blockbroker-block"), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+def bound_to(loop: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{Path(loop).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+def diskseq(loop: str) -> int:
+    return int(Path(f"/sys/block/{Path(loop).name}/diskseq").read_text())
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def four_exports(stack: Stack) -> tuple[dict[str, dict[str, Any]], Path, Path]:
+    """The issue's scenario: one image read-only to two domains (one loop device, blkback has
+    opened it), one read-write, one through libxl's Attach path (blkback not yet)."""
+    shared = stack.make_image("shared.img", 1 << 20, b"shared\n")
+    private = stack.make_image("private.img", 1 << 20, b"private\n")
+    attached = stack.make_image("attached.img", 1 << 20, b"attached\n")
+    first = export(stack, shared, "work", "--ro")
+    second = export(stack, shared, "other", "--ro")
+    assert first["loop_device"] == second["loop_device"]
+    stack.blkback_open(1, int(first["devid"]), int(first["major"]), int(first["minor"]))
+    export(stack, private, "work", "--rw")
+    be = xenstore.write_libxl_vbd(stack.xs, 1, XVDK, str(attached), "r")
+    done = block_script(stack, "add", be)
+    assert done.returncode == 0, done.stderr + stack.log_tail("policyd")
+    before = listing(stack)
+    assert len(before) == 4
+    return before, shared, private
+
+
+def assert_same_exports(stack: Stack, before: dict[str, dict[str, Any]]) -> None:
+    after = listing(stack)
+    assert after.keys() == before.keys()
+    for path, old in before.items():
+        new = after[path]
+        for field in ("source", "loop_device", "major", "minor", "diskseq", "mode",
+                      "backend_path", "frontend_domain", "since"):  # fmt: skip
+            if field in old:
+                assert new[field] == old[field], (path, field)
+        if old.get("loop_device"):
+            assert bound_to(old["loop_device"]) is not None
+            assert diskseq(old["loop_device"]) == old["diskseq"]
+
+
+def assert_dedup_and_exclusion(stack: Stack, shared: Path, before: dict[str, Any]) -> None:
+    loop = next(e["loop_device"] for e in before.values() if e["source"] == str(shared))
+    third = export(stack, shared, "work", "--ro")
+    assert third["loop_device"] == loop  # one loop device per read-only file, still
+    refused = cli(stack, "export", str(shared), "--to", "other", "--rw")
+    assert refused.returncode != 0 and "Busy" in refused.stderr  # never rw while shared
+    assert cli(stack, "detach", third["export"]).returncode == 0
+
+
+def detach_all(stack: Stack, before: dict[str, dict[str, Any]]) -> None:
+    for path, e in before.items():
+        if e["backend_path"].endswith(f"/{XVDK}"):
+            done = block_script(stack, "remove", e["backend_path"])  # libxl's remove
+            assert done.returncode == 0, done.stderr
+            stack.xs_rm(e["backend_path"])
+        else:
+            done = cli(stack, "detach", path)
+            assert done.returncode == 0, done.stderr + stack.log_tail("policyd")
+    assert listing(stack) == {}
+    stack.blkback_close(1, int(next(iter(before.values()))["devid"]))
+
+
+def new_main_pid(stack: Stack, old: int) -> None:
+    assert stack.manager is not None
+    manager = stack.manager
+    wait_until(
+        lambda: (
+            manager.main_pid(Stack.POLICYD_UNIT) not in (0, old)
+            and manager.is_active(Stack.POLICYD_UNIT)
+        ),
+        "policyd back under a new main pid",
+    )
+
+
+@pytest.fixture
+def systemd_stack(stack_factory: Callable[[StackConfig], Stack]) -> Stack:
+    return stack_factory(
+        StackConfig(domains={"work": 1, "other": 2}, systemd=True, sysfs_blkback=True)
+    )
+
+
+def test_exports_survive_sigkill_and_systemctl_restart_through_the_fd_store(
+    systemd_stack: Stack,
+) -> None:
+    stack = systemd_stack
+    assert stack.manager is not None
+    before, shared, _ = four_exports(stack)
+
+    old = stack.manager.main_pid(Stack.POLICYD_UNIT)
+    stack.manager.kill(Stack.POLICYD_UNIT, signal.SIGKILL)
+    new_main_pid(stack, old)
+    assert_same_exports(stack, before)
+    assert_dedup_and_exclusion(stack, shared, before)
+
+    old = stack.manager.main_pid(Stack.POLICYD_UNIT)
+    stack.restart_policyd()  # one restart job: the store is kept
+    new_main_pid(stack, old)
+    assert_same_exports(stack, before)
+    assert "reconciled" in stack.log_tail("policyd", 200)
+
+    # numbers are never given to another export after a restart
+    fresh = export(stack, stack.make_image("fresh.img"), "work", "--ro")
+    assert int(fresh["export"].rsplit("/", 1)[1]) > max(int(p.rsplit("/", 1)[1]) for p in before)
+    assert cli(stack, "detach", fresh["export"]).returncode == 0
+    detach_all(stack, before)
+    assert stack.leaked_loops() == []
+
+
+def test_stop_and_start_fails_the_backends_whose_devices_are_gone(systemd_stack: Stack) -> None:
+    """systemd 252 flushes the store on stop: the loop devices no blkback holds are freed, and
+    the next start removes what named them and says why; the one blkback holds is adopted."""
+    stack = systemd_stack
+    assert stack.manager is not None
+    before, _, _ = four_exports(stack)
+    held_by_blkback = next(
+        e
+        for e in before.values()
+        if e["frontend_domain"] == "work" and e["source"].endswith("/shared.img")
+    )
+    # blkback's own reference, played by an open fd of the loop device
+    ref = os.open(held_by_blkback["loop_device"], os.O_RDONLY)
+    try:
+        stack.manager.systemctl("stop", Stack.POLICYD_UNIT)
+        stack.manager.start(Stack.POLICYD_UNIT)
+        wait_until(lambda: stack.has_owner("org.qubes.BlockBroker1"), "policyd on the bus")
+        after = listing(stack)
+        survivors = {
+            p for p, e in after.items() if e["loop_device"] == held_by_blkback["loop_device"]
+        }
+        assert survivors == {
+            p for p, e in before.items() if e["loop_device"] == held_by_blkback["loop_device"]
+        }
+        for path, e in before.items():
+            if path in survivors:
+                continue
+            be = e["backend_path"]
+            if be.endswith(f"/{XVDK}"):  # libxl's: told why, the device no longer named
+                assert stack.xs_read(f"{be}/physical-device") is None
+                assert "could not be adopted" in (stack.xs_read(f"{be}/hotplug-error") or "")
+                stack.xs_rm(be)  # libxl's remove
+            else:  # Export's vbd: removed whole (policyd wrote it; nobody else would)
+                assert not stack.xs_exists(be)
+    finally:
+        os.close(ref)
+    for path in survivors:
+        assert cli(stack, "detach", path).returncode == 0
+    stack.blkback_close(1, int(held_by_blkback["devid"]))
+    assert listing(stack) == {}
+    wait_until(lambda: stack.leaked_loops() == [], "loop devices released")
+
+
+def test_without_a_store_a_device_still_bound_is_adopted_again(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    """The degraded path (no service manager): the device is re-opened by number through the
+    broker with the diskseq XenStore names, and held again."""
+    stack = stack_factory(StackConfig(domains={"work": 1}))
+    image = stack.make_image("degraded.img", 1 << 20, b"degraded\n")
+    exported = export(stack, image, "work", "--ro")
+    ref = os.open(exported["loop_device"], os.O_RDONLY)  # blkback's reference
+    try:
+        stack.restart_policyd()
+    finally:
+        os.close(ref)
+    (again,) = listing(stack).values()
+    assert again["export"] == exported["export"]
+    assert (again["loop_device"], again["diskseq"]) == (
+        exported["loop_device"],
+        exported["diskseq"],
+    )
+    assert bound_to(exported["loop_device"]) == str(image)  # held again: AUTOCLEAR waits
+    assert cli(stack, "detach", exported["export"]).returncode == 0
+    wait_until(lambda: stack.leaked_loops() == [], "loop device released")
