@@ -37,8 +37,14 @@ from typing import Any, BinaryIO
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from client.errors import ERROR_PREFIX
-from client.model import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, REQUEST_IFACE, REQUEST_PATH_PREFIX
+from client.model import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    REQUEST_IFACE,
+    REQUEST_PATH_PREFIX,
+)
 
 MAX_LINE = 512
 READ_TIMEOUT_S = 30.0  # for the VM to send its one line

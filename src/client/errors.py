@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Final
 
-from client.model import ERROR_PREFIX
+from client.model import ERROR_PREFIX as ERROR_PREFIX  # re-exported: errors name it
 
 # CLI exit statuses (documented in docs/client.md).
 EXIT_OK: Final = 0
