@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policyd.brokerclient import BrokerClient
+from harness.brokerclient import BrokerClient
 
 BROKER_BIN = Path(sys.executable).with_name("blockbroker-broker")
 

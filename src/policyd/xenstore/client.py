@@ -102,10 +102,6 @@ class Tx:
     async def write_many(self, nodes: Iterable[tuple[str, str]]) -> None:
         await self.run([write_request(p, v) for p, v in nodes])
 
-    async def mkdirs(self, dirs: Iterable[tuple[str, list[str]]]) -> None:
-        """Make each directory and set its permissions (in this order, pipelined)."""
-        await self.run([r for path, perms in dirs for r in mkdir_requests(path, perms)])
-
     # -- one at a time ------------------------------------------------------------------------
 
     async def read(self, path: str) -> str | None:
@@ -124,17 +120,8 @@ class Tx:
     async def write(self, path: str, value: str) -> None:
         await self.write_many([(path, value)])
 
-    async def write_all(self, base: str, nodes: Iterable[tuple[str, str]]) -> None:
-        await self.write_many([(f"{base}/{name}", value) for name, value in nodes])
-
-    async def mkdir(self, path: str, perms: list[str]) -> None:
-        await self.mkdirs([(path, perms)])
-
-    async def rm(self, path: str) -> None:
-        """Remove path and its children; a path that does not exist is no error."""
-        await self.rm_many([path])
-
     async def rm_many(self, paths: Sequence[str]) -> None:
+        """Remove each path and its children; a path that does not exist is no error."""
         for reply in await self.batch([(Op.RM, _path(p) + NUL) for p in paths]):
             if not _enoent(reply):
                 _ok(reply)
