@@ -117,3 +117,22 @@ def test_only_bus_and_main_import_dbus_fast(module: str) -> None:
     parts = module.split(".")
     if uses_dbus:
         assert len(parts) > 1 and parts[1] in DBUS_LAYERS, f"{module} imports dbus_fast"
+
+
+def test_module_map_in_the_docs_matches_the_tree() -> None:
+    """docs/architecture.md has one row per leaf and subpackage, naming each of its modules."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+    section = doc.read_text().split("## Module map of policyd", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        cells[2].strip("` /"): cells[3]
+        for line in section.splitlines()
+        if line.startswith("| ") and len(cells := [c.strip() for c in line.split("|")]) > 3
+    }
+    top = {name.split(".")[1] for name in MODULES if name != "policyd"}
+    assert top <= rows.keys(), sorted(top - rows.keys())
+    headings = {"module", "---"}
+    assert rows.keys() - headings <= top, sorted(rows.keys() - top - headings)
+    for name in MODULES:
+        parts = name.split(".")
+        if len(parts) == 3 and parts[1] != "policy":  # the engine's own modules: docs/policy.md
+            assert f"`{parts[2]}`" in rows[parts[1]], f"{name} is missing from the module map"
