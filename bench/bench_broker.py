@@ -20,8 +20,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker import kernel
-from policyd.brokerclient import BrokerClient
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness.brokerclient import BrokerClient  # noqa: E402
+
+from broker import kernel  # noqa: E402
 
 ROUNDS = 400
 WARMUP = 20

@@ -216,26 +216,26 @@ class Operations:
     def bind_free_loop(self, config: kernel.loop_config, writable: bool) -> tuple[int, int]:
         """LOOP_CTL_GET_FREE + open + LOOP_CONFIGURE under the loop-control lock, retried a
         bounded number of times on EBUSY/ENXIO (someone who does not take the lock, e.g. an
-        old losetup, bound or removed the device in between). Never LOOP_SET_FD."""
+        old losetup, bound or removed the device in between). Never LOOP_SET_FD. The lock is
+        released before each back-off (as systemd's loop-util does): other allocators go on."""
         access = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOCTTY
-        fcntl.flock(self.loop_control, fcntl.LOCK_EX)
-        try:
-            for attempt in range(LOOP_ATTEMPTS):
-                loop_fd = -1
-                try:
-                    number = fcntl.ioctl(self.loop_control, kernel.LOOP_CTL_GET_FREE)
-                    loop_fd = os.open(f"/dev/loop{number}", access)
-                    fcntl.ioctl(loop_fd, kernel.LOOP_CONFIGURE, bytes(config))
-                    return loop_fd, attempt
-                except OSError as e:
-                    if loop_fd >= 0:
-                        os.close(loop_fd)
-                    if e.errno not in LOOP_RETRYABLE:
-                        raise OpError.from_os(e, "loop", ErrorCode.LOOP_FAILED) from None
-                time.sleep(random.uniform(0, min(0.001 * 2**attempt, LOOP_BACKOFF_MAX)))
-            raise OpError(ErrorCode.LOOP_BUSY, "no free loop device after retries", errno.EBUSY)
-        finally:
-            fcntl.flock(self.loop_control, fcntl.LOCK_UN)
+        for attempt in range(LOOP_ATTEMPTS):
+            fcntl.flock(self.loop_control, fcntl.LOCK_EX)
+            loop_fd = -1
+            try:
+                number = fcntl.ioctl(self.loop_control, kernel.LOOP_CTL_GET_FREE)
+                loop_fd = os.open(f"/dev/loop{number}", access)
+                fcntl.ioctl(loop_fd, kernel.LOOP_CONFIGURE, bytes(config))
+                return loop_fd, attempt
+            except OSError as e:
+                if loop_fd >= 0:
+                    os.close(loop_fd)
+                if e.errno not in LOOP_RETRYABLE:
+                    raise OpError.from_os(e, "loop", ErrorCode.LOOP_FAILED) from None
+            finally:
+                fcntl.flock(self.loop_control, fcntl.LOCK_UN)
+            time.sleep(random.uniform(0, min(0.001 * 2**attempt, LOOP_BACKOFF_MAX)))
+        raise OpError(ErrorCode.LOOP_BUSY, "no free loop device after retries", errno.EBUSY)
 
     def identify(self, request: Request, fds: list[int]) -> Result:
         if not stat.S_ISBLK(os.fstat(fds[0]).st_mode):

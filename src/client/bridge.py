@@ -37,12 +37,15 @@ from typing import Any, BinaryIO
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-BUS_NAME = "org.qubes.BlockBroker1"
-MANAGER_PATH = "/org/qubes/BlockBroker1"
-MANAGER_IFACE = "org.qubes.BlockBroker1.Manager"
-REQUEST_IFACE = "org.qubes.BlockBroker1.Request"
-REQUEST_PATH_PREFIX = MANAGER_PATH + "/request/"
-ERROR_PREFIX = "org.qubes.BlockBroker1.Error."
+from client.model import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    REQUEST_IFACE,
+    REQUEST_PATH_PREFIX,
+)
+
 MAX_LINE = 512
 READ_TIMEOUT_S = 30.0  # for the VM to send its one line
 MAX_ANSWER = 400

@@ -9,13 +9,14 @@ Besides the service's own names, the bus itself can answer (the service is not r
 policy refused the call): those map to `ServiceUnavailable` and `BusAccessDenied`.
 
 Each class carries the CLI exit status for it (`exit_status`); see docs/client.md.
+SERVICE_ERRORS is pinned to policyd's error classes by tests/client/test_contract.py.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar, Final
 
-ERROR_PREFIX: Final = "org.qubes.BlockBroker1.Error."
+from client.model import ERROR_PREFIX as ERROR_PREFIX  # re-exported: errors name it
 
 # CLI exit statuses (documented in docs/client.md).
 EXIT_OK: Final = 0

@@ -13,13 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+# The bus contract, the client's one copy of it (the VM-side tools must not import policyd):
+# tests/client/test_contract.py pins it to policyd.names.
 BUS_NAME: Final = "org.qubes.BlockBroker1"
 MANAGER_PATH: Final = "/org/qubes/BlockBroker1"
-MANAGER_IFACE: Final = "org.qubes.BlockBroker1.Manager"
-EXPORT_IFACE: Final = "org.qubes.BlockBroker1.Export"
+MANAGER_IFACE: Final = BUS_NAME + ".Manager"
+EXPORT_IFACE: Final = BUS_NAME + ".Export"
 EXPORT_PATH_PREFIX: Final = MANAGER_PATH + "/export/"
-REQUEST_IFACE: Final = "org.qubes.BlockBroker1.Request"
+REQUEST_IFACE: Final = BUS_NAME + ".Request"
 REQUEST_PATH_PREFIX: Final = MANAGER_PATH + "/request/"
+ERROR_PREFIX: Final = BUS_NAME + ".Error."
 
 
 def _get(props: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:

@@ -16,6 +16,10 @@ explain prints the decision, the deciding rule with its `file:line`, and the rea
 `blockbroker` hooks this in with `register(subparsers)`; the parsers it adds set
 `policy_handler=<callable(args) -> int>`, which the CLI runs without a bus connection.
 `main(argv)` runs it standalone (`python -m client.policycmd`).
+
+The policy engine (policyd.policy, through its public API only) is imported when a `policy`
+command runs, not when the CLI loads: the rest of `blockbroker`, and `request-export` inside a
+VM, run without the policyd package.
 """
 
 from __future__ import annotations
@@ -24,26 +28,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from policyd.policy import (
-    DEFAULT_POLICY_DIR,
-    Action,
-    FileTagProvider,
-    Policy,
-    PolicySyntaxError,
-    Request,
-    TagProvider,
-    ValidatingParser,
-    no_tags,
-)
-from policyd.policy.lint import Shadowed, find_shadowed
-from policyd.policy.parser import list_policy_files
+if TYPE_CHECKING:
+    from policyd.policy import PolicySyntaxError, Shadowed
 
 EXIT_OK = 0
 EXIT_ERRORS = 1
 EXIT_DENY = 4
 EXIT_ASK = 5
-_EXIT_FOR_ACTION = {Action.ALLOW: EXIT_OK, Action.DENY: EXIT_DENY, Action.ASK: EXIT_ASK}
+_EXIT_FOR_ACTION = {"allow": EXIT_OK, "deny": EXIT_DENY, "ask": EXIT_ASK}  # by Action.value
 
 
 def lint(
@@ -51,6 +45,14 @@ def lint(
 ) -> tuple[list[PolicySyntaxError], list[Shadowed]]:
     """Every error in the given policy files (a directory means its *.policy files), and the
     rules that can never match (warnings), with the files taken in the order given."""
+    from policyd.policy import (
+        FileTagProvider,
+        PolicySyntaxError,
+        ValidatingParser,
+        find_shadowed,
+        list_policy_files,
+    )
+
     parser = ValidatingParser()
     for name in paths:
         path = Path(name)
@@ -70,8 +72,17 @@ def lint(
     return errors, find_shadowed(parser.rules)
 
 
+def _policy_dir(args: argparse.Namespace) -> str:
+    """--policy-dir, or the engine's default (read here: the engine is loaded only to run)."""
+    if args.policy_dir is not None:
+        return str(args.policy_dir)
+    from policyd.policy import DEFAULT_POLICY_DIR
+
+    return str(DEFAULT_POLICY_DIR)
+
+
 def run_lint(args: argparse.Namespace) -> int:
-    paths: list[str] = args.files or [str(args.policy_dir)]
+    paths: list[str] = args.files or [_policy_dir(args)]
     errors, warnings = lint(paths, args.tags_file)
     for error in errors:
         print(error)
@@ -81,14 +92,16 @@ def run_lint(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
+    from policyd.policy import FileTagProvider, Policy, Request, TagProvider, no_tags
+
     tags: TagProvider = no_tags if args.tags_file is None else FileTagProvider(args.tags_file)
-    policy = Policy.load_dir(args.policy_dir, tags)
+    policy = Policy.load_dir(_policy_dir(args), tags)
     if policy.error is not None:
         print(f"warning: policy is broken from here on: {policy.error}", file=sys.stderr)
     request = Request(args.operation, args.device, args.source, args.target, args.mode)
     decision = policy.evaluate(request)
     print(decision.explain())
-    return _EXIT_FOR_ACTION[decision.action]
+    return _EXIT_FOR_ACTION[decision.action.value]
 
 
 def _add_subcommands(policy_parser: argparse.ArgumentParser) -> None:
@@ -101,7 +114,7 @@ def _add_subcommands(policy_parser: argparse.ArgumentParser) -> None:
     lint_parser.add_argument(
         "files", nargs="*", metavar="FILE", help="policy files or directories (default: DIR)"
     )
-    lint_parser.add_argument("--policy-dir", default=str(DEFAULT_POLICY_DIR), metavar="DIR")
+    lint_parser.add_argument("--policy-dir", metavar="DIR")
     lint_parser.add_argument("--tags-file", metavar="FILE", help="also check this tags file")
     lint_parser.set_defaults(policy_handler=run_lint)
 
@@ -113,7 +126,7 @@ def _add_subcommands(policy_parser: argparse.ArgumentParser) -> None:
     explain_parser.add_argument("source", metavar="SOURCE", help="backend domain")
     explain_parser.add_argument("target", metavar="TARGET", help="frontend domain")
     explain_parser.add_argument("--mode", choices=("ro", "rw"), default="rw")
-    explain_parser.add_argument("--policy-dir", default=str(DEFAULT_POLICY_DIR), metavar="DIR")
+    explain_parser.add_argument("--policy-dir", metavar="DIR")
     explain_parser.add_argument("--tags-file", metavar="FILE")
     explain_parser.set_defaults(policy_handler=run_explain)
 

@@ -2,9 +2,10 @@
 
 TRUST LEVEL: unprivileged (runs in policyd). The broker is trusted to tell the truth about what
 it opened, but its replies are still parsed strictly: a malformed reply or a wrong number of fds
-is a BrokerError(PROTOCOL) and drops the connection. Two transports share the framing and the
-checks: AsyncBrokerClient (policyd's, on its event loop) and BrokerClient (blocking,
-thread-safe; tools and tests). docs/protocol.md describes the wire format.
+is a BrokerError(PROTOCOL) and drops the connection. AsyncBrokerClient is policyd's transport,
+on its event loop; the framing, the checks and _Connection are shared with the blocking client
+of the tests and benchmarks (tests/harness/brokerclient.py). docs/protocol.md describes the
+wire format.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import os
 import socket
 import stat
-import threading
 from dataclasses import dataclass
 
 from broker import protocol
@@ -227,69 +227,8 @@ class _Connection:
             raise BrokerUnavailable("broker closed the connection")
 
 
-class BrokerClient:
-    """Blocking client, thread-safe (one lock around each request/reply pair); for tools and
-    tests. policyd itself uses AsyncBrokerClient."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self._lock = threading.Lock()
-        self._conn = _Connection(socket_path, blocking=True)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.disconnect()
-
-    def _request(self, request: Request, fds: list[int], want_fd: bool) -> tuple[Reply, int]:
-        frame, ancillary = _encode(request, fds)
-        with self._lock:
-            for attempt in (1, 2):
-                sock = self._conn.connect()
-                try:
-                    sock.sendmsg([frame], ancillary)
-                    decoded = _decode(*_recvmsg(sock), want_fd)
-                except OSError as e:
-                    self._conn.failed(attempt, e)
-                    continue
-                except _ProtocolViolation:
-                    self._conn.disconnect()
-                    raise
-                if decoded is None:
-                    self._conn.failed(attempt, None)
-                    continue
-                return decoded
-        raise AssertionError("unreachable")
-
-    def open_block(
-        self,
-        path: str,
-        *,
-        writable: bool,
-        expect_dev: tuple[int, int] | None = None,
-        expect_diskseq: int | None = None,
-    ) -> tuple[int, Identity]:
-        request = open_block_request(
-            path, writable=writable, expect_dev=expect_dev, expect_diskseq=expect_diskseq
-        )
-        reply, fd = self._request(request, [], want_fd=True)
-        return fd, _identity(reply)
-
-    def loop_file(
-        self, path: str, *, writable: bool, direct_io: bool = False, block_size: int = 0
-    ) -> tuple[int, Identity]:
-        request = loop_file_request(
-            path, writable=writable, direct_io=direct_io, block_size=block_size
-        )
-        reply, fd = self._request(request, [], want_fd=True)
-        return fd, _identity(reply)
-
-    def identify(self, fd: int) -> Identity:
-        reply, _ = self._request(Request(RequestKind.IDENTIFY), [fd], want_fd=False)
-        return _identity(reply)
-
-
 class AsyncBrokerClient:
-    """The same client on policyd's event loop: the socket is non-blocking and the reply is
+    """policyd's client, on its event loop: the socket is non-blocking and the reply is
     awaited with a reader callback, so a request costs no thread hand-off. Requests are
     serialized (one asyncio lock). A request cancelled while waiting (a timeout) drops the
     connection: a reply still in flight, and the fd it carries, are discarded by the kernel

@@ -19,7 +19,6 @@ from policyd.errors import InvalidArgument, PolicydError, XenStoreError
 from policyd.policy import DOMAIN_NAME_GRAMMAR, DOMAIN_NAME_RE
 
 DOMID_RE = re.compile(r"0|[1-9][0-9]{0,4}")
-DEVID_RE = re.compile(r"[1-9][0-9]{0,9}")
 BACKEND_PATH_RE = re.compile(
     r"/local/domain/(0|[1-9][0-9]{0,4})/backend/vbd/(0|[1-9][0-9]{0,4})/([1-9][0-9]{0,9})"
 )
@@ -29,7 +28,6 @@ MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 MAX_PATH_BYTES = 4095
 XVD_MAJOR = 202
 EXTENDED_VDEV = 1 << 28
-MAX_EXTENDED_DISK = (1 << 20) - 1
 FIRST_HOTPLUG_DISK = 1  # xvdb: xvda is usually the guest's root disk
 LAST_HOTPLUG_DISK = 701  # xvdzz: a bound on the search, far above any real guest
 OPTION_TYPES = {"read-only": "b", "devid": "u", "direct-io": "b"}

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import loops
-
-from policyd.brokerclient import BrokerClient
+from harness.brokerclient import BrokerClient
 
 BROKER_BIN = Path(sys.executable).with_name("blockbroker-broker")
 

@@ -19,10 +19,11 @@ from brokerlab import (
     make_image,
     settled_fd_count,
 )
+from harness.brokerclient import BrokerClient
 
 from broker import protocol
 from broker.protocol import ErrorCode, ReplyKind, Request, RequestFlag, RequestKind
-from policyd.brokerclient import BrokerClient, BrokerError, encode_request, parse_reply
+from policyd.brokerclient import BrokerError, encode_request, parse_reply
 
 pytestmark = pytest.mark.root
 

@@ -18,9 +18,10 @@ from brokerlab import (
     wait_no_loops,
     write_config,
 )
+from harness.brokerclient import BrokerClient
 
 from broker.protocol import ErrorCode
-from policyd.brokerclient import BrokerClient, BrokerError, BrokerUnavailable
+from policyd.brokerclient import BrokerError, BrokerUnavailable
 
 pytestmark = pytest.mark.root
 

@@ -20,6 +20,8 @@ from broker.config import ConfigError, check_root_protected, load_config
 from broker.protocol import Request, RequestKind
 from policyd.brokerclient import encode_request, parse_reply
 
+TESTS_DIR = Path(__file__).resolve().parent.parent  # the child imports harness from here
+
 pytestmark = pytest.mark.root
 
 NOBODY = 65534
@@ -107,7 +109,8 @@ def test_socket_owned_by_the_client_user(shared_dir: Path, client_user: str | in
 def child_loop_file(broker: Broker, path: str, uid: int) -> str:
     """A child process running as `uid` asks for a loop device; prints ok or the error."""
     script = (
-        "import os, sys\nfrom policyd.brokerclient import BrokerClient, BrokerError\n"
+        f"import os, sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
+        "from harness.brokerclient import BrokerClient, BrokerError\n"
         f"c = BrokerClient({str(broker.socket_path)!r})\n"
         "try:\n"
         f"    fd, ident = c.loop_file({path!r}, writable=False)\n"

@@ -1,4 +1,4 @@
-"""policyd's asyncio XenStore client (policyd.xsclient, policyd.xenstore, policyd.xstx).
+"""policyd's asyncio XenStore client (policyd.xenstore: connection, client, store).
 
 Against the real oxenstored of tests/harness (root, daemon) where the behaviour is real: a
 pipelined batch, a transaction conflict retried, reconnecting after the connection is closed
@@ -537,7 +537,7 @@ def test_a_cancelled_transaction_drops_the_connection(
 ) -> None:
     """Cancelled while its start or its commit is in flight: the connection is dropped (the
     transaction ends in xenstored; for a commit the outcome is unknown) and the cancellation
-    goes on to the caller, which keeps its fds (policyd.exporter._publish)."""
+    goes on to the caller, which keeps its fds (policyd.exports.exporter.Exporter._publish)."""
 
     async def case(server: HostileXenstored, xs: XenStore) -> None:
         def silent(op: int, req_id: int, tx_id: int, payload: bytes) -> object:

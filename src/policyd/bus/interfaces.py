@@ -144,6 +144,9 @@ def export_variants(record: ExportRecord) -> dict[str, Variant]:
 
 
 class ExportInterface(ServiceInterface):
+    """org.qubes.BlockBroker1.Export: one export's properties, read live from its ExportRecord;
+    Detach is dispatched by policyd.bus.service."""
+
     def __init__(self, record: ExportRecord) -> None:
         super().__init__(EXPORT_IFACE)
         self.record = record

@@ -20,7 +20,8 @@ from .errors import (
     TagLookupError,
     TagsSyntaxError,
 )
-from .parser import Rule, RuleParams, ValidatingParser
+from .lint import Shadowed, find_shadowed
+from .parser import Rule, RuleParams, ValidatingParser, list_policy_files
 from .tags import FileTagProvider, StaticTagProvider, TagProvider, no_tags
 from .tokens import (
     ADMIN_DOMAIN,
@@ -51,11 +52,14 @@ __all__ = [
     "Request",
     "Rule",
     "RuleParams",
+    "Shadowed",
     "StaticTagProvider",
     "TagLookupError",
     "TagProvider",
     "TagsSyntaxError",
     "ValidatingParser",
     "device_for_path",
+    "find_shadowed",
+    "list_policy_files",
     "no_tags",
 ]

@@ -35,7 +35,6 @@ PUBLISHED_DEV_RE = re.compile(r"([1-9][0-9]{0,3}):(0|[1-9][0-9]{0,6})")
 PUBLISHED_DISKSEQ_RE = re.compile(r"[1-9][0-9]{0,19}")
 MAX_MAJOR = (1 << 12) - 1  # Linux MAJORBITS
 MAX_MINOR = (1 << 20) - 1  # Linux MINORBITS
-U64_MAX = (1 << 64) - 1
 DESCRIPTOR_TYPES = {
     "name": "s",
     "major": "u",

@@ -1,16 +1,15 @@
 """XenStore transactions and pipelined batches for policyd, on its event loop.
 
-Unprivileged policyd code, on its event loop (policyd.xenstore.connection is the connection and what
-it checks of xenstored's replies). XsClient connects lazily and again after a failure; its
-operations take turns (one asyncio lock, as the single XenStore worker thread did before), so
-policyd's own transactions never conflict with each other, and each has a deadline
+Unprivileged policyd code, on its event loop (policyd.xenstore.connection is the connection
+and what it checks of xenstored's replies). XsClient connects lazily and again after a failure;
+its operations take turns (one asyncio lock), so policyd's own transactions never conflict
+with each other, and each has a deadline
 (XS_TIMEOUT_S). Transactions are retried on conflict (EAGAIN at commit), at most
 MAX_TX_ATTEMPTS times; a commit whose outcome cannot be known is CommitUnknown.
 
 Tx is one transaction's operations, or plain reads outside any (tx_id 0). A batch sends several
-requests at once and then awaits every reply, which xenstored answers in order. Measured against
-oxenstored on the 2-core host: 20 writes in one transaction 0.84 ms one by one, 0.56 ms
-pipelined (through pyxs's thread). Batches are at most BATCH_MAX requests, under C xenstored's
+requests at once and then awaits every reply, which xenstored answers in order (what that
+saves: docs/benchmarks.md). Batches are at most BATCH_MAX requests, under C xenstored's
 default limit on a connection's outstanding requests. Values read are validated here (ASCII,
 printable, bounded).
 """
@@ -102,10 +101,6 @@ class Tx:
     async def write_many(self, nodes: Iterable[tuple[str, str]]) -> None:
         await self.run([write_request(p, v) for p, v in nodes])
 
-    async def mkdirs(self, dirs: Iterable[tuple[str, list[str]]]) -> None:
-        """Make each directory and set its permissions (in this order, pipelined)."""
-        await self.run([r for path, perms in dirs for r in mkdir_requests(path, perms)])
-
     # -- one at a time ------------------------------------------------------------------------
 
     async def read(self, path: str) -> str | None:
@@ -124,17 +119,8 @@ class Tx:
     async def write(self, path: str, value: str) -> None:
         await self.write_many([(path, value)])
 
-    async def write_all(self, base: str, nodes: Iterable[tuple[str, str]]) -> None:
-        await self.write_many([(f"{base}/{name}", value) for name, value in nodes])
-
-    async def mkdir(self, path: str, perms: list[str]) -> None:
-        await self.mkdirs([(path, perms)])
-
-    async def rm(self, path: str) -> None:
-        """Remove path and its children; a path that does not exist is no error."""
-        await self.rm_many([path])
-
     async def rm_many(self, paths: Sequence[str]) -> None:
+        """Remove each path and its children; a path that does not exist is no error."""
         for reply in await self.batch([(Op.RM, _path(p) + NUL) for p in paths]):
             if not _enoent(reply):
                 _ok(reply)
@@ -403,8 +389,8 @@ class XsClient:
         if isinstance(reply, PyXSError) and reply.args and reply.args[0] == errno.EAGAIN:
             return False
         if isinstance(reply, PyXSError) or reply.rstrip(NUL) != b"OK":
-            # an error other than a conflict (as before: C xenstored can fail part-way through
-            # applying a transaction), or a reply that is not one: drop the connection
+            # an error other than a conflict (C xenstored can fail part-way through applying a
+            # transaction), or a reply that is not one: drop the connection
             conn.abort(XenStoreError(f"xenstored answered a commit with {reply!r}"))
             raise CommitUnknown(
                 f"XenStore failed during a commit ({reply!r}); it may have been applied"

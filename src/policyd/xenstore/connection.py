@@ -5,19 +5,19 @@ XenStore's integrity (as libxl trusts it), but its replies are untrusted input, 
 bounds: a payload is at most XENSTORE_PAYLOAD_MAX bytes, and a reply must answer a request that
 is waiting (its req_id), with that request's operation (or ERROR) and transaction id. Anything
 else is a protocol error. A protocol error, EOF or a missed deadline closes the connection and
-fails every request waiting on it with XenStoreError; the owner (policyd.xenstore) connects
-again for its next operation.
+fails every request waiting on it with XenStoreError; the owner (policyd.xenstore.client's
+XsClient) connects again for its next operation.
 
 The protocol is pyxs's: its operation table (pyxs._internal.Op), its packet (header layout,
-payload limit), path checks (pyxs.helpers.check_path, in policyd.xstx) and its errno mapping of
-ERROR replies (pyxs.helpers.error). Only the transport is ours. pyxs's client reads the socket
-on a thread of its own; handing each reply from that thread to a worker thread and on to the
-event loop cost more than the XenStore work itself (docs/benchmarks.md, "Export").
+payload limit), path checks (pyxs.helpers.check_path, in policyd.xenstore.client) and its errno
+mapping of ERROR replies (pyxs.helpers.error). Only the transport is ours, on the event loop:
+pyxs's own client reads the socket on a thread of its own, and handing replies across threads
+costs more than the XenStore work itself (docs/benchmarks.md, "Export").
 
 One connection carries pipelined requests: `request()` sends a batch in one write and returns
 when every reply of it has come, in the batch's order (xenstored answers a connection's requests
 in order, but replies are matched by req_id, not by position). A WATCH_EVENT (policyd watches
-its frontends' name nodes, policyd.exporter) is parsed strictly (path and token, ASCII,
+its frontends' name nodes, policyd.exports.frontends) is parsed strictly (path and token, ASCII,
 bounded) and handed to `on_watch`, which only notes it; more than WATCH_EVENTS_MAX events
 of no watch policyd set, on one connection, is a protocol error.
 """

@@ -2,7 +2,7 @@
 
 Unprivileged policyd code, on policyd's event loop; XenStore content is validated here (through
 policyd.validate) before anything else sees it. The connection, the deadline and the
-transactions (retried on conflict) are policyd.xstx's XsClient. Writes are always in a
+transactions (retried on conflict) are policyd.xenstore.client's XsClient. Writes are always in a
 transaction; some reads are not (`reads`), where no snapshot is needed: each such method says
 why.
 """
