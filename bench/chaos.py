@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -171,9 +172,13 @@ class Run:
     cycles_goal: int
     deadline: float
     pace: float
+    # Daemons are (re)started on this one long-lived thread: the harness sets PR_SET_PDEATHSIG,
+    # which fires when the *thread* that forked the daemon ends.
+    executor: concurrent.futures.ThreadPoolExecutor
     shared_images: list[str] = dataclasses.field(default_factory=list)
     decoy_dir: Path = Path()
     cycles: int = 0
+    lost_while_running: int = 0
     ops: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     kills: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -293,13 +298,13 @@ async def killer(run: Run, targets: list[tuple[Target, float]], mean_interval: f
             continue
         run.kills[target.name] += 1
         await asyncio.sleep(run.rng.uniform(0.0, 0.3))  # down for a moment
-        await restore(target)
+        await restore(run, target)
 
 
-async def restore(target: Target) -> None:
+async def restore(run: Run, target: Target) -> None:
     for attempt in range(5):
         try:
-            await asyncio.to_thread(target.restore)
+            await asyncio.get_running_loop().run_in_executor(run.executor, target.restore)
             return
         except StackError as e:
             note("restore_failed", target=target.name, attempt=attempt, error=str(e)[:200])
@@ -429,8 +434,9 @@ class Worker:
                 await self.script("remove", holding.backend_path)
             else:
                 await self.call("detach", lambda c: c.detach(holding.export))
-        except NotFound:
-            pass  # policyd no longer knows it: lost (counted by name); libxl goes on
+        except NotFound:  # policyd no longer knows it: lost; libxl goes on
+            if not final:  # the final round's are lost_exports already
+                self.run.lost_while_running += 1
         except (BlockBrokerError, OSError, TimeoutError):
             if not final and holding.kind != "attach-script":
                 return False  # policyd or the broker is down: try again later
@@ -794,7 +800,7 @@ async def wait_serving(run: Run, targets: list[Target], timeout: float = 30.0) -
     deadline = time.monotonic() + timeout
     for target in targets:
         if not target.healthy():
-            await restore(target)
+            await restore(run, target)
     while not await asyncio.to_thread(run.stack.has_owner, BUS_NAME):
         if time.monotonic() > deadline:
             raise StackError("policyd did not come back")
@@ -936,6 +942,7 @@ async def chaos(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "wrong_device": len(checker.wrong),
         "leaked_loops": len(leaked),
         "lost_exports": len(lost_list),
+        "lost_while_running": run.lost_while_running,
         "duplicate_loops": len(checker.duplicates),
         "rw_while_shared": len(checker.rw_shared),
         "stale_backends": len(stale),
@@ -985,6 +992,7 @@ def main(argv: list[str]) -> int:
     config.venv = Path(os.environ.get("BLOCKBROKER_VENV", sys.prefix))
     stack = Stack(config)
     stack.start()
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chaos-restart")
     try:
         run = Run(
             stack,
@@ -992,10 +1000,12 @@ def main(argv: list[str]) -> int:
             args.cycles,
             time.monotonic() + args.max_seconds,
             args.pace,
+            executor,
         )
         result = asyncio.run(chaos(run, args))
     finally:
         problems = stack.stop()
+        executor.shutdown()
     result["teardown_problems"] = problems
     bad = {k: result[k] for k in INVARIANTS if result[k]}
     note("done", **(bad or {"invariants": "held"}))

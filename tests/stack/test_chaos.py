@@ -28,7 +28,7 @@ def test_short_chaos_run_keeps_every_invariant() -> None:
     python = VENV / "bin" / "python"
     result = subprocess.run(
         [str(python if python.exists() else sys.executable), str(CHAOS), "--cycles", "500",
-         "--max-seconds", "240"],
+         "--max-seconds", "240", "--kill-interval", "0.5"],
         env=env,
         capture_output=True,
         text=True,
