@@ -31,14 +31,20 @@ While it runs:
 After quiescing (killer stopped, daemons up, loop users gone), the counts:
   wrong_device     distinct (backend, device, diskseq) seen naming another device or file
   lost_exports     holdings no longer listed by GetManagedObjects or `blockbroker list --json`
-  duplicate_loops  read-only images with more than one loop device at once (distinct sets)
-  rw_while_shared  files with a read-write backend next to any other backend (distinct sets)
+                   (checked before the final detach)
+  lost_while_running  detaches of holdings answered NotFound while running (a detach that
+                   went out unanswered before does not count: it may have happened)
+  duplicate_loops  loop bindings (device, diskseq) that were one of several for one read-only
+                   image at once (managed backends while running; sysfs before the final detach)
+  rw_while_shared  read-write backends seen next to another backend of the same file
   leaked_loops     loop devices still bound to the run's images after everything was detached
+  stale_backends   (reported, not an invariant) managed backend dirs left after the final
+                   detach, which the run then removes
 Progress on stderr; the last stdout line is `CHAOS {json}`. Exit status 1 if a count is not 0.
 
 Settings (argument, else environment): --cycles (CYCLES, 10000), --workers (CHAOS_WORKERS, 4),
 --max-seconds (CHAOS_MAX_SECONDS, 3600), --kill-interval (CHAOS_KILL_INTERVAL, mean seconds
-between kills, 2), --seed (CHAOS_SEED), --pace (CHAOS_PACE, seconds a worker rests between
+between kills, 1), --seed (CHAOS_SEED), --pace (CHAOS_PACE, seconds a worker rests between
 operations, 0.02).
 """
 
@@ -72,11 +78,12 @@ from pyxs import Client as XsClient  # noqa: E402
 from pyxs.exceptions import PyXSError  # noqa: E402
 
 from client.api import AsyncClient  # noqa: E402
-from client.errors import BlockBrokerError, NotFound  # noqa: E402
+from client.errors import BlockBrokerError, NotFound, ServiceUnavailable  # noqa: E402
 from client.model import ExportInfo  # noqa: E402
 from policyd.validate import devid_of_disk  # noqa: E402
 
 LOOP_CLR_FD = 0x4C01
+SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"  # not delivered: nothing happened
 ATTACH_DOMAINS = {"att1": 1, "att2": 2}  # frontends of libxl-style backends (devids per worker)
 EXPORT_DOMAINS = {"exp1": 3, "exp2": 4, "exp3": 5}  # frontends of Export (policyd picks devids)
 SHARED_IMAGES = 3
@@ -163,6 +170,7 @@ class Holding:
     frontend_domid: int
     devid: int
     export: str = ""  # object path, when the client was told one
+    detach_sent: bool = False  # a detach went out and got no answer: it may have happened
 
 
 @dataclasses.dataclass
@@ -401,9 +409,12 @@ class Worker:
             else:
                 await self.script("add", be)
         except BaseException:
-            if kind == "attach-script":  # libxl runs `remove` after a failed `add`
-                with contextlib.suppress(BlockBrokerError, OSError):
+            # libxl runs `remove` after a failed `add` (the add may have happened unanswered)
+            with contextlib.suppress(BlockBrokerError, OSError, TimeoutError):
+                if kind == "attach-script":
                     await self.script("remove", be)
+                else:
+                    await (await self.bus()).detach_backend(be)
             self.remove_vbd(holding)
             raise
         self.held.append(holding)
@@ -435,9 +446,13 @@ class Worker:
             else:
                 await self.call("detach", lambda c: c.detach(holding.export))
         except NotFound:  # policyd no longer knows it: lost; libxl goes on
-            if not final:  # the final round's are lost_exports already
+            # Not lost if an earlier try may have reached policyd (no answer); the final
+            # round's are in lost_exports already.
+            if not final and not holding.detach_sent:
                 self.run.lost_while_running += 1
-        except (BlockBrokerError, OSError, TimeoutError):
+        except (BlockBrokerError, OSError, TimeoutError) as e:
+            unanswered = isinstance(e, ServiceUnavailable) and e.dbus_name != SERVICE_UNKNOWN
+            holding.detach_sent |= unanswered or isinstance(e, TimeoutError)
             if not final and holding.kind != "attach-script":
                 return False  # policyd or the broker is down: try again later
             # libxl ignores a failing `remove` and deletes the dir all the same
@@ -960,7 +975,14 @@ async def chaos(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-INVARIANTS = ("wrong_device", "leaked_loops", "lost_exports", "duplicate_loops", "rw_while_shared")
+INVARIANTS = (
+    "wrong_device",
+    "leaked_loops",
+    "lost_exports",
+    "lost_while_running",
+    "duplicate_loops",
+    "rw_while_shared",
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -969,7 +991,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cycles", type=int, default=int(env("CYCLES", "10000")))
     p.add_argument("--workers", type=int, default=int(env("CHAOS_WORKERS", "4")))
     p.add_argument("--max-seconds", type=float, default=float(env("CHAOS_MAX_SECONDS", "3600")))
-    p.add_argument("--kill-interval", type=float, default=float(env("CHAOS_KILL_INTERVAL", "2")))
+    p.add_argument("--kill-interval", type=float, default=float(env("CHAOS_KILL_INTERVAL", "1")))
     p.add_argument("--pace", type=float, default=float(env("CHAOS_PACE", "0.02")))
     p.add_argument("--blkback-share", type=float, default=float(env("CHAOS_BLKBACK_SHARE", "0.6")))
     p.add_argument("--seed", type=int, default=int(env("CHAOS_SEED", str(time.time_ns() % 10**6))))

@@ -20,7 +20,14 @@ pytestmark = [pytest.mark.root, pytest.mark.daemon, pytest.mark.slow]
 
 CHAOS = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
 VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
-INVARIANTS = ("wrong_device", "leaked_loops", "lost_exports", "duplicate_loops", "rw_while_shared")
+INVARIANTS = (
+    "wrong_device",
+    "leaked_loops",
+    "lost_exports",
+    "lost_while_running",
+    "duplicate_loops",
+    "rw_while_shared",
+)
 
 
 def test_short_chaos_run_keeps_every_invariant() -> None:
