@@ -2,6 +2,7 @@
 #   make test    all lanes: lint, unit, host integration (root, real daemons), real Xen lab
 #   make demo    the main job in the real Xen lab under QEMU
 #   make bench   benchmarks (see docs/benchmarks.md)
+#   make chaos   random work, SIGKILLed daemons, hostile loop users; invariants (CYCLES=N)
 #   make lint    ruff + mypy --strict
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
@@ -18,7 +19,7 @@ BLOCK_SCRIPT_SRC := src/client/blockbroker-block.c
 BLOCK_SCRIPT_CFLAGS := -O2 -static -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install install-system lint test bench demo clean
+.PHONY: all deps venv install install-system lint test bench chaos demo clean
 
 all: install
 
@@ -101,6 +102,12 @@ test: install lint
 
 bench: install
 	$(PY) bench/run.py
+
+# Chaos run against the host stack (bench/chaos.py): exits non-zero if an invariant broke;
+# the last line is `CHAOS {json}`.
+CYCLES ?= 10000
+chaos: install
+	BLOCKBROKER_VENV=$(VENV) $(PY) bench/chaos.py --cycles $(CYCLES)
 
 # Real Xen 4.17 under QEMU (docs/xenlab.md): a host image exported through blockbroker to two
 # PV guests sharing one loop device, then detached. Ends with `DEMO OK` or `DEMO FAILED <why>`.
