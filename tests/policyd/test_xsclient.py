@@ -447,6 +447,39 @@ def test_real_reconnect_after_the_socket_is_closed(stack: Stack) -> None:
 
 @pytest.mark.root
 @pytest.mark.daemon
+def test_watches_are_set_again_at_once_after_the_connection_drops(stack: Stack) -> None:
+    """With watches set, a lost connection (a xenstored restart looks the same) is replaced at
+    once, without waiting for the next operation, and the watches fire again on it."""
+
+    async def scenario() -> None:
+        changes: list[bool] = []
+        seen: list[str] = []
+        xs = XenStore(str(stack.xenstore_path), on_connection_changed=changes.append)
+        try:
+            await xs.watch("/local/domain/1/name", "frontend-1", lambda p, t: seen.append(p))
+            assert xs._conn is not None and xs._conn._transport is not None
+            sock = xs._conn._transport.get_extra_info("socket")
+            sock.shutdown(socket.SHUT_RDWR)
+            for _ in range(200):
+                if changes[-1:] == [True] and len(changes) >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert changes == [True, False, True]  # reconnected with no operation asked
+            fired = len(seen)
+            stack.xs_write("/local/domain/1/name", "work")  # an event on the new connection
+            for _ in range(200):
+                if len(seen) > fired:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(seen) > fired
+        finally:
+            xs.close()
+
+    run_clean(scenario)
+
+
+@pytest.mark.root
+@pytest.mark.daemon
 def test_real_reconnect_after_oxenstored_restarts(
     stack_factory: Callable[[StackConfig], Stack],
 ) -> None:
@@ -578,8 +611,9 @@ def test_events_of_policyds_own_watches_are_handed_on_and_checked(tmp_path: Path
         peer.transport.write(frame(Op.WATCH_EVENT, 0, 0, b"/local/domain/1/name frontend-1"))
         for _ in range(20):
             await asyncio.sleep(0.005)
-        assert not xs.connected  # malformed: dropped
-        assert await read(xs) == "value"  # reconnects, and sets the watch again first
-        assert [op for op, _ in server.requests].count(Op.WATCH) == 2
+        # malformed: dropped; with a watch set the client connects again at once
+        assert peer.transport.is_closing() and server.peers[-1] is not peer
+        assert await read(xs) == "value"
+        assert [op for op, _ in server.requests].count(Op.WATCH) == 2  # set again first
 
     hostile(tmp_path, case)

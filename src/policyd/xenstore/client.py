@@ -35,6 +35,8 @@ from policyd.xenstore.connection import XS_TIMEOUT_S, Reply, XenStoreProtocolErr
 MAX_VALUE_BYTES = 4096
 BATCH_MAX = 32
 MAX_TX_ATTEMPTS = 16
+REARM_FIRST_PAUSE_S = 0.05  # reconnecting after a lost connection, while watches are set
+REARM_MAX_PAUSE_S = 2.0
 TX_ID_RE = re.compile(rb"[1-9][0-9]{0,9}")  # xenstored's transaction ids: u32, never 0
 T = TypeVar("T")
 WatchHandler = Callable[[str, str], None]  # (path, token), on the event loop
@@ -206,12 +208,17 @@ class XsClient:
         # the event loop; a handler must only take note, not block
         self.watches: dict[str, str] = {}
         self._handlers: dict[str, WatchHandler] = {}
+        self._rearm: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.closed
 
     def close(self) -> None:
+        self._closed = True
+        if self._rearm is not None:
+            self._rearm.cancel()
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -219,10 +226,26 @@ class XsClient:
     def _lost(self, conn: XsConnection, reason: XenStoreError) -> None:
         if conn is self._conn:
             self._conn = None
-            logfmt.warning(
-                "XenStore connection dropped; the next operation reconnects", reason=reason
-            )
+            logfmt.warning("XenStore connection dropped; reconnecting", reason=reason)
             self._connection_changed(False)
+            if self.watches and not self._closed and (self._rearm is None or self._rearm.done()):
+                self._rearm = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Watches live only as long as their connection (a xenstored restart, a dropped
+        connection): connect again at once and set them again, retrying with a growing pause
+        until xenstored answers. A watch fires once when it is set, so what changed meanwhile
+        is looked at."""
+        pause = REARM_FIRST_PAUSE_S
+        while self.watches and not self._closed and not self.connected:
+            try:
+                async with self._turn_taken():
+                    await self._connection(self._deadline())
+                return
+            except XenStoreError as e:
+                logfmt.warning("XenStore unreachable; retrying", error=e, retry_in_s=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, REARM_MAX_PAUSE_S)
 
     async def _connection(self, deadline: float) -> XsConnection:
         conn = self._conn
