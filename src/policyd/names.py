@@ -1,7 +1,7 @@
 """The bus contract: policyd's bus name, object paths and interface names, in one place.
 
 Unprivileged policyd code; constants only. The client keeps its own copy (src/client/model.py:
-the VM-side tools must not import policyd); tests/policyd/test_policyd_contract.py pins the two
+the VM-side tools must not import policyd); tests/client/test_contract.py pins the two
 together, and the introspection test pins the interfaces to dbus/*.xml.
 """
 

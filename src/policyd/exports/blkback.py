@@ -23,6 +23,9 @@ MAX_SYSFS_BYTES = 64
 
 
 class BlkbackWatcher:
+    """Polls the sysfs node of each export that waits for blkback; `changed(record)` is called
+    when its state moves (waiting -> connected)."""
+
     def __init__(self, sysfs_root: str, changed: Callable[[ExportRecord], None]) -> None:
         self.sysfs_root = sysfs_root
         self._changed = changed

@@ -432,11 +432,15 @@ class Exporter:
         self.registry.add(record)
         if fresh and backing.fd != NO_FD:
             self.custody.hold(backing_name(backing), backing.fd)
+        self._publish_record(record, "exported")
+
+    def _publish_record(self, record: ExportRecord, event: str) -> None:
+        """A registered export: its blkback state, a log line, its D-Bus object, the watch."""
         remote = record.backing.kind == "vm"  # dom0's sysfs cannot see another domain's blkback
         record.state = STATE_BACKEND_IN_VM if remote else self.blkback.initial_state()
         ident = record.backing.identity
         logfmt.info(
-            "exported",
+            event,
             export=record.object_path,
             source=record.source,
             backend=record.backend_path,
@@ -466,21 +470,7 @@ class Exporter:
         """Start-up (policyd.exports.reconcile): an export found again in XenStore, with its
         backing (held already), back in the registry, on the bus and watched."""
         self.registry.add(record)
-        remote = record.backing.kind == "vm"
-        record.state = STATE_BACKEND_IN_VM if remote else self.blkback.initial_state()
-        logfmt.info(
-            "adopted",
-            export=record.object_path,
-            source=record.source,
-            backend=record.backend_path,
-            device=f"{record.backing.identity.major}:{record.backing.identity.minor}",
-            diskseq=record.backing.identity.diskseq,
-            mode=record.mode,
-        )
-        self.listener.export_added(record)
-        self.listener.export_count_changed(len(self.registry))
-        if not remote:
-            self.blkback.watch(record)
+        self._publish_record(record, "adopted")
         if record.wrote_vbd:
             await self.frontends.watch(record.frontend_domid)
 

@@ -83,6 +83,9 @@ class ExportRecord:
 
 
 class Registry:
+    """The exports by number and backend path, and their backings by key and alias; the rules
+    in the module docstring are kept by shareable() and add()/remove()."""
+
     def __init__(self) -> None:
         self._exports: dict[int, ExportRecord] = {}
         self._backings: dict[BackingKey, Backing] = {}

@@ -1,11 +1,14 @@
 """VM export requests: policy, pending requests, approval, expiry, withdrawal.
 
 Unprivileged policyd code. The request comes from a VM through the qrexec bridge and is
-untrusted: its device descriptor and options are validated by policyd.vmdevice before anything
-else here uses them. The source domain comes from qrexec (QREXEC_REMOTE_DOMAIN, passed by the
-bridge), never from the VM's payload; only root and the bridge's group reach RequestExport
-(policyd.authz). Approve/Deny are polkit-gated (org.qubes.blockbroker.approve) by policyd.authz
-before they get here. Every final state is audited (policyd.audit). See docs/requests.md.
+untrusted: its device descriptor and options are validated by policyd.requests.vmdevice before
+anything else here uses them. The source domain comes from qrexec (QREXEC_REMOTE_DOMAIN, passed
+by the bridge), never from the VM's payload; only root and the bridge's group reach
+RequestExport (policyd.bus.authz). Approve/Deny are polkit-gated
+(org.qubes.blockbroker.approve) by policyd.bus before they get here. Every final state is
+audited (policyd.audit). Request numbers go on after the last one given out, also across
+restarts (a node of policyd's home domain); pending requests do not survive a restart (the
+bridge answers Unavailable and the VM asks again). See docs/requests.md.
 """
 
 from __future__ import annotations
