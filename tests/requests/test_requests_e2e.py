@@ -149,3 +149,37 @@ def test_bridge_answers_when_policyd_goes_away(stack: Stack, loop_dir: Path) -> 
         status, answer, _ = finish(helper)
         assert status == 1 and answer.startswith("error Unavailable "), answer
         assert vm_backends(stack, 5) == [] and managed_requests(stack) == {}
+
+
+def test_a_vm_device_export_survives_a_restart_and_forged_tags_are_ignored(
+    stack: Stack, loop_dir: Path
+) -> None:
+    """policyd keeps what it wrote for a VM's device in a record of its own (the VM owns its
+    backend dir); after a restart the export is listed again with its number. A tag the VM
+    forges in its own backend dir, naming another domain's frontend, is not taken: nothing is
+    listed for it and nothing outside the VM's dir is touched."""
+    with vm_loop(loop_dir) as dev:
+        helper = start_helper(stack, helper_argv(dev, "untrusted"))
+        status, answer, err = finish(helper)
+        be = f"/local/domain/5/backend/vbd/2/{XVDB}"
+        assert (status, answer) == (0, f"ok devid={XVDB} backend={be}"), err
+        forged = "/local/domain/5/backend/vbd/1/51760"  # sys-usb's own dir, frontend: work
+        victim = "/local/domain/1/device/vbd/51760"
+        try:
+            (export,) = managed_exports(stack)
+            stack.xs_write(victim, "")  # another backend's frontend node in domain work
+            for kind in ("export", "vm"):
+                stack.xs_write(f"{forged}/blockbroker-export", f"1 {kind} 0")
+                stack.xs_write(f"{forged}/physical-device", "7:0")
+                stack.xs_write(f"{forged}/diskseq", "1")
+                stack.xs_write(f"{forged}/mode", "w")
+                stack.restart_policyd()
+                assert list(managed_exports(stack)) == [export]  # only the real one
+                assert stack.xs_exists(victim) and stack.xs_exists(forged)
+            detach_export(stack, export)
+            assert not stack.xs_exists(be)
+            assert frontends(stack, 2) == []
+        finally:
+            for path in (be, forged, victim):
+                if stack.xs_exists(path):
+                    stack.xs_rm(path)

@@ -307,7 +307,7 @@ class Exporter:
                 record.state == STATE_BACKEND_IN_VM and await self._remote_connected(record)
             ):
                 await self._wait_closed(record)
-            await self.xenstore.remove_vbd(spec, record.devid)
+            await self.xenstore.remove_vbd(spec, record.devid, self.backend_domid)
         keep = False
         if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
             try:

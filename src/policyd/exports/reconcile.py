@@ -212,7 +212,7 @@ async def _fail(exporter: Exporter, be: ManagedBackend, reason: str, summary: Su
         else:  # a vbd policyd wrote: nobody else would remove it
             nothing = PhysicalDevice(0, 0, "", 0)
             spec = VbdSpec(be.backend_domid, be.frontend_domid, "", be.mode, nothing)
-            await exporter.xenstore.remove_vbd(spec, be.devid)
+            await exporter.xenstore.remove_vbd(spec, be.devid, exporter.backend_domid)
     except errors.XenStoreError as e:
         logfmt.error("cannot remove the nodes of a failed backend", backend=be.path, error=e)
     summary.failed.append(be.path)

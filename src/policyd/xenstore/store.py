@@ -9,6 +9,7 @@ why.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from policyd.xenstore.client import (
 __all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
 MAX_DOMAINS = 4096
 MAX_ERROR_CHARS = 512  # hotplug-error written at start-up
+MAX_RECORDS = 65536  # VMs' device exports: far above what one dom0 runs
 HOTPLUG_DEVIDS = tuple(validate.hotplug_devids())  # computed once: 701 of them
 
 
@@ -67,7 +69,10 @@ class ExportTag:
     and found again at start-up (policyd.exports.reconcile): the export's number (its object
     path), its Source, and the high-water mark of export numbers under policyd's own
     /local/domain/<home>/blockbroker, so that a number is never given to another export after
-    a restart."""
+    a restart. In a backend dir of policyd's home (dom0's: a guest can only read it) the tag
+    sits in the dir. A VM's own device is exported from the VM's backend dir, which the VM
+    owns and may rewrite: its tag, with the device, mode and nodes reconciliation needs, goes to
+    a record under /local/domain/<home>/blockbroker/vm/ instead (vm_record_dir)."""
 
     number: int
     kind: str  # one of TAG_KINDS
@@ -88,6 +93,14 @@ TAG_KINDS = ("attach", "export", "vm")  # libxl's backend; Export's vbd; a VM's 
 TAG_RE = re.compile(r"([1-9][0-9]{0,9}) (attach|export|vm) (0|[1-9][0-9]{0,19})")
 SOURCE_NODE = "blockbroker-source"  # ... and its Source (a path, fd:MAJ:MIN, VM:/dev/NAME)
 STATE_DIR = "blockbroker"  # /local/domain/<home>/blockbroker: policyd's counters
+
+
+def vm_record_dir(home: int, backend_domid: int, frontend_domid: int, devid: int) -> str:
+    """Where policyd keeps what it wrote for a VM's own device exported to another VM."""
+    return f"/local/domain/{home}/{STATE_DIR}/vm/{backend_domid}-{frontend_domid}-{devid}"
+
+
+VM_RECORD_RE = re.compile(r"(0|[1-9][0-9]{0,4})-(0|[1-9][0-9]{0,4})-([1-9][0-9]{0,9})")
 
 
 def counter_path(home: int, kind: str) -> str:
@@ -250,29 +263,37 @@ class XenStore(XsClient):
         await self.transact(body)
 
     async def managed_backends(self, home: int) -> list[ManagedBackend]:
-        """Every vbd backend that carries blockbroker's tag, in every domain (a VM's own
-        device is exported from the VM's backend dir), with what reconciliation needs; read
-        outside a transaction (policyd is the only writer of the tags, and it is starting)."""
+        """Every vbd backend blockbroker manages, with what reconciliation needs: the tagged
+        backend dirs of policyd's home, and the records of VMs' own devices (their backend
+        dirs are the VMs'; only whether they still exist is read there). Read outside a
+        transaction: policyd is the only writer of tags and records, and it is starting."""
 
         async def body(tx: Tx) -> list[ManagedBackend]:
+            base = f"/local/domain/{home}/backend/vbd"
             dirs = []
-            for domain in (await tx.children("/local/domain"))[:MAX_DOMAINS]:
-                base = f"/local/domain/{domain}/backend/vbd"
-                for frontend in (await tx.children(base))[:MAX_DOMAINS]:
-                    devids = (await tx.children(f"{base}/{frontend}"))[:MAX_DOMAINS]
-                    for devid in devids:
-                        try:  # a VM may put junk in its own backend dir: skipped
-                            dirs.append(validate.backend_path(f"{base}/{frontend}/{devid}", -1))
-                        except InvalidArgument:
-                            continue
+            for frontend in (await tx.children(base))[:MAX_DOMAINS]:
+                for devid in (await tx.children(f"{base}/{frontend}"))[:MAX_DOMAINS]:
+                    with contextlib.suppress(InvalidArgument):  # not a vbd: not policyd's
+                        dirs.append(validate.backend_path(f"{base}/{frontend}/{devid}", home))
             tags = await tx.read_many([f"{d.path}/{EXPORT_NODE}" for d in dirs])
-            tagged = [(d, tag) for d, tag in zip(dirs, tags, strict=True) if tag is not None]
+            tagged = [(d, d.path, tag) for d, tag in zip(dirs, tags, strict=True) if tag]
+            records = f"/local/domain/{home}/{STATE_DIR}/vm"
+            vm = []
+            for entry in (await tx.children(records))[:MAX_RECORDS]:
+                m = VM_RECORD_RE.fullmatch(entry)
+                if m is None:
+                    continue  # only policyd writes here: nothing else to find
+                be = validate.backend_path(backend_dir(int(m[1]), int(m[2]), int(m[3])), home)
+                vm.append((be, f"{records}/{entry}"))
+            vm_tags = await tx.read_many([f"{rec}/{EXPORT_NODE}" for _, rec in vm])
+            tagged += [(be, rec, tag) for (be, rec), tag in zip(vm, vm_tags, strict=True) if tag]
+            alive = await tx.exists_many([be.path for be, _, _ in tagged])
             names = (SOURCE_NODE, "params", "mode", *(n for n, _ in physical_nodes(None)))
-            values = await tx.read_many([f"{d.path}/{n}" for d, _ in tagged for n in names])
+            values = await tx.read_many([f"{d}/{n}" for _, d, _ in tagged for n in names])
             found = []
-            for i, (be, tag) in enumerate(tagged):
+            for i, (be, _, tag) in enumerate(tagged):
                 nodes = dict(zip(names, values[i * len(names) : (i + 1) * len(names)], strict=True))
-                found.append(parse_managed(be, tag, home, nodes))
+                found.append(parse_managed(be, tag, home, nodes, alive[i]))
             return found
 
         return await self.reads(body)
@@ -321,10 +342,12 @@ class XenStore(XsClient):
 
         return await self.transact(body)
 
-    async def remove_vbd(self, spec: VbdSpec, devid: int) -> None:
-        await self.transact(
-            lambda tx: tx.rm_many([spec.backend_dir(devid), spec.frontend_dir(devid)])
-        )
+    async def remove_vbd(self, spec: VbdSpec, devid: int, home: int) -> None:
+        """Remove a vbd policyd wrote: both dirs, and its record if its backend is a VM's."""
+        dirs = [spec.backend_dir(devid), spec.frontend_dir(devid)]
+        if spec.backend_domid != home:
+            dirs.append(vm_record_dir(home, spec.backend_domid, spec.frontend_domid, devid))
+        await self.transact(lambda tx: tx.rm_many(dirs))
 
     async def set_backend_closing(self, be_path: str) -> None:
         """Ask blkback to disconnect (online=0, state=Closing) before the nodes go away."""
@@ -365,13 +388,11 @@ DISKSEQ_RE = re.compile(r"[0-9a-f]{1,16}")
 
 
 def parse_managed(
-    be: validate.BackendPath, tag: str, home: int, nodes: dict[str, str | None]
+    be: validate.BackendPath, tag: str, home: int, nodes: dict[str, str | None], alive: bool
 ) -> ManagedBackend:
-    """Parse a tagged backend's nodes (policyd wrote the tag and the trio; libxl the rest, or
-    policyd for Export's), strictly: anything malformed becomes `problem`. A VM's own device
-    is exported from the VM's backend dir, which the VM owns and could have rewritten: there
-    only kind `vm` is taken (policyd holds no fd for it), and in policyd's home only the
-    others."""
+    """Parse a managed backend's nodes, read from its dir (policyd's home) or from its record
+    (a VM's device), strictly: anything malformed becomes `problem`. Kind `vm` is taken only
+    from a record, the others only from a dir in policyd's home."""
     m = TAG_RE.fullmatch(tag)
     phys = PHYSICAL_DEVICE_RE.fullmatch(nodes["physical-device"] or "")
     seq = nodes["diskseq"] or ""
@@ -380,6 +401,8 @@ def parse_managed(
         problem = f"malformed {EXPORT_NODE} {tag[:40]!r}"
     elif (m[2] == "vm") == (be.backend_domid == home):
         problem = f"a {m[2]} export cannot have its backend in domain {be.backend_domid}"
+    elif not alive:
+        problem = "its backend directory is gone"
     elif phys is None or not DISKSEQ_RE.fullmatch(seq):
         problem = "no well-formed physical-device and diskseq"
     elif nodes["mode"] not in modes.MODES:
@@ -513,6 +536,14 @@ async def write_vbd(
         *physical_nodes(spec.physical),
     ]
     tag_nodes = [] if spec.tag is None else spec.tag.nodes(be_dir)
+    if spec.tag is not None and spec.tag.kind == "vm":  # the VM's dir: the record is dom0's
+        record = vm_record_dir(spec.tag.home, be, fe, devid)
+        tag_nodes = [
+            *spec.tag.nodes(record),
+            (f"{record}/params", spec.params),
+            (f"{record}/mode", spec.mode),
+            *((f"{record}/{n}", v) for n, v in physical_nodes(spec.physical)),
+        ]
     fe_nodes = [
         ("backend", be_dir),
         ("backend-id", str(be)),
