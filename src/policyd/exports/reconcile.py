@@ -60,7 +60,7 @@ async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summar
             backing = await _backing_for(exporter, be, held, backings, summary)
             _check_sharing(exporter, be, backing)
         except errors.PolicydError as e:
-            await _fail(exporter, be, str(e), summary)
+            await _fail(exporter, be, e, summary)
             continue
         record = ExportRecord(
             number=be.number,
@@ -191,7 +191,10 @@ def _check_sharing(exporter: Exporter, be: ManagedBackend, backing: Backing) -> 
         )
 
 
-async def _fail(exporter: Exporter, be: ManagedBackend, reason: str, summary: Summary) -> None:
+async def _fail(
+    exporter: Exporter, be: ManagedBackend, error: errors.PolicydError, summary: Summary
+) -> None:
+    reason = f"{error.name}: {error.text}"
     text = (
         f"blockbroker: after a restart of policyd the device this backend named "
         f"({be.major:x}:{be.minor:x}, diskseq {be.diskseq:x}) could not be adopted: {reason}"

@@ -1,0 +1,133 @@
+"""Start-up reconciliation against bad state, on the host stack without a service manager (the
+degraded path: every device is re-opened by number through the broker with the diskseq XenStore
+names). Test code, runs as root with real daemons.
+
+Each case: the backend no longer names a device (libxl's: trio removed and hotplug-error says
+why; a vbd policyd wrote: removed whole), the export is not listed, the audit says so, and no
+loop device, node or fd is left. Also: new devices are refused before the fd store's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import xenstore
+from harness.stack import Stack, StackConfig
+
+pytestmark = [pytest.mark.root, pytest.mark.daemon]
+VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
+XVDK = 51872
+
+
+def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV / "bin/blockbroker"), *args],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def export(stack: Stack, image: Path) -> dict[str, Any]:
+    done = cli(stack, "export", str(image), "--to", "work", "--json")
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def listed(stack: Stack) -> list[str]:
+    done = cli(stack, "list", "--json")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line)["export"] for line in done.stdout.splitlines()]
+
+
+def restart_with(stack: Stack, tamper: Callable[[], None]) -> None:
+    problems = stack.stop_policyd()
+    assert problems == []
+    tamper()
+    stack.start_policyd()
+
+
+@pytest.fixture
+def plain_stack(stack_factory: Callable[[StackConfig], Stack]) -> Stack:
+    return stack_factory(StackConfig(domains={"work": 1}))
+
+
+@pytest.mark.parametrize(
+    ("node", "value", "reason"),
+    [
+        ("diskseq", "fffffff", "DeviceChanged"),  # another device now: the broker refuses
+        ("physical-device-path", "/etc/shadow", "is not a /dev node"),
+        ("physical-device-path", "/dev/../etc/shadow", "is not a /dev node"),
+        ("blockbroker-export", "x export 0", "malformed blockbroker-export"),
+        ("physical-device", "zz:1", "no well-formed physical-device"),
+        ("mode", "rw", "no valid mode"),
+    ],
+)
+def test_an_export_whose_nodes_do_not_match_is_removed_at_start_up(
+    plain_stack: Stack, node: str, value: str, reason: str
+) -> None:
+    stack = plain_stack
+    image = stack.make_image("tampered.img", 1 << 20, b"tampered\n")
+    exported = export(stack, image)
+    be = exported["backend_path"]
+    ref = os.open(exported["loop_device"], os.O_RDONLY)  # blkback's reference: still bound
+    try:
+        restart_with(stack, lambda: stack.xs_write(f"{be}/{node}", value))
+        assert listed(stack) == []
+        assert not stack.xs_exists(be)  # Export's vbd: removed whole
+        assert not stack.xs_exists(f"/local/domain/1/device/vbd/{exported['devid']}")
+        log = stack.log_tail("policyd", 100)
+        assert "backend failed at start-up" in log and reason in log, log
+        assert "event=audit result=failed operation=reconcile" in log
+    finally:
+        os.close(ref)
+    deadline = time.monotonic() + 5
+    while stack.leaked_loops() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stack.leaked_loops() == []  # policyd no longer holds it: AUTOCLEAR freed it
+
+
+def test_a_libxl_backend_whose_device_is_gone_gets_hotplug_error(plain_stack: Stack) -> None:
+    stack = plain_stack
+    image = stack.make_image("attached.img", 1 << 20, b"attached\n")
+    be = xenstore.write_libxl_vbd(stack.xs, 1, XVDK, str(image), "r")
+    env = stack.env()
+    env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+    done = subprocess.run(
+        [str(VENV / "bin/blockbroker-block"), "add"], env=env, capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert stack.xs_read(f"{be}/physical-device") is not None
+    stack.restart_policyd()  # no store, no blkback reference: AUTOCLEAR freed the device
+    assert listed(stack) == []
+    assert stack.xs_read(f"{be}/physical-device") is None  # never names a freed device
+    assert stack.xs_read(f"{be}/blockbroker-export") is None
+    assert "could not be adopted" in (stack.xs_read(f"{be}/hotplug-error") or "")
+    stack.xs_rm(be)
+    stack.xs_rm(f"/local/domain/1/device/vbd/{XVDK}")
+    assert stack.leaked_loops() == []
+
+
+def test_new_devices_are_refused_before_the_fd_store_is_full(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    stack = stack_factory(StackConfig(domains={"work": 1}, policyd_args=["--fd-store-max", "2"]))
+    images = [stack.make_image(f"img{i}.img", 1 << 20) for i in range(3)]
+    held = [export(stack, image) for image in images[:2]]
+    refused = cli(stack, "export", str(images[2]), "--to", "work")
+    assert refused.returncode != 0
+    assert "Busy" in refused.stderr and "FileDescriptorStoreMax=2" in refused.stderr
+    assert not any(lp.backing_file == str(images[2]) for lp in stack.leaked_loops())
+    assert len(listed(stack)) == 2
+    for e in held:
+        assert cli(stack, "detach", e["export"]).returncode == 0
+    assert export(stack, images[2])["source"] == str(images[2])  # room again
