@@ -77,6 +77,8 @@ class StackConfig:
     # Run the broker (socket-activated) and policyd (Type=dbus) as units of a real systemd
     # user manager (harness.systemd) that uses the stack's bus as its user bus.
     systemd: bool = False
+    # policyd's start limit under systemd (StartLimitBurst= in 60 s); 0: none
+    start_limit_burst: int = 0
 
 
 class Stack:
@@ -223,6 +225,21 @@ class Stack:
         self.bus_address = daemon.address
         self._probe = BusProbe(self.bus_address)
 
+    def restart_bus(self) -> None:
+        """Stop dbus-daemon and start a new one on the same socket (every client loses its
+        connection: policyd exits and, under systemd, comes back through Restart=)."""
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.close()
+        daemon = self.daemons.pop("dbus")
+        problems = daemon.stop(self.config.stop_timeout_s)
+        if problems:
+            raise StackError("stopping dbus-daemon: " + "; ".join(problems))
+        order = list(self.daemons)
+        self._start_bus()
+        # keep the teardown order: the bus stops after the daemons that use it
+        self.daemons = {"dbus": self.daemons.pop("dbus"), **{n: self.daemons[n] for n in order}}
+
     def _write_broker_config(self) -> None:
         roots = [*self.allow_roots, self.image_dir]
         text = (
@@ -348,8 +365,12 @@ class Stack:
         manager.write_unit(
             self.POLICYD_UNIT,
             "[Unit]\nAfter=blockbroker-broker.socket\n"
-            "StartLimitIntervalSec=0\n"
-            f"[Service]\nType=dbus\nBusName={BUS_NAME}\n"
+            + (
+                f"StartLimitIntervalSec=60s\nStartLimitBurst={self.config.start_limit_burst}\n"
+                if self.config.start_limit_burst
+                else "StartLimitIntervalSec=0\n"
+            )
+            + f"[Service]\nType=dbus\nBusName={BUS_NAME}\n"
             f"User={SERVICE_USER}\nGroup={SERVICE_USER}\n"
             f"ExecStart={' '.join(self._policyd_argv())}\n"
             "Environment=PYTHONUNBUFFERED=1\n"

@@ -184,11 +184,9 @@ def test_exports_survive_sigkill_and_systemctl_restart_through_the_fd_store(
     assert stack.leaked_loops() == []
 
 
-def test_stop_and_start_fails_the_backends_whose_devices_are_gone(systemd_stack: Stack) -> None:
-    """systemd 252 flushes the store on stop: the loop devices no blkback holds are freed, and
-    the next start removes what named them and says why; the one blkback holds is adopted."""
-    stack = systemd_stack
-    assert stack.manager is not None
+def flushed_store_case(stack: Stack, lose_the_store: Callable[[], None]) -> None:
+    """After the store was flushed: the device blkback holds is adopted again; the loop devices
+    no one held were freed, and what named them is gone (libxl's backend: told why)."""
     before, _, _ = four_exports(stack)
     held_by_blkback = next(
         e
@@ -198,8 +196,7 @@ def test_stop_and_start_fails_the_backends_whose_devices_are_gone(systemd_stack:
     # blkback's own reference, played by an open fd of the loop device
     ref = os.open(held_by_blkback["loop_device"], os.O_RDONLY)
     try:
-        stack.manager.systemctl("stop", Stack.POLICYD_UNIT)
-        stack.manager.start(Stack.POLICYD_UNIT)
+        lose_the_store()
         wait_until(lambda: stack.has_owner("org.qubes.BlockBroker1"), "policyd on the bus")
         after = listing(stack)
         survivors = {
@@ -227,6 +224,52 @@ def test_stop_and_start_fails_the_backends_whose_devices_are_gone(systemd_stack:
     wait_until(lambda: stack.leaked_loops() == [], "loop devices released")
 
 
+def test_stop_and_start_fails_the_backends_whose_devices_are_gone(systemd_stack: Stack) -> None:
+    """systemd 252 flushes the store on stop."""
+    manager = systemd_stack.manager
+    assert manager is not None
+
+    def stop_start() -> None:
+        manager.systemctl("stop", Stack.POLICYD_UNIT)
+        manager.start(Stack.POLICYD_UNIT)
+
+    flushed_store_case(systemd_stack, stop_start)
+
+
+def test_the_start_limit_flushes_the_store_and_the_next_start_is_safe(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    """Killed more often than StartLimitBurst allows, the unit fails and systemd flushes the
+    store; an administrator's `reset-failed` + `start` then takes the degraded path."""
+    stack = stack_factory(
+        StackConfig(
+            domains={"work": 1, "other": 2}, systemd=True, sysfs_blkback=True, start_limit_burst=2
+        )
+    )
+    manager = stack.manager
+    assert manager is not None
+
+    def hit_the_start_limit() -> None:
+        for _ in range(3):
+            pid = manager.main_pid(Stack.POLICYD_UNIT)
+            if pid:
+                manager.kill(Stack.POLICYD_UNIT, signal.SIGKILL)
+                wait_until(lambda p=pid: manager.main_pid(Stack.POLICYD_UNIT) != p, "death")
+            wait_until(
+                lambda: (
+                    manager.is_active(Stack.POLICYD_UNIT)
+                    or manager.show(Stack.POLICYD_UNIT, "ActiveState") == "failed"
+                ),
+                "policyd back, or failed at its start limit",
+            )
+        # systemd 252 refuses the restart: failed (Result=signal), no job: the store is flushed
+        assert manager.show(Stack.POLICYD_UNIT, "ActiveState") == "failed"
+        manager.systemctl("reset-failed", Stack.POLICYD_UNIT)
+        manager.start(Stack.POLICYD_UNIT)
+
+    flushed_store_case(stack, hit_the_start_limit)
+
+
 def test_without_a_store_a_device_still_bound_is_adopted_again(
     stack_factory: Callable[[StackConfig], Stack],
 ) -> None:
@@ -249,3 +292,49 @@ def test_without_a_store_a_device_still_bound_is_adopted_again(
     assert bound_to(exported["loop_device"]) == str(image)  # held again: AUTOCLEAR waits
     assert cli(stack, "detach", exported["export"]).returncode == 0
     wait_until(lambda: stack.leaked_loops() == [], "loop device released")
+
+
+def test_exports_survive_a_dbus_daemon_restart(systemd_stack: Stack) -> None:
+    """policyd exits when it loses the bus; systemd brings it back through the store."""
+    stack = systemd_stack
+    assert stack.manager is not None
+    before, shared, _ = four_exports(stack)
+    old = stack.manager.main_pid(Stack.POLICYD_UNIT)
+    stack.restart_bus()
+    new_main_pid(stack, old)
+    wait_until(lambda: stack.has_owner("org.qubes.BlockBroker1"), "policyd on the new bus")
+    assert_same_exports(stack, before)
+    assert_dedup_and_exclusion(stack, shared, before)
+    detach_all(stack, before)
+    assert stack.leaked_loops() == []
+
+
+def test_a_broker_killed_mid_request_costs_only_that_request(systemd_stack: Stack) -> None:
+    """The broker is stopped while an Export's request waits in its socket, then SIGKILLed:
+    policyd's connection ends, it connects again (socket activation starts a new broker) and
+    the Export succeeds within its deadline; the other exports are untouched."""
+    stack = systemd_stack
+    assert stack.manager is not None
+    before, _, _ = four_exports(stack)
+    broker = "blockbroker-broker.service"
+    pid = stack.manager.main_pid(broker)
+    os.kill(pid, signal.SIGSTOP)
+    image = stack.make_image("during.img", 1 << 20, b"during\n")
+    proc = subprocess.Popen(
+        [str(VENV / "bin/blockbroker"), "export", str(image), "--to", "work", "--json"],
+        env=stack.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # the request is in the stopped broker's socket
+    stack.manager.kill(broker, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err + stack.log_tail("policyd")
+    during = json.loads(out)
+    assert bound_to(during["loop_device"]) == str(image)
+    assert stack.manager.main_pid(broker) not in (0, pid)
+    assert cli(stack, "detach", during["export"]).returncode == 0
+    assert_same_exports(stack, before)
+    detach_all(stack, before)
+    wait_until(lambda: stack.leaked_loops() == [], "no loop device left")
