@@ -131,3 +131,38 @@ def test_new_devices_are_refused_before_the_fd_store_is_full(
     for e in held:
         assert cli(stack, "detach", e["export"]).returncode == 0
     assert export(stack, images[2])["source"] == str(images[2])  # room again
+
+
+def test_an_untagged_backend_left_by_an_older_version_is_adopted_and_tagged(
+    plain_stack: Stack,
+) -> None:
+    """A version before tags wrote only the trio: libxl's backend (script=blockbroker-block)
+    whose device is still the one named is adopted under a new number, and tagged."""
+    stack = plain_stack
+    image = stack.make_image("old.img", 1 << 20, b"old\n")
+    be = xenstore.write_libxl_vbd(stack.xs, 1, XVDK, str(image), "r")
+    env = stack.env()
+    env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+    script = [str(VENV / "bin/blockbroker-block")]
+    assert subprocess.run([*script, "add"], env=env, check=False).returncode == 0
+    loop = stack.xs_read(f"{be}/physical-device-path")
+    assert loop is not None
+    ref = os.open(loop, os.O_RDONLY)  # blkback's reference
+    try:
+
+        def as_an_older_version() -> None:
+            stack.xs_rm(f"{be}/blockbroker-export")
+            stack.xs_rm(f"{be}/blockbroker-source")
+
+        restart_with(stack, as_an_older_version)
+        (export,) = listed(stack)
+        assert stack.xs_read(f"{be}/blockbroker-export").startswith(  # type: ignore[union-attr]
+            export.rsplit("/", 1)[1] + " attach "
+        )
+        assert stack.xs_read(f"{be}/physical-device-path") == loop
+    finally:
+        os.close(ref)
+    assert subprocess.run([*script, "remove"], env=env, check=False).returncode == 0
+    stack.xs_rm(be)
+    stack.xs_rm(f"/local/domain/1/device/vbd/{XVDK}")
+    assert listed(stack) == []

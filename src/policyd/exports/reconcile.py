@@ -28,7 +28,7 @@ from policyd.exports.custody import FDNAME_PREFIX
 from policyd.exports.exporter import NO_FD, Exporter, backing_name
 from policyd.exports.registry import Backing, BackingKey, ExportRecord, block_key, file_key
 from policyd.exports.sources import device_path
-from policyd.xenstore.store import ManagedBackend, PhysicalDevice, VbdSpec
+from policyd.xenstore.store import ExportTag, ManagedBackend, PhysicalDevice, VbdSpec
 
 DEVICE_PATH_PREFIX = "/dev/"
 DeviceKey = tuple[int, int, int]  # major, minor, diskseq
@@ -50,7 +50,7 @@ async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summar
     held = await _identify(exporter, stored, summary)
     xenstore = exporter.xenstore
     home = exporter.backend_domid
-    backends = sorted(await xenstore.managed_backends(home), key=lambda b: b.number)
+    backends = sorted(await xenstore.managed_backends(home), key=lambda b: b.number or 1 << 40)
     last = max([await xenstore.read_counter(home, "export"), *(b.number for b in backends)])
     exporter.registry.resume_numbers(last)
     names = await xenstore.domain_names() if backends else {}
@@ -63,7 +63,7 @@ async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summar
             await _fail(exporter, be, e, summary)
             continue
         record = ExportRecord(
-            number=be.number,
+            number=be.number or exporter.registry.next_number(),
             source=be.source,
             backing=backing,
             backend_domid=be.backend_domid,
@@ -73,9 +73,14 @@ async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summar
             devid=be.devid,
             backend_path=be.path,
             mode=be.mode,
-            since_us=be.since_us or time.time_ns() // 1000,
+            since_us=be.since_us,
             wrote_vbd=be.kind != "attach",
         )
+        if not be.number:  # untagged (a version before tags): numbered now, and tagged
+            since = time.time_ns() // 1000
+            tag = ExportTag(record.number, be.kind, be.source, home, since)
+            await xenstore.write_tag(be.path, tag)
+            record.since_us = since
         await exporter.adopt(record)
         summary.adopted += 1
     used = {b.fd for b in backings.values()}

@@ -90,7 +90,9 @@ class ExportTag:
 
 EXPORT_NODE = "blockbroker-export"  # in a managed backend dir: "<number> <kind> <since_us>"
 TAG_KINDS = ("attach", "export", "vm")  # libxl's backend; Export's vbd; a VM's own device
-TAG_RE = re.compile(r"([1-9][0-9]{0,9}) (attach|export|vm) (0|[1-9][0-9]{0,19})")
+TAG_RE = re.compile(r"(0|[1-9][0-9]{0,9}) (attach|export|vm) (0|[1-9][0-9]{0,19})")
+BLOCK_SCRIPT = "blockbroker-block"  # libxl's `script` node for blockbroker's disks
+UNTAGGED_ATTACH = "0 attach 0"  # number 0: reconciliation gives it a new one
 SOURCE_NODE = "blockbroker-source"  # ... and its Source (a path, fd:MAJ:MIN, VM:/dev/NAME)
 STATE_DIR = "blockbroker"  # /local/domain/<home>/blockbroker: policyd's counters
 
@@ -249,6 +251,15 @@ class XenStore(XsClient):
         names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
         await self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n in names]))
 
+    async def write_tag(self, be_path: str, tag: ExportTag) -> None:
+        """Tag a backend found untagged (left by a version before tags), if it still exists."""
+
+        async def body(tx: Tx) -> None:
+            if await tx.exists(be_path):
+                await tx.write_many(tag.nodes(be_path))
+
+        await self.transact(body)
+
     async def fail_backend(self, be_path: str, reason: str) -> None:
         """Reconciliation found that the device a backend names is gone or another one: the
         trio and the tag go, and hotplug-error says why (blkback never opens a device that was
@@ -277,6 +288,16 @@ class XenStore(XsClient):
                         dirs.append(validate.backend_path(f"{base}/{frontend}/{devid}", home))
             tags = await tx.read_many([f"{d.path}/{EXPORT_NODE}" for d in dirs])
             tagged = [(d, d.path, tag) for d, tag in zip(dirs, tags, strict=True) if tag]
+            # A version without tags (before the fd store) left libxl backends with the trio
+            # that blockbroker-block's Attach wrote: taken as untagged Attach exports.
+            untagged = [d for d, tag in zip(dirs, tags, strict=True) if tag is None]
+            scripts = await tx.read_many([f"{d.path}/script" for d in untagged])
+            seqs = await tx.read_many([f"{d.path}/diskseq" for d in untagged])
+            tagged += [
+                (d, d.path, UNTAGGED_ATTACH)
+                for d, script, seq in zip(untagged, scripts, seqs, strict=True)
+                if seq is not None and (script or "").rsplit("/", 1)[-1] == BLOCK_SCRIPT
+            ]
             records = f"/local/domain/{home}/{STATE_DIR}/vm"
             vm = []
             for entry in (await tx.children(records))[:MAX_RECORDS]:
@@ -397,7 +418,7 @@ def parse_managed(
     phys = PHYSICAL_DEVICE_RE.fullmatch(nodes["physical-device"] or "")
     seq = nodes["diskseq"] or ""
     problem = ""
-    if m is None:
+    if m is None or (m[1] == "0" and tag != UNTAGGED_ATTACH):
         problem = f"malformed {EXPORT_NODE} {tag[:40]!r}"
     elif (m[2] == "vm") == (be.backend_domid == home):
         problem = f"a {m[2]} export cannot have its backend in domain {be.backend_domid}"
