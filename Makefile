@@ -2,7 +2,7 @@
 #   make test    all lanes: lint, unit, host integration (root, real daemons), real Xen lab
 #   make demo    the main job in the real Xen lab under QEMU
 #   make bench   benchmarks (see docs/benchmarks.md)
-#   make chaos   random work, SIGKILLed daemons, hostile loop users; invariants (CYCLES=N)
+#   make chaos   random work, SIGKILLed daemons (systemd units), hostile loop users; invariants (CYCLES=N)
 #   make lint    ruff + mypy --strict
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
@@ -104,7 +104,7 @@ bench: install
 	$(PY) bench/run.py
 
 # Chaos run against the host stack (bench/chaos.py): exits non-zero if an invariant broke;
-# the last line is `CHAOS {json}`.
+# the last line is `CHAOS {json}`. systemd mode by default (CHAOS_MODE=harness: no fd store).
 CYCLES ?= 10000
 chaos: install
 	BLOCKBROKER_VENV=$(VENV) $(PY) bench/chaos.py --cycles $(CYCLES)

@@ -2,7 +2,10 @@
 
 A command (`make chaos`, CYCLES=N), not a timed benchmark. Runs as root against the host stack of
 tests/harness (real oxenstored, a private dbus-daemon with the project's bus policy, the broker,
-policyd as user blockbroker, and the stand-in for blkback's sysfs). Everything it binds, writes or
+policyd as user blockbroker, and the stand-in for blkback's sysfs). In the default systemd mode
+the broker (socket-activated) and policyd (Type=dbus, Restart=on-failure, the fd store) are
+units of a real systemd user manager (StackConfig(systemd=True)); --mode harness starts them as
+plain processes, which is policyd's degraded path (no fd store). Everything it binds, writes or
 kills is its own: loop devices bound to files under the run's directories, the stack's XenStore,
 processes it started. Trust level: test tooling, root.
 
@@ -12,10 +15,18 @@ While it runs:
             Manager.Attach, or the installed blockbroker-block `add`/`remove` with XENBUS_PATH),
             Export of shared read-only images to several domains and of private images
             read-write (and now and then read-write of a shared image, which must be refused),
-            Detach / DetachExport. Each worker records what it was told it holds.
+            Detach / DetachExport. Each worker records what it was told it holds. While
+            policyd is away (ServiceUnknown, NoReply) a worker backs off and tries again later,
+            as a client would: a failed add is removed as libxl does (the dir is deleted even
+            if `remove` fails too); an unanswered Export may have happened, so once policyd
+            answers again the worker claims a listed export of that source, domain and mode
+            that no worker ever held (numbers are never reused, so "ever held" is exact).
   killer    SIGKILLs policyd, the broker or a running block script at random and brings the
-            daemon back (the `Target` interface: "kill X / bring X back"; a systemd mode plugs
-            in as another set of Targets).
+            daemon back (the `Target` interface: "kill X / bring X back"). systemd mode: the
+            SIGKILL goes to the unit's main pid (systemctl kill) and systemd restarts policyd
+            by itself (bringing it back = waiting for a new main pid that owns the bus name);
+            a share of those kills is followed by a second SIGKILL while the new policyd starts
+            (reconciles); the broker comes back on the next connection to its socket.
   loop users  outside the stack: a polite `losetup -f --show` (+ detach), a sloppy two-step
             `losetup -f` then `losetup /dev/loopN FILE`, and a cleanup tool that detaches any
             loop device bound to a file under the run's directories and binds it again, and binds
@@ -40,12 +51,17 @@ After quiescing (killer stopped, daemons up, loop users gone), the counts:
   leaked_loops     loop devices still bound to the run's images after everything was detached
   stale_backends   (reported, not an invariant) managed backend dirs left after the final
                    detach, which the run then removes
+  unclaimed_exports (reported) exports listed at the end that no worker holds or claimed
+  reconciled       (reported) the sums of policyd's start-up reconciliations (its log lines:
+                   stored_fds, adopted, reopened, failed, released_fds; starts)
+  policyd_logged   (reported) how often policyd logged each warning or error message
 Progress on stderr; the last stdout line is `CHAOS {json}`. Exit status 1 if a count is not 0.
 
 Settings (argument, else environment): --cycles (CYCLES, 10000), --workers (CHAOS_WORKERS, 4),
 --max-seconds (CHAOS_MAX_SECONDS, 3600), --kill-interval (CHAOS_KILL_INTERVAL, mean seconds
 between kills, 1), --seed (CHAOS_SEED), --pace (CHAOS_PACE, seconds a worker rests between
-operations, 0.02).
+operations, 0.02), --mode (CHAOS_MODE, systemd), --startup-kill-share (CHAOS_STARTUP_KILL_SHARE,
+0.2). CHAOS_KEEP_STACK_DIR=1 keeps the stack dir (policyd.log, systemd.log) after the run.
 """
 
 from __future__ import annotations
@@ -74,6 +90,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness import loops, xenstore  # noqa: E402
 from harness.procs import Daemon, StackError  # noqa: E402
 from harness.stack import BUS_NAME, Stack, StackConfig  # noqa: E402
+from harness.systemd import UserManager  # noqa: E402
 from pyxs import Client as XsClient  # noqa: E402
 from pyxs.exceptions import PyXSError  # noqa: E402
 
@@ -84,6 +101,10 @@ from policyd.validate import devid_of_disk  # noqa: E402
 
 LOOP_CLR_FD = 0x4C01
 SERVICE_UNKNOWN = "org.freedesktop.DBus.Error.ServiceUnknown"  # not delivered: nothing happened
+# policyd (or the bus) away: the names ServiceUnavailable carries and the block script prints
+UNAVAILABLE = ("ServiceUnknown", "NoReply", "NoServer", "Disconnected", "BrokerUnavailable")
+BACKOFF_S = (0.1, 0.3)  # a client's pause before the next try while policyd is away
+CLAIM_EVERY_S = 1.0
 ATTACH_DOMAINS = {"att1": 1, "att2": 2}  # frontends of libxl-style backends (devids per worker)
 EXPORT_DOMAINS = {"exp1": 3, "exp2": 4, "exp3": 5}  # frontends of Export (policyd picks devids)
 SHARED_IMAGES = 3
@@ -95,8 +116,12 @@ PROGRESS_EVERY_S = 5.0
 SETTLE_S = 2.0
 
 
+STARTED = time.monotonic()
+
+
 def note(event: str, **fields: object) -> None:
-    """One progress line on stderr."""
+    """One progress line on stderr; t= is seconds since the start."""
+    fields = {"t": f"{time.monotonic() - STARTED:.2f}", **fields}
     text = " ".join(f"{k}={v}" for k, v in fields.items())
     print(f"chaos {event} {text}".rstrip(), file=sys.stderr, flush=True)
 
@@ -187,6 +212,12 @@ class Run:
     decoy_dir: Path = Path()
     cycles: int = 0
     lost_while_running: int = 0
+    # Export calls that went out unanswered may have happened: the worker claims a listed
+    # export nobody knows once policyd answers again (numbers are never reused, so every path
+    # ever held is in `known`; a claim waits while any Export call is in flight).
+    exports_in_flight: int = 0
+    known: set[str] = dataclasses.field(default_factory=set)
+    claimed: int = 0
     ops: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     kills: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -271,6 +302,61 @@ class HarnessDaemon:
             self.stack._start_broker()  # the harness has no public broker restart (yet)
 
 
+class SystemdUnit:
+    """policyd or the broker as a unit of the stack's systemd user manager (StackConfig(
+    systemd=True)): SIGKILL of the unit's main pid; systemd brings policyd back by itself
+    (Restart=on-failure) and hands it the fd store; the broker's socket stays with systemd and
+    the next connection starts a new broker. restore() only waits until it serves again."""
+
+    def __init__(self, stack: Stack, name: str, unit: str, startup_kill_share: float = 0.0) -> None:
+        self.stack, self.name, self.unit = stack, name, unit
+        self.startup_kill_share = startup_kill_share
+        self.rng = random.Random()
+        self.killed_pid = 0
+        self.just_killed = False  # restore() after the killer's kill, not the final wait
+        self.startup_kills = 0
+
+    @property
+    def manager(self) -> UserManager:
+        if self.stack.manager is None:
+            raise StackError("the stack runs no systemd manager")
+        return self.stack.manager
+
+    def kill(self) -> bool:
+        pid = self.manager.main_pid(self.unit)
+        if pid == 0:  # the broker between connections, or a unit that is restarting
+            return False
+        self.manager.kill(self.unit, signal.SIGKILL)
+        self.killed_pid, self.just_killed = pid, True
+        return True
+
+    def healthy(self) -> bool:
+        if self.name == "broker":  # socket-activated: the socket unit is what must be there
+            return self.manager.is_active("blockbroker-broker.socket")
+        return self.manager.is_active(self.unit) and self.stack.has_owner(BUS_NAME)
+
+    def restore(self) -> None:
+        if self.name == "broker":
+            return  # the next connection to the socket starts one
+        deadline = time.monotonic() + 30.0
+        startup_kill = self.just_killed and self.rng.random() < self.startup_kill_share
+        self.just_killed = False
+        while True:
+            pid = self.manager.main_pid(self.unit)
+            if startup_kill and pid not in (0, self.killed_pid):
+                # the new policyd is reconciling (or about to): kill it there too
+                time.sleep(self.rng.uniform(0.0, 0.3))
+                if self.kill():
+                    self.startup_kills += 1
+                startup_kill = False
+                continue
+            if pid not in (0, self.killed_pid) and self.healthy():
+                return
+            if time.monotonic() > deadline:
+                raise StackError(f"{self.unit} did not come back:\n{self.manager.log_tail()}")
+            time.sleep(0.05)
+
+
 class BlockScripts:
     """The blockbroker-block processes the workers are running right now."""
 
@@ -302,11 +388,14 @@ async def killer(run: Run, targets: list[tuple[Target, float]], mean_interval: f
         if run.done():
             break
         target = run.rng.choices(names, weights)[0]
-        if not target.kill():
+        # kill() may run systemctl: off the event loop, on the restart thread
+        if not await asyncio.get_running_loop().run_in_executor(run.executor, target.kill):
             continue
         run.kills[target.name] += 1
+        note("kill", target=target.name)
         await asyncio.sleep(run.rng.uniform(0.0, 0.3))  # down for a moment
         await restore(run, target)
+        note("back", target=target.name)
 
 
 async def restore(run: Run, target: Target) -> None:
@@ -340,6 +429,8 @@ class Worker:
             for disk in range(first, first + DISKS_PER_WORKER)
         ]
         self.client: AsyncClient | None = None
+        self.pending: list[tuple[str, int, str]] = []  # unanswered Export: source, domid, mode
+        self.last_claim = 0.0
 
     async def bus(self) -> AsyncClient:
         if self.client is None or not self.client.bus.connected:
@@ -365,9 +456,34 @@ class Worker:
             op = self.pick_create() if create else "detach"
             self.run.ops[op] += 1
             # errors are counted where they happen
-            with contextlib.suppress(BlockBrokerError, OSError, StackError, TimeoutError):
+            try:
+                if self.pending and time.monotonic() - self.last_claim > CLAIM_EVERY_S:
+                    await self.claim()
                 await self.do(op)
+            except (BlockBrokerError, OSError, StackError, TimeoutError) as e:
+                if any(name in error_name(e) for name in UNAVAILABLE):
+                    await asyncio.sleep(rng.uniform(*BACKOFF_S))  # policyd is away: back off
             await asyncio.sleep(rng.uniform(0, 2 * self.run.pace))
+
+    async def claim(self, final: bool = False) -> None:
+        """Find the exports of unanswered Export calls among those listed: a listed export to
+        the same domain of the same source and mode that no worker ever held. In the final
+        round, what is not found never happened."""
+        self.last_claim = time.monotonic()
+        if self.run.exports_in_flight:
+            return
+        listed = await self.call("list", lambda c: c.list_exports())
+        if self.run.exports_in_flight:
+            return  # an Export answered meanwhile may be listed before its worker holds it
+        for info in listed:
+            want = (info.source, info.frontend_domid, info.mode)
+            if info.export in self.run.known or want not in self.pending:
+                continue
+            self.pending.remove(want)
+            self.hold_export(info)
+            self.run.claimed += 1
+        if final:
+            self.pending.clear()
 
     def pick_create(self) -> str:
         ops = ["attach-api", "attach-script", "export-ro", "export-rw", "export-rw-shared"]
@@ -421,15 +537,27 @@ class Worker:
 
     async def export(self, source: str, read_only: bool) -> None:
         domain = self.run.rng.choice(list(EXPORT_DOMAINS))
-        info: ExportInfo = await self.call(
-            "export", lambda c: c.export(source, domain, read_only=read_only)
-        )
+        self.run.exports_in_flight += 1
+        try:
+            info: ExportInfo = await self.call(
+                "export", lambda c: c.export(source, domain, read_only=read_only)
+            )
+        except (ServiceUnavailable, TimeoutError):
+            # unanswered (Export, or the GetAll after it): it may have happened
+            self.pending.append((source, EXPORT_DOMAINS[domain], "r" if read_only else "w"))
+            raise
+        finally:
+            self.run.exports_in_flight -= 1
+        self.hold_export(info)
+
+    def hold_export(self, info: ExportInfo) -> None:
+        self.run.known.add(info.export)
         self.held.append(
             Holding(
                 "export",
                 info.backend_path,
-                source,
-                "r" if read_only else "w",
+                info.source,
+                info.mode,
                 info.frontend_domid,
                 info.devid,
                 info.export,
@@ -813,10 +941,11 @@ class Checker:
 
 async def wait_serving(run: Run, targets: list[Target], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    for target in targets:
-        if not target.healthy():
+    loop = asyncio.get_running_loop()
+    for target in targets:  # on the restart thread: the harness's bus probe is not shared
+        if not await loop.run_in_executor(run.executor, target.healthy):
             await restore(run, target)
-    while not await asyncio.to_thread(run.stack.has_owner, BUS_NAME):
+    while not await loop.run_in_executor(run.executor, run.stack.has_owner, BUS_NAME):
         if time.monotonic() > deadline:
             raise StackError("policyd did not come back")
         await asyncio.sleep(0.05)
@@ -877,7 +1006,12 @@ async def chaos(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     xs = XsClient(unix_socket_path=str(stack.xenstore_path))
     xs.connect()
     workers = [Worker(run, i, xs) for i in range(args.workers)]
-    daemons: list[Target] = [HarnessDaemon(stack, "broker"), HarnessDaemon(stack, "policyd")]
+    daemons: list[Target]
+    if args.mode == "systemd":
+        policyd = SystemdUnit(stack, "policyd", Stack.POLICYD_UNIT, args.startup_kill_share)
+        daemons = [SystemdUnit(stack, "broker", "blockbroker-broker.service"), policyd]
+    else:
+        daemons = [HarnessDaemon(stack, "broker"), HarnessDaemon(stack, "policyd")]
     targets: list[tuple[Target, float]] = [
         (daemons[1], 0.5),
         (daemons[0], 0.25),
@@ -920,7 +1054,13 @@ async def chaos(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*externals)
         await wait_serving(run, daemons)
         await asyncio.sleep(SETTLE_S)
+        for w in workers:
+            await w.claim(final=True)
         api, cli = await listed_exports(run)
+        held_backends = {h.backend_path for w in workers for h in w.held}
+        unclaimed = sorted(p for p, be, _ in api if p not in run.known and be not in held_backends)
+        for path in unclaimed:
+            note("UNCLAIMED_EXPORT", export=path)
         lost_list = [h for w in workers for h in w.held if lost(h, api, cli)]
         for h in lost_list:
             note("LOST_EXPORT", kind=h.kind, export=h.export, backend=h.backend_path)
@@ -961,6 +1101,10 @@ async def chaos(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "duplicate_loops": len(checker.duplicates),
         "rw_while_shared": len(checker.rw_shared),
         "stale_backends": len(stale),
+        "unclaimed_exports": len(unclaimed),
+        "claimed_after_no_reply": run.claimed,
+        "policyd_startup_kills": getattr(daemons[1], "startup_kills", 0),
+        "mode": args.mode,
         "held_at_end": held_at_end,
         "seconds": round(seconds, 1),
         "chaos_seconds": round(chaos_seconds, 1),
@@ -973,6 +1117,36 @@ async def chaos(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "seed": args.seed,
     }
+
+
+RECONCILE_FIELDS = ("stored_fds", "adopted", "reopened", "failed", "released_fds")
+
+
+def policyd_log_summary(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """From policyd's log: the sums of its start-up reconciliations' counts (and how many
+    there were), and how often each warning or error message was logged."""
+    import shlex
+
+    reconciled: collections.Counter[str] = collections.Counter()
+    problems: collections.Counter[str] = collections.Counter()
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}, {}
+    for line in text.splitlines():
+        if not line.startswith("component=policyd "):
+            continue
+        try:
+            fields = dict(f.split("=", 1) for f in shlex.split(line) if "=" in f)
+        except ValueError:
+            continue
+        if fields.get("msg") == "reconciled":
+            reconciled["starts"] += 1
+            for name in RECONCILE_FIELDS:
+                reconciled[name] += int(fields.get(name, "0") or 0)
+        elif fields.get("level") in ("warning", "error"):
+            problems[f"{fields['level']}: {fields.get('msg', '')}"] += 1
+    return dict(reconciled), dict(problems)
 
 
 INVARIANTS = (
@@ -994,6 +1168,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kill-interval", type=float, default=float(env("CHAOS_KILL_INTERVAL", "1")))
     p.add_argument("--pace", type=float, default=float(env("CHAOS_PACE", "0.02")))
     p.add_argument("--blkback-share", type=float, default=float(env("CHAOS_BLKBACK_SHARE", "0.6")))
+    p.add_argument(
+        "--mode",
+        choices=("systemd", "harness"),
+        default=env("CHAOS_MODE", "systemd"),
+        help="systemd: the daemons are units of a real systemd user manager (fd store, "
+        "Restart=, socket activation); harness: the harness restarts them (no fd store)",
+    )
+    p.add_argument(
+        "--startup-kill-share",
+        type=float,
+        default=float(env("CHAOS_STARTUP_KILL_SHARE", "0.2")),
+        help="systemd mode: share of policyd kills followed by a kill of the new policyd "
+        "while it starts (reconciles)",
+    )
     p.add_argument("--seed", type=int, default=int(env("CHAOS_SEED", str(time.time_ns() % 10**6))))
     args = p.parse_args(argv)
     if not 1 <= args.workers <= 3 * 16 // DISKS_PER_WORKER - 1:
@@ -1008,8 +1196,13 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("chaos: needs root (loop devices, the host stack)", file=sys.stderr)
         return 2
-    note("start", cycles=args.cycles, workers=args.workers, seed=args.seed)
-    config = StackConfig(domains={**ATTACH_DOMAINS, **EXPORT_DOMAINS}, sysfs_blkback=True)
+    note("start", cycles=args.cycles, workers=args.workers, seed=args.seed, mode=args.mode)
+    config = StackConfig(
+        domains={**ATTACH_DOMAINS, **EXPORT_DOMAINS},
+        sysfs_blkback=True,
+        systemd=args.mode == "systemd",
+        keep_stack_dir=bool(os.environ.get("CHAOS_KEEP_STACK_DIR")),  # logs, for a post-mortem
+    )
     # the daemons and blockbroker-block of the venv running this script, unless told otherwise
     config.venv = Path(os.environ.get("BLOCKBROKER_VENV", sys.prefix))
     stack = Stack(config)
@@ -1026,9 +1219,12 @@ def main(argv: list[str]) -> int:
         )
         result = asyncio.run(chaos(run, args))
     finally:
+        reconciled, logged = policyd_log_summary(stack.log_path("policyd"))
         problems = stack.stop()
         executor.shutdown()
     result["teardown_problems"] = problems
+    result["reconciled"] = reconciled
+    result["policyd_logged"] = logged
     bad = {k: result[k] for k in INVARIANTS if result[k]}
     note("done", **(bad or {"invariants": "held"}))
     print("CHAOS " + json.dumps(result, sort_keys=True), flush=True)
