@@ -42,8 +42,9 @@
 #include <unistd.h>
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define LITERAL_LEN(s) (sizeof(s) - 1) /* a string literal's length, without its NUL */
 
-/* --- Limits ------------------------------------------------------------------------------- */
+/* --- Limits ---------------------------------------------------------------------------------- */
 
 #ifndef REPLY_TIMEOUT_MS /* overall deadline, well under libxl's 40 s hotplug timeout; only the
                           * tests' sanitizer build shortens it (-DREPLY_TIMEOUT_MS=...) */
@@ -54,19 +55,19 @@
 #define MAX_XENBUS_PATH 512 /* libxl's are ~40 bytes */
 #define MAX_TEXT 512        /* error name/message bytes kept */
 
-/* --- The D-Bus protocol (the D-Bus specification, "Message Protocol") ----------------------- */
+/* --- The D-Bus protocol (the D-Bus specification, "Message Protocol") ------------------------ */
 
 /* Byte 0 of every message: the byte order of all its integers. */
 #define LITTLE_ENDIAN_MARK 'l'
 #define BIG_ENDIAN_MARK 'B'
 #define PROTOCOL_VERSION 1
 
-/* The fixed header: byte order, type, flags, version (one byte each), then three uint32s. */
+/* The fixed header: byte order, type, flags, version (one byte each), then three uint32s:
+ * the body's length, the serial, the header fields' length. */
 #define HEADER_LEN 16
-#define HEADER_BODY_LEN_AT 4   /* the body's length */
-#define HEADER_SERIAL_AT 8     /* the sender's serial for this message */
-#define HEADER_FIELDS_LEN_AT 12 /* the length of the header fields array that follows */
-#define BODY_ALIGN 8           /* the body, and each header field, start 8-aligned */
+#define HEADER_BODY_LEN_AT 4    /* where the body's length is */
+#define HEADER_FIELDS_LEN_AT 12 /* where the header fields' length is (the array follows) */
+#define BODY_ALIGN 8            /* the body, and each header field, start 8-aligned */
 
 enum message_type {
 	MSG_INVALID = 0,
@@ -136,10 +137,8 @@ static const struct basic_type basic_types[] = {
 
 /* The SASL exchange before the binary protocol: a NUL byte, then CRLF-terminated lines. */
 #define AUTH_EXTERNAL "\0AUTH EXTERNAL " /* followed by the uid in decimal, hex-encoded */
-#define AUTH_EXTERNAL_LEN 15
 #define AUTH_OK "OK "                    /* the server's acceptance: "OK <guid>\r\n" */
 #define AUTH_BEGIN "\r\nBEGIN\r\n"       /* ends the AUTH line and starts the binary protocol */
-#define AUTH_BEGIN_LEN 9
 
 /* Who is called. Hello is the bus daemon's; it must come first on a new connection. */
 #define DBUS_NAME "org.freedesktop.DBus"
@@ -180,7 +179,7 @@ static const struct command commands[] = {
 /* The Xen tools run on the failure path find only system directories. */
 #define TOOL_PATH "/usr/bin:/bin:/usr/sbin:/sbin"
 
-/* --- State ------------------------------------------------------------------------------ */
+/* --- State ----------------------------------------------------------------------------------- */
 
 extern char **environ;
 static int bus = -1;
@@ -195,7 +194,7 @@ _Static_assert(sizeof tx > 2 * MAX_XENBUS_PATH + 1024, "tx fits AUTH, Hello and 
 static char err_name[MAX_TEXT]; /* set by fail() or an error reply */
 static char err_msg[MAX_TEXT + 4];
 
-/* --- Helpers -------------------------------------------------------------------------------- */
+/* --- Helpers --------------------------------------------------------------------------------- */
 
 static int is_printable_ascii(unsigned char c)
 {
@@ -248,7 +247,7 @@ static int64_t now_ms(void)
 	return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
-/* --- The bus socket: send and receive, by the deadline -------------------------------------- */
+/* --- The bus socket: send and receive, by the deadline --------------------------------------- */
 
 /* Waits until the bus socket is ready for `events`, or fails once the deadline has passed. */
 static int wait_for_bus(short events)
@@ -326,7 +325,7 @@ static int discard(uint64_t n)
 	return 0;
 }
 
-/* --- Connecting: DBUS_SYSTEM_BUS_ADDRESS ------------------------------------------------------ */
+/* --- Connecting: DBUS_SYSTEM_BUS_ADDRESS ----------------------------------------------------- */
 
 /* The address keys that name a socket (others, such as guid=, are ignored). */
 enum address_kind {
@@ -344,7 +343,6 @@ static const struct {
 };
 
 #define UNIX_PREFIX "unix:"
-#define UNIX_PREFIX_LEN 5
 
 static int hex_digit_value(char c)
 {
@@ -394,9 +392,10 @@ static socklen_t unix_address(const char *a, const char *end, struct sockaddr_un
 {
 	enum address_kind kind = ADDRESS_NONE;
 	size_t n = 0;
-	if (end - a < UNIX_PREFIX_LEN || strncmp(a, UNIX_PREFIX, UNIX_PREFIX_LEN))
+	size_t prefix_len = LITERAL_LEN(UNIX_PREFIX);
+	if ((size_t)(end - a) < prefix_len || strncmp(a, UNIX_PREFIX, prefix_len))
 		return 0;
-	const char *kv = a + UNIX_PREFIX_LEN;
+	const char *kv = a + prefix_len;
 	while (kv < end) { /* key=value pairs, separated by ',' */
 		const char *kv_end = kv + strcspn(kv, ",;");
 		const char *eq = memchr(kv, '=', (size_t)(kv_end - kv));
@@ -484,7 +483,7 @@ static int connect_bus(void)
 		    "DBUS_SYSTEM_BUS_ADDRESS '%s'", where);
 }
 
-/* --- Building the outgoing bytes (little-endian) -------------------------------------------- */
+/* --- Building the outgoing bytes (little-endian) --------------------------------------------- */
 
 /* Appends n bytes to tx after zero padding to `align`, relative to the message's start. */
 static void put(size_t align, const void *p, size_t n)
@@ -563,16 +562,16 @@ static void put_call(uint32_t serial, const char *dest, const char *path, const 
 static void put_auth(const char *uid)
 {
 	static const char hex[] = "0123456789abcdef";
-	put(1, AUTH_EXTERNAL, AUTH_EXTERNAL_LEN);
+	put(1, AUTH_EXTERNAL, LITERAL_LEN(AUTH_EXTERNAL));
 	for (const char *c = uid; *c; c++) {
 		unsigned char b = (unsigned char)*c;
 		tx[tx_len++] = (unsigned char)hex[b >> 4];
 		tx[tx_len++] = (unsigned char)hex[b & 0xf];
 	}
-	put(1, AUTH_BEGIN, AUTH_BEGIN_LEN);
+	put(1, AUTH_BEGIN, LITERAL_LEN(AUTH_BEGIN));
 }
 
-/* --- Parsing the incoming messages ------------------------------------------------------- */
+/* --- Parsing the incoming messages ----------------------------------------------------------- */
 
 /* What is known of the message at rx[0]. Offsets are into rx. */
 struct message {
@@ -839,7 +838,8 @@ static int read_auth_reply(const char *uid)
 			return -1;
 	}
 	size_t n = (size_t)(nl - rx) + 1;
-	if (n < 6 || memcmp(rx, AUTH_OK, 3) || rx[n - 2] != '\r') {
+	/* at least "OK " and one guid byte before the CRLF */
+	if (n < 6 || memcmp(rx, AUTH_OK, LITERAL_LEN(AUTH_OK)) || rx[n - 2] != '\r') {
 		size_t shown = n - 1; /* without the '\n', and the '\r' if there is one */
 		if (shown > 0 && rx[shown - 1] == '\r')
 			shown--;
@@ -868,7 +868,7 @@ static int call(const char *member, const char *arg)
 	return await_reply();
 }
 
-/* --- The failure report: stderr and XenStore ----------------------------------------------- */
+/* --- The failure report: stderr and XenStore ------------------------------------------------- */
 
 /* Runs a Xen tool on the failure path (PATH fixed, XENSTORED_PATH inherited); 0: it exited 0. */
 static int run(char *const argv[], int quiet)
@@ -927,7 +927,7 @@ static void report_failure(const struct command *cmd, const char *path)
 		write_hotplug_error(path, escaped);
 }
 
-/* --- main ----------------------------------------------------------------------------------- */
+/* --- main ------------------------------------------------------------------------------------ */
 
 __attribute__((format(printf, 2, 3), noreturn)) static void usage(const char *argv0,
 								   const char *fmt, ...)
