@@ -31,7 +31,7 @@ from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import DEFAULT_STORE_MAX, Custody
 from policyd.exports.exporter import Exporter
 from policyd.exports.fdstore import FdStore, ListenFdsError, take_listen_fds
-from policyd.exports.reconcile import reconcile
+from policyd.exports.reconcile import StartupAbort, reconcile
 from policyd.exports.registry import Registry
 from policyd.exports.sources import Sources
 from policyd.names import BUS_NAME
@@ -194,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         logfmt.error("refusing to start", error=e)
         return 2
+    except StartupAbort as e:
+        logfmt.error(
+            "start-up reconciliation could not finish; exiting (the fd store keeps the fds)",
+            error=e,
+        )
+        return 1
     except Exception as e:
         logfmt.error("start-up failed", error=f"{type(e).__name__}: {e}", exc=True)
         return 1

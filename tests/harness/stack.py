@@ -287,6 +287,9 @@ class Stack:
         manager.write_unit(
             "blockbroker-broker.service",
             "[Unit]\nRequires=blockbroker-broker.socket\nAfter=blockbroker-broker.socket\n"
+            # chaos kills it many times a minute: without this, systemd's default start limit
+            # (5 in 10 s) fails the service, and with it the socket (connections refused)
+            "StartLimitIntervalSec=0\n"
             "[Service]\nType=simple\n"
             f"ExecStart={' '.join(self._broker_argv())}\n"
             "Restart=on-failure\nRestartSec=100ms\n"

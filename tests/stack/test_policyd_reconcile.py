@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,3 +167,37 @@ def test_an_untagged_backend_left_by_an_older_version_is_adopted_and_tagged(
     stack.xs_rm(be)
     stack.xs_rm(f"/local/domain/1/device/vbd/{XVDK}")
     assert listed(stack) == []
+
+
+def test_start_up_waits_for_an_unavailable_broker_instead_of_failing_backends(
+    plain_stack: Stack,
+) -> None:
+    """The broker is down while policyd starts: reconciliation waits for it (a backend is
+    never failed for that, its nodes name a good device) and adopts once it is back."""
+    stack = plain_stack
+    image = stack.make_image("waits.img", 1 << 20, b"waits\n")
+    exported = export(stack, image)
+    ref = os.open(exported["loop_device"], os.O_RDONLY)  # blkback's reference
+    done = threading.Event()
+
+    def broker_back_later() -> None:
+        # a daemon dies with the thread that started it (PR_SET_PDEATHSIG): this one waits
+        time.sleep(2.0)
+        stack._start_broker()
+        done.wait(60)
+
+    late = threading.Thread(target=broker_back_later)
+    try:
+        assert stack.stop_policyd() == []
+        assert stack.daemons.pop("broker").stop(5.0) == []
+        late.start()
+        stack.start_policyd()  # ready only once reconciled: after the broker is back
+        assert listed(stack) == [exported["export"]]
+        assert "the broker is unavailable at start-up; waiting" in stack.log_tail("policyd", 200)
+        assert cli(stack, "detach", exported["export"]).returncode == 0
+    finally:
+        os.close(ref)
+        assert stack.stop_policyd() == []
+        stack.daemons.pop("broker").stop(5.0)
+        done.set()
+        late.join()

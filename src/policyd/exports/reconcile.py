@@ -19,8 +19,11 @@ highest given out, so an object path never names another export after a restart.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from policyd import audit, errors, logfmt, modes
 from policyd.brokerclient import Identity
@@ -31,7 +34,10 @@ from policyd.exports.sources import device_path
 from policyd.xenstore.store import ExportTag, ManagedBackend, PhysicalDevice, VbdSpec
 
 DEVICE_PATH_PREFIX = "/dev/"
+BROKER_WAIT_S = 60.0  # how long start-up waits for an unavailable broker before it gives up
+BROKER_RETRY_S = 0.5
 DeviceKey = tuple[int, int, int]  # major, minor, diskseq
+T = TypeVar("T")
 
 
 @dataclass
@@ -109,7 +115,7 @@ async def _identify(
     for fd, name in stored:
         ident = None
         if name.startswith(FDNAME_PREFIX + "-"):
-            ident = await exporter.broker("a stored fd", _identify_call(exporter, fd))
+            ident = await _broker(exporter, "a stored fd", _identify_call(exporter, fd))
         key = None if ident is None else (ident.major, ident.minor, ident.diskseq)
         if ident is None or key is None or key in held:
             exporter.custody.adopt(name, fd)
@@ -120,8 +126,29 @@ async def _identify(
     return held
 
 
-def _identify_call(exporter: Exporter, fd: int):  # type: ignore[no-untyped-def]
+def _identify_call(exporter: Exporter, fd: int) -> Callable[[], Awaitable[Identity]]:
     return lambda: exporter.broker.client.identify(fd)
+
+
+async def _broker(exporter: Exporter, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """A broker request at start-up. An unavailable broker is waited for (socket activation
+    starts it; a restarting one comes back): failing a backend for that would remove nodes
+    that name a good device, and exiting at once would burn policyd's restarts. After
+    BROKER_WAIT_S it is BrokerUnavailable, which ends start-up (the fd store keeps the fds)."""
+    deadline = time.monotonic() + BROKER_WAIT_S
+    while True:
+        try:
+            return await exporter.broker(what, call)
+        except errors.BrokerUnavailable as e:
+            if time.monotonic() > deadline:
+                raise StartupAbort(str(e)) from None
+            logfmt.warning("the broker is unavailable at start-up; waiting", what=what)
+            await asyncio.sleep(BROKER_RETRY_S)
+
+
+class StartupAbort(Exception):
+    """Reconciliation cannot go on (the broker stays unavailable): policyd exits and keeps
+    nothing it could not vouch for; the fd store keeps the fds for the next start."""
 
 
 async def _backing_for(
@@ -174,7 +201,8 @@ async def _reopen(exporter: Exporter, be: ManagedBackend, writable: bool) -> tup
     if not path.startswith(DEVICE_PATH_PREFIX) or "/" in path[len(DEVICE_PATH_PREFIX) :]:
         raise errors.DeviceChanged(f"physical-device-path {path[:60]!r} is not a /dev node")
     client = exporter.broker.client
-    fd, ident = await exporter.broker(
+    fd, ident = await _broker(
+        exporter,
         path,
         lambda: client.open_block(
             path,
@@ -184,7 +212,7 @@ async def _reopen(exporter: Exporter, be: ManagedBackend, writable: bool) -> tup
         ),
     )
     if ident.major == 7 and not ident.backing_ino:
-        ident = await exporter.broker("the loop device", lambda: client.identify(fd))
+        ident = await _broker(exporter, "the loop device", lambda: client.identify(fd))
     return fd, ident
 
 
