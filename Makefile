@@ -110,9 +110,10 @@ chaos: install
 	BLOCKBROKER_VENV=$(VENV) $(PY) bench/chaos.py --cycles $(CYCLES)
 
 # Real Xen 4.17 under QEMU (docs/xenlab.md): a host image exported through blockbroker to two
-# PV guests sharing one loop device, then detached. Ends with `DEMO OK` or `DEMO FAILED <why>`.
+# PV guests sharing one loop device, policyd SIGKILLed and restarted (both exports recovered),
+# then detached. Runs blockbroker from $(VENV). Ends with `DEMO OK` or `DEMO FAILED <why>`.
 demo: install
-	xenlab/demo.sh
+	BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
 
 clean:
 	rm -rf build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

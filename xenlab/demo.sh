@@ -2,8 +2,10 @@
 # xenlab/demo.sh (make demo): blockbroker in real Xen, end to end, in one lab boot.
 # Makes a disk image on the host, boots the lab with the "demo" scenario (xenlab/scenarios/demo.sh:
 # export the image through blockbroker to a PV guest that reads it and prints its md5, share it
-# read-only with a second guest through the same loop device, detach both, nothing left), prints
-# the timeline and ends with `DEMO OK`, or `DEMO FAILED <reason>` and exit status 1.
+# read-only with a second guest through the same loop device, SIGKILL policyd and start it again
+# (both exports recovered), detach both, nothing left), prints the timeline and ends with
+# `DEMO OK`, or `DEMO FAILED <reason>` and exit status 1. BLOCKBROKER_VENV: the host's venv to run
+# blockbroker from (default /opt/blockbroker/venv; `make demo PREFIX=...` sets it).
 set -uo pipefail
 LAB_SRC=$(cd "$(dirname "$0")" && pwd)
 CACHE=${XENLAB_CACHE:-/var/cache/blockbroker/xenlab}

@@ -7,12 +7,13 @@
 #   -d uses RUN_DIR as the run directory and keeps what the caller put there, e.g. images/
 #      (default: a new one under $XENLAB_CACHE/runs).
 #   -p writes VALUE to the file NAME in the run directory: a parameter for the scenarios
-#      (e.g. -p domstart.reps=3).
+#      (e.g. -p domstart.reps=3; -p venv=DIR runs blockbroker from the host's venv DIR).
 # Prints the result lines (XENLAB CHECK/BENCH/TIMELINE/SCENARIO) as they come and exits 0 only
 # when dom0 reached its end marker, every scenario exited 0 and no check failed.
 # Environment: XENLAB_CACHE (default /var/cache/blockbroker/xenlab), XENLAB_MEM (QEMU MiB, 2048),
 # XENLAB_DOM0_MEM (MiB, 1024), XENLAB_SHELL=1 (leave a dom0 shell on the serial port at the end),
-# XENLAB_QEMU (the QEMU binary, default qemu-system-x86_64).
+# XENLAB_QEMU (the QEMU binary, default qemu-system-x86_64), BLOCKBROKER_VENV (the host's venv
+# the scenarios run blockbroker from, default /opt/blockbroker/venv; -p venv=DIR wins).
 set -uo pipefail
 
 LAB_SRC=$(cd "$(dirname "$0")" && pwd)
@@ -52,7 +53,7 @@ if [ -z "$run_dir" ]; then
 else
   # a given directory is kept (the caller may have put files in it, e.g. images/); only the
   # previous run's outputs go
-  mkdir -p "$run_dir" && rm -rf "$run_dir"/{plan,results,scenarios,dbus,policy.d,timeout.*,*.log}
+  mkdir -p "$run_dir" && rm -rf "$run_dir"/{plan,results,scenarios,dbus,policy.d,venv,timeout.*,*.log}
 fi
 chmod 0755 "$run_dir"
 mkdir -p "$run_dir/scenarios" "$run_dir/dbus"
@@ -61,7 +62,12 @@ cp "$REPO"/dbus/*.conf "$REPO"/dbus/dev/system-default-policy.conf "$run_dir/dbu
 # the project's default export policy, for policyd --policy-dir (the host root is read-only)
 rm -rf "$run_dir/policy.d"; cp -r "$REPO/policy/policy.d" "$run_dir/policy.d" 2>/dev/null
 : >"$run_dir/results"
+# the venv blockbroker runs from in dom0 (lib.sh reads $RUN/venv): an absolute host path
+echo "${BLOCKBROKER_VENV:-/opt/blockbroker/venv}" >"$run_dir/venv"
 for param in "${params[@]}"; do echo "${param#*=}" >"$run_dir/${param%%=*}"; done
+venv=$(cat "$run_dir/venv")
+case $venv in /*) ;; *) die "the venv must be an absolute path, got '$venv'" ;; esac
+[ -x "$venv/bin/blockbroker-policyd" ] || die "no blockbroker install in $venv (make install PREFIX=...)"
 sum=0
 for item in "$@"; do
   name=${item%%=*}; limit=300
@@ -88,7 +94,7 @@ qemu=("$QEMU"
   -kernel "$IMAGES/xen" -append "$xen_args"
   -initrd "$IMAGES/vmlinux $dom0_args,$IMAGES/dom0.cpio")
 
-echo "XENLAB RUN dir=$run_dir scenarios=$* limit=${total_limit}s"
+echo "XENLAB RUN dir=$run_dir scenarios=$* limit=${total_limit}s venv=$venv"
 started=$EPOCHREALTIME
 stamp() { awk -v a="$EPOCHREALTIME" -v b="$started" 'BEGIN {printf "%7.2f", a - b}'; }
 # the serial console, time-stamped, into console.log; result lines also to stdout as they come

@@ -43,6 +43,47 @@ bb_has_name() {
 
 bb_broker_listening() { [ -S $BB_DIR/broker.sock ]; }
 
+# bb_policyd_start: start policyd (its log appended to $RUN/policyd.log) and wait for its name
+bb_policyd_start() {
+  (in_host setsid setpriv --reuid=blockbroker --regid=blockbroker --clear-groups \
+    /usr/bin/env PYTHONUNBUFFERED=1 $VENV/bin/blockbroker-policyd \
+    --broker-socket $BB_DIR/broker.sock --sysfs-root /sys --policy-dir $RUN/policy.d \
+    >>$RUN/policyd.log 2>&1 &)
+  bb_wait "policyd to own org.qubes.BlockBroker1" 120 bb_has_name || {
+    tail -20 $RUN/policyd.log >&2; return 1
+  }
+}
+
+# bb_policyd_pid: the pid of the process that owns org.qubes.BlockBroker1 (from the bus itself)
+bb_policyd_pid() {
+  in_host dbus-send --system --print-reply=literal --dest=org.freedesktop.DBus \
+    /org/freedesktop/DBus org.freedesktop.DBus.GetConnectionUnixProcessID \
+    string:org.qubes.BlockBroker1 2>/dev/null | awk '{print $2}'
+}
+
+# bb_dead PID: the process is gone or a zombie (its parent, dom0's init, may not reap it yet)
+bb_dead() { ! [ -d /proc/$1 ] || [ "$(sed -n 's/.*) \(.\) .*/\1/p' /proc/$1/stat 2>/dev/null)" = Z ]; }
+
+# bb_policyd_restart: SIGKILL policyd (no clean-up of its own, its fds closed by the kernel) and
+# start it again. No systemd here, so no fd store: the new policyd takes the degraded path of
+# start-up reconciliation (src/policyd/exports/reconcile.py). Sets BB_RESTART_MS (kill to the
+# name owned again) and BB_RECONCILED (the new policyd's `reconciled` log line, its fields).
+bb_policyd_restart() {
+  BB_RESTART_MS=""; BB_RECONCILED=""
+  pid=$(bb_policyd_pid)
+  case $pid in [1-9]*) ;; *) echo "bbstack: no policyd owns the name" >&2; return 1 ;; esac
+  grep -q blockbroker-policyd /proc/$pid/cmdline 2>/dev/null ||
+    { echo "bbstack: pid $pid owning the name is not policyd" >&2; return 1; }
+  t_restart=$(now)
+  kill -KILL $pid
+  bb_wait "policyd ($pid) to die" 30 bb_dead $pid || return 1
+  bb_wait "the bus to drop policyd's name" 30 eval "! bb_has_name" || return 1
+  echo "bbstack: policyd $pid killed (SIGKILL); starting it again" >>$RUN/policyd.log
+  bb_policyd_start || return 1
+  BB_RESTART_MS=$(elapsed_ms $t_restart)
+  BB_RECONCILED=$(grep 'msg=reconciled ' $RUN/policyd.log | tail -1 | sed 's/.*msg=reconciled //')
+}
+
 # bb_stack_start: start the three daemons; returns non-zero (and says why) if one did not come up
 bb_stack_start() {
   t_stack=$(now)
@@ -62,13 +103,8 @@ bb_stack_start() {
   bb_wait "the broker's socket" 60 bb_broker_listening || return 1
   # policyd needs XenStore: the socket goes to its group, as a packaged dom0 would set it up
   in_host chgrp blockbroker /run/xenstored/socket && chmod 0660 /run/xenstored/socket
-  (in_host setsid setpriv --reuid=blockbroker --regid=blockbroker --clear-groups \
-    /usr/bin/env PYTHONUNBUFFERED=1 $VENV/bin/blockbroker-policyd \
-    --broker-socket $BB_DIR/broker.sock --sysfs-root /sys --policy-dir $RUN/policy.d \
-    >$RUN/policyd.log 2>&1 &)
-  bb_wait "policyd to own org.qubes.BlockBroker1" 120 bb_has_name || {
-    tail -20 $RUN/policyd.log >&2; return 1
-  }
+  : >$RUN/policyd.log
+  bb_policyd_start || return 1
   # the hotplug script is a static binary: installed into dom0's own /etc/xen/scripts as a
   # package would, no chroot; it reaches the stack's bus at /run/dbus (the chroot's /run is
   # dom0's)

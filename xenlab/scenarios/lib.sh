@@ -4,10 +4,12 @@
 # its working directory ($RUN). It reports with `check NAME PASS|FAIL DETAIL` (one line each in
 # $RUN/results and on the console) and may add `XENLAB BENCH`/`XENLAB TIMELINE` lines.
 # Outside the chroot: xl, xenstored, the stock hotplug scripts (dom0's own, from the initramfs).
-# Inside it (`in_host`): the host's python3, /opt/blockbroker/venv, dbus-daemon, util-linux.
+# Inside it (`in_host`): the host's python3, the project's venv, dbus-daemon, util-linux.
 RUN=/run/xenlab
 HOSTROOT=/hostroot
-VENV=/opt/blockbroker/venv
+# the host's venv blockbroker runs from: run.sh writes it ($BLOCKBROKER_VENV or -p venv=DIR)
+VENV=$(cat $RUN/venv 2>/dev/null) || VENV=/opt/blockbroker/venv
+[ -n "$VENV" ] || VENV=/opt/blockbroker/venv
 GUEST_KERNEL=/usr/share/xenlab/guest-vmlinux.gz
 GUEST_RAMDISK=/usr/share/xenlab/guest.cpio
 GUEST_MEMORY_MB=128
