@@ -368,7 +368,16 @@ class XenStore(XsClient):
         dirs = [spec.backend_dir(devid), spec.frontend_dir(devid)]
         if spec.backend_domid != home:
             dirs.append(vm_record_dir(home, spec.backend_domid, spec.frontend_domid, devid))
-        await self.transact(lambda tx: tx.rm_many(dirs))
+        be_parent, _ = vbd_parents(spec)
+
+        async def body(tx: Tx) -> None:
+            await tx.rm_many(dirs)
+            # the frontend's dir under the backend's vbd/, once its last device is gone (libxl
+            # removes the ones it made; this one policyd made)
+            if not await tx.children(be_parent):
+                await tx.rm_many([be_parent])
+
+        await self.transact(body)
 
     async def set_backend_closing(self, be_path: str) -> None:
         """Ask blkback to disconnect (online=0, state=Closing) before the nodes go away."""
