@@ -4,7 +4,7 @@
 #   make bench   benchmarks (see docs/benchmarks.md)
 #   make chaos   random work, SIGKILLed daemons (systemd units), hostile loop users; invariants (CYCLES=N)
 #   make lint    ruff + mypy --strict
-#   make deb     the Debian package, build/deb/blockbroker_<version>_<arch>.deb (docs/packaging.md)
+#   make deb     the Debian package, dist/deb/blockbroker_<version>_<arch>.deb (docs/packaging.md)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 PREFIX ?= /opt/blockbroker
@@ -95,10 +95,11 @@ install-system: install
 	ln -sfn $(VENV)/bin/blockbroker-block $(DESTDIR)/etc/xen/scripts/blockbroker-block
 
 # The Debian package (docs/packaging.md): built with dpkg-buildpackage from a copy of the tree in
-# build/deb/src (dpkg-buildpackage writes its results into the parent directory: build/deb/),
+# dist/deb/src (dpkg-buildpackage writes its results into the parent directory: dist/deb/;
+# not build/, which `make install` removes),
 # then checked with lintian, which fails the target on any error. The build dependencies come
 # from debian/control; lintian is the target's own.
-DEB_DIR := build/deb
+DEB_DIR := dist/deb
 DEB_APT_PACKAGES := dpkg-dev debhelper lintian
 deb-deps:
 	@missing=$$(for p in $(DEB_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -110,7 +111,7 @@ deb-deps:
 
 deb: deb-deps
 	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
-	tar --exclude=./build --exclude=./.git --exclude='__pycache__' --exclude='*.egg-info' \
+	tar --exclude=./build --exclude=./dist --exclude=./.git --exclude='__pycache__' --exclude='*.egg-info' \
 		--exclude=./debian/blockbroker --exclude=./debian/build --exclude=./debian/.debhelper \
 		-cf - . | tar -C $(DEB_DIR)/src -xf -
 	cd $(DEB_DIR)/src && dpkg-buildpackage -b -us -uc
@@ -140,4 +141,4 @@ demo: install
 	xenlab/demo.sh
 
 clean:
-	rm -rf build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

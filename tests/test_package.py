@@ -36,7 +36,7 @@ def deb() -> Path:
     arch = subprocess.run(
         ["dpkg", "--print-architecture"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    path = REPO / "build/deb" / f"blockbroker_{project_version()}_{arch}.deb"
+    path = REPO / "dist/deb" / f"blockbroker_{project_version()}_{arch}.deb"
     assert path.is_file(), "make deb did not produce blockbroker_<version>_<arch>.deb"
     return path
 
@@ -168,7 +168,7 @@ def test_extracted_tree_is_relocated_and_imports(
     assert f"command = /usr/bin/{PYTHON} -m venv {VENV}" in (venv / "pyvenv.cfg").read_text()
     # Nothing names the build directory; no unit, activation or qrexec file the developer
     # install (the docs describe both, so they are not searched for /opt).
-    leftovers = subprocess.run(["grep", "-rlI", "/build/deb/", str(root)], capture_output=True)
+    leftovers = subprocess.run(["grep", "-rlI", "/dist/deb/", str(root)], capture_output=True)
     assert leftovers.stdout == b"", leftovers.stdout
     system_files = [str(root / d) for d in ("etc", "lib/systemd", "usr/share/dbus-1")]
     opt = subprocess.run(["grep", "-rlI", "/opt/blockbroker", *system_files], capture_output=True)
