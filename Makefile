@@ -4,6 +4,7 @@
 #   make bench   benchmarks (see docs/benchmarks.md)
 #   make chaos   random work, SIGKILLed daemons (systemd units), hostile loop users; invariants (CYCLES=N)
 #   make lint    ruff + mypy --strict
+#   make deb     the Debian package, dist/deb/blockbroker_<version>_<arch>.deb (docs/packaging.md)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 PREFIX ?= /opt/blockbroker
@@ -19,7 +20,7 @@ BLOCK_SCRIPT_SRC := src/client/blockbroker-block.c
 BLOCK_SCRIPT_CFLAGS := -O2 -static -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install install-system lint test bench chaos demo clean
+.PHONY: all deps venv install install-system lint test bench chaos demo clean deb deb-deps
 
 all: install
 
@@ -59,6 +60,7 @@ $(VENV)/.install-stamp: $(VENV)/.venv-stamp $(SOURCES) $(VENV)/bin/blockbroker-b
 	# blockbroker-block (libxl hotplug script, static C): on PATH and where libxl's script= looks.
 	mkdir -p /etc/xen/scripts && ln -sfn $(VENV)/bin/blockbroker-block /etc/xen/scripts/blockbroker-block
 	ln -sfn $(VENV)/bin/blockbroker-block /usr/local/bin/blockbroker-block
+	ln -sfn $(VENV)/bin/blockbroker /usr/local/bin/blockbroker
 	touch $@
 
 install: $(VENV)/.install-stamp
@@ -92,6 +94,30 @@ install-system: install
 		ln -sfn $(VENV)/bin/$$cmd $(DESTDIR)/usr/bin/$$cmd; done
 	ln -sfn $(VENV)/bin/blockbroker-block $(DESTDIR)/etc/xen/scripts/blockbroker-block
 
+# The Debian package (docs/packaging.md): built with dpkg-buildpackage from a copy of the tree in
+# dist/deb/src (dpkg-buildpackage writes its results into the parent directory: dist/deb/;
+# not build/, which `make install` removes),
+# then checked with lintian, which fails the target on any error. The build dependencies come
+# from debian/control; lintian is the target's own.
+DEB_DIR := dist/deb
+DEB_APT_PACKAGES := dpkg-dev debhelper lintian
+deb-deps:
+	@missing=$$(for p in $(DEB_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@dpkg-checkbuilddeps 2>/dev/null || DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./
+
+deb: deb-deps
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	tar --exclude=./build --exclude=./dist --exclude=./.git --exclude='__pycache__' --exclude='*.egg-info' \
+		--exclude=./debian/blockbroker --exclude=./debian/build --exclude=./debian/.debhelper \
+		-cf - . | tar -C $(DEB_DIR)/src -xf -
+	cd $(DEB_DIR)/src && dpkg-buildpackage -b -us -uc
+	lintian --fail-on error --info $(DEB_DIR)/blockbroker_*.deb
+	@ls -l $(DEB_DIR)/*.deb
+
 lint: venv
 	$(VENV)/bin/ruff check src tests scripts bench
 	$(VENV)/bin/ruff format --check src tests scripts bench
@@ -116,4 +142,4 @@ demo: install
 	BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
 
 clean:
-	rm -rf build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
