@@ -209,15 +209,26 @@ def test_a_description_that_could_fake_text_never_reaches_a_prompt(
         holder.close()
 
 
-def test_no_prompt_for_an_object_that_does_not_exist(stack: Stack, password: str) -> None:
-    """NotFound before polkit is asked: the agent is never asked for a password."""
+def test_no_prompt_for_what_cannot_be_described(stack: Stack, password: str) -> None:
+    """No such object, invalid arguments, a wrong signature: the call's own error, and the
+    agent is never asked (polkit would have asked it: the rule says AUTH_SELF)."""
     caller = Caller(stack.bus_address, USER)
     try:
         with agent_for(caller, USER, stack.bus_address) as agent:
-            for path, iface in ((f"{MANAGER}/request/999", REQUEST_IFACE),
-                                (f"{MANAGER}/export/999", EXPORT_IFACE)):  # fmt: skip
-                caller.send(path, iface, "Approve" if iface == REQUEST_IFACE else "Detach")
-                assert caller.answer()["error"].endswith(".NotFound")
+            cases = [
+                ((f"{MANAGER}/request/999", REQUEST_IFACE, "Approve"), "NotFound"),
+                ((f"{MANAGER}/request/999", REQUEST_IFACE, "Deny"), "NotFound"),
+                ((f"{MANAGER}/export/999", EXPORT_IFACE, "Detach"), "NotFound"),
+                ((MANAGER, MANAGER_IFACE, "DetachExport", "o", [f"{MANAGER}/export/9"]),
+                 "NotFound"),
+                ((MANAGER, MANAGER_IFACE, "Export", "ssa{sv}", ["relative", "work", {}]),
+                 "InvalidArgument"),
+                ((MANAGER, MANAGER_IFACE, "Export", "ss", ["/x", "work"]), "InvalidArgument"),
+            ]  # fmt: skip
+            for args, error in cases:
+                caller.send(*args)  # type: ignore[arg-type]
+                outcome = caller.answer()
+                assert outcome["error"] == f"org.qubes.BlockBroker1.Error.{error}", (args, outcome)
             assert not agent.read_until(b"AUTHENTICATING", 1), screen_of(agent)
     finally:
         caller.close()

@@ -155,13 +155,21 @@ class Service:
         route = ROUTES[key]
         uid: int | None = None
         try:
+            args = [msg.path, *msg.body]
+            # What polkit's prompt shows (and its rules see). A call whose object cannot be
+            # described (wrong signature, invalid arguments, no such object) is not worth a
+            # prompt: authz asks polkit without interaction; if it passes, the error stands.
+            details: dict[str, str] | None = None
+            undescribed: errors.PolicydError | None = None
             if msg.signature != route.in_signature:
-                raise errors.InvalidArgument(
+                undescribed = errors.InvalidArgument(
                     f"{key[1]} takes ({route.in_signature}), not ({msg.signature})"
                 )
-            args = [msg.path, *msg.body]
-            # what polkit's prompt shows (and its rules see); no such object: asked nothing
-            details = None if route.details is None else route.details(self, args, fds)
+            elif route.details is not None:
+                try:
+                    details = route.details(self, args, fds)
+                except errors.PolicydError as e:
+                    undescribed = e
             uid = await authz.authorize(
                 self.bus,
                 msg.sender,
@@ -170,8 +178,11 @@ class Service:
                 route.action,
                 details=details,
                 cache=self.callers,
+                undescribed=undescribed,
             )
             audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
+            if undescribed is not None:
+                raise undescribed
             body = await route.handler(self, args, fds)
             reply = Message.new_method_return(msg, route.out_signature, body)
         except errors.PolicydError as e:
