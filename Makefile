@@ -11,6 +11,8 @@ PREFIX ?= /opt/blockbroker
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 # Debian packages the project needs; tests and the lab use the real daemons these ship.
+# polkitd also ships pkttyagent and polkit-agent-helper-1 (the prompt tests' real agent); passwd
+# (useradd, chpasswd: their throwaway user) is in every Debian system.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux mount systemd \
 	qemu-system-x86 busybox-static cpio kmod

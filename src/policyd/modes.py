@@ -27,3 +27,8 @@ def is_writable(mode: str) -> bool:
 def policy_mode(mode: str) -> str:
     """The policy engine's spelling (policyd.policy.Mode): "ro" or "rw"."""
     return "rw" if mode == READ_WRITE else "ro"
+
+
+def in_words(mode: str) -> str:
+    """As a person reads it (authentication prompts): "read-only" or "read-write"."""
+    return "read-write" if mode == READ_WRITE else "read-only"

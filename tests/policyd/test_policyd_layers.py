@@ -2,8 +2,8 @@
 its own, and dbus-fast only in bus/ and main (no daemons, no root; nothing is imported).
 
 The layers, lowest first (docs/architecture.md, "Module map of policyd"):
-leaves (names, errors, modes, logfmt, validate, audit, brokerclient, policygate, the policy
-engine) < xenstore < exports < requests < bus < main.
+leaves (names, errors, modes, logfmt, validate, claims, audit, brokerclient, policygate, the
+policy engine) < xenstore < exports < requests < bus < main.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ LEAVES = {
     "modes",
     "logfmt",
     "validate",
+    "claims",
     "audit",
     "brokerclient",
     "policygate",

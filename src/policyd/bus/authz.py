@@ -9,8 +9,9 @@ module applies them (authorize). polkit's subject is the caller's bus name (poli
 from __future__ import annotations
 
 import enum
+import functools
 import grp
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from dbus_fast import Message, MessageType
@@ -18,7 +19,7 @@ from dbus_fast.aio import MessageBus
 
 from policyd import audit
 from policyd.bus import polkit
-from policyd.errors import AccessDenied
+from policyd.errors import AccessDenied, PolicydError
 
 POLKIT_ATTACH = "org.qubes.blockbroker.attach"
 POLKIT_EXPORT = "org.qubes.blockbroker.export"
@@ -128,28 +129,46 @@ async def authorize(
     action: str,
     details: Mapping[str, str] | None = None,
     cache: CallerCache | None = None,
+    undescribed: PolicydError | None = None,
 ) -> int:
     """The caller's uid if `access` lets it call `member`, else AccessDenied. `details` go to
-    polkit (policyd's own, validated values: polkit rules may test them with action.lookup)."""
+    polkit (policyd's own, validated values: the actions' messages show them, polkit rules may
+    test them with action.lookup). `undescribed`: why the call's object could not be described
+    (no such object, invalid arguments); then no person is asked to authenticate for it: polkit
+    is asked without interaction, and where it would have asked, that error is the answer (the
+    call would end in it after the prompt; a caller polkit refuses still gets AccessDenied)."""
     if not sender:
         raise AccessDenied("the call has no sender; access denied")
     uid = await caller_uid(bus, sender, cache)
+    ask = functools.partial(_ask_polkit, bus, sender, uid, member, action, details or {})
     if access is Access.POLKIT:
-        await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
+        await _ask_interactively(ask, undescribed)
         return uid
     if access is Access.BRIDGE_OR_POLKIT:
         if uid == ROOT_UID or await in_bridge_group(bus, sender, cache):
             return uid
-        await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=False)
+        await ask(interactive=False)
         return uid
     if uid == ROOT_UID:
         return uid
     if access is Access.ROOT_OR_POLKIT:
-        await _ask_polkit(bus, sender, uid, member, action, details or {}, interactive=True)
+        await _ask_interactively(ask, undescribed)
         return uid
     raise AccessDenied(
         f"{member} needs uid 0 (polkit action {action}); the caller is uid {uid}: run it as root"
     )
+
+
+async def _ask_interactively(
+    ask: Callable[..., Awaitable[None]], undescribed: PolicydError | None
+) -> None:
+    if undescribed is None:
+        await ask(interactive=True)
+        return
+    try:
+        await ask(interactive=False, refusal_if_challenged=False)
+    except polkit.AuthenticationNeeded:
+        raise undescribed from None
 
 
 async def _ask_polkit(
@@ -161,12 +180,16 @@ async def _ask_polkit(
     details: Mapping[str, str],
     *,
     interactive: bool,
+    refusal_if_challenged: bool = True,
 ) -> None:
-    """polkit's decision; a refusal is audited (who tried what) and raised."""
+    """polkit's decision; a refusal is audited (who tried what) and raised. A challenge (no
+    agent answered, or none was asked) is a refusal unless `refusal_if_challenged` is False."""
     try:
         async with polkit.LIMITER.slot(uid):
             await polkit.check_authorization(bus, sender, action, details, interactive=interactive)
     except AccessDenied as e:
+        if isinstance(e, polkit.AuthenticationNeeded) and not refusal_if_challenged:
+            raise
         audit.audit(
             "refused",
             operation=member,

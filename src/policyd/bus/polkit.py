@@ -57,6 +57,11 @@ class Limiter:
 LIMITER = Limiter()
 
 
+class AuthenticationNeeded(AccessDenied):
+    """polkit would authorize the caller if a person authenticated (a challenge): the
+    interactive check asks the caller's agent; a check without interaction ends here."""
+
+
 async def check_authorization(
     bus: MessageBus,
     sender: str,
@@ -100,7 +105,7 @@ async def check_authorization(
     if is_authorized is True:
         return
     if is_challenge:
-        raise AccessDenied(
+        raise AuthenticationNeeded(
             f"{action_id} needs authentication and no authentication agent answered; "
             "run the command from a session with a polkit agent"
         )

@@ -5,9 +5,11 @@ policyd.validate) before policyd.exports and policyd.requests act on it. Every m
 the Manager, Export and Request interfaces goes through one message handler, because
 authorization needs the caller's unique name (msg.sender), which dbus-fast's decorated methods
 do not expose. METHODS is the whole D-Bus surface, one row per method (signature, access rule,
-polkit action, handler), as the broker's DISPATCH is its protocol; the service refuses to start
-if it does not match the interfaces' declarations. Received fds are owned here: each is either
-handed to the exporter or closed when the call ends, whatever the message was.
+polkit action, handler, and the polkit details of the object the call concerns: what an
+authentication prompt shows, policyd.bus.prompts), as the broker's DISPATCH is its protocol;
+the service refuses to start if it does not match the interfaces' declarations. Received fds
+are owned here: each is either handed to the exporter or closed when the call ends, whatever
+the message was.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 from dbus_fast.service import ServiceInterface
 
-from policyd import audit, errors, logfmt, validate
-from policyd.bus import authz
+from policyd import audit, claims, errors, logfmt, validate
+from policyd.bus import authz, prompts
 from policyd.bus.authz import (
     POLKIT_APPROVE,
     POLKIT_ATTACH,
@@ -34,6 +36,7 @@ from policyd.bus.authz import (
 )
 from policyd.bus.connection import PolicydBus
 from policyd.bus.interfaces import ExportInterface, ManagerInterface, RequestInterface
+from policyd.bus.prompts import PATH_SHOWN
 from policyd.exports.exporter import Exporter
 from policyd.exports.registry import ExportRecord
 from policyd.names import (
@@ -60,6 +63,13 @@ class ReceivedFds:
         self._fds: list[int | None] = list(fds)
 
     def take(self, untrusted_index: object) -> int:
+        fd = self.peek(untrusted_index)
+        assert isinstance(untrusted_index, int)  # peek checked it
+        self._fds[untrusted_index] = None
+        return fd
+
+    def peek(self, untrusted_index: object) -> int:
+        """The fd at the index, still owned here."""
         if (
             not isinstance(untrusted_index, int)
             or not 0 <= untrusted_index < len(self._fds)
@@ -70,7 +80,6 @@ class ReceivedFds:
                 "passing (dbus-fast: negotiate_unix_fd=True)"
             )
         fd = self._fds[untrusted_index]
-        self._fds[untrusted_index] = None
         assert fd is not None
         return fd
 
@@ -146,7 +155,21 @@ class Service:
         route = ROUTES[key]
         uid: int | None = None
         try:
-            details = self.requests.polkit_details(msg.path) if key[0] == REQUEST_IFACE else None
+            args = [msg.path, *msg.body]
+            # What polkit's prompt shows (and its rules see). A call whose object cannot be
+            # described (wrong signature, invalid arguments, no such object) is not worth a
+            # prompt: authz asks polkit without interaction; if it passes, the error stands.
+            details: dict[str, str] | None = None
+            undescribed: errors.PolicydError | None = None
+            if msg.signature != route.in_signature:
+                undescribed = errors.InvalidArgument(
+                    f"{key[1]} takes ({route.in_signature}), not ({msg.signature})"
+                )
+            elif route.details is not None:
+                try:
+                    details = route.details(self, args, fds)
+                except errors.PolicydError as e:
+                    undescribed = e
             uid = await authz.authorize(
                 self.bus,
                 msg.sender,
@@ -155,13 +178,12 @@ class Service:
                 route.action,
                 details=details,
                 cache=self.callers,
+                undescribed=undescribed,
             )
             audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
-            if msg.signature != route.in_signature:
-                raise errors.InvalidArgument(
-                    f"{key[1]} takes ({route.in_signature}), not ({msg.signature})"
-                )
-            body = await route.handler(self, [msg.path, *msg.body], fds)
+            if undescribed is not None:
+                raise undescribed
+            body = await route.handler(self, args, fds)
             reply = Message.new_method_return(msg, route.out_signature, body)
         except errors.PolicydError as e:
             logfmt.info("call refused", method=key[1], uid=uid, error=e.name, detail=e.text)
@@ -237,6 +259,31 @@ class Service:
         await self.requests.withdraw(args[0])
         return []
 
+    # -- polkit details (policyd.bus.prompts): the same validation as the handler's ------------
+
+    def _export_details(self, args: list[Any], fds: ReceivedFds) -> dict[str, str]:
+        path = validate.source_path(args[1])
+        frontend = validate.domain_name(args[2])
+        opts = validate.export_options(args[3])
+        size = self.exporter.sources.preview_path(path)
+        return prompts.export(claims.shown(path, PATH_SHOWN), size, frontend, opts.read_only)
+
+    def _export_fd_details(self, args: list[Any], fds: ReceivedFds) -> dict[str, str]:
+        frontend = validate.domain_name(args[2])
+        opts = validate.export_options(args[3])
+        node, size = self.exporter.sources.preview_fd(fds.peek(args[1]))
+        shown = "the caller's open device " + claims.shown(node, PATH_SHOWN)
+        return prompts.export(shown, size, frontend, opts.read_only)
+
+    def _detach_export_details(self, args: list[Any], fds: ReceivedFds) -> dict[str, str]:
+        return prompts.detach(self._record_at(args[1]))
+
+    def _detach_self_details(self, args: list[Any], fds: ReceivedFds) -> dict[str, str]:
+        return prompts.detach(self._record_at(args[0]))
+
+    def _request_details(self, args: list[Any], fds: ReceivedFds) -> dict[str, str]:
+        return prompts.request(self.requests.lookup(args[0]))
+
     def _record_at(self, untrusted_path: object) -> ExportRecord:
         number = number_in(EXPORT_PATH_RE, untrusted_path)
         record = None if number is None else self.exporter.registry.get(number)
@@ -267,6 +314,7 @@ class Service:
 
 
 Handler = Callable[[Service, list[Any], ReceivedFds], Awaitable[list[Any]]]
+Details = Callable[[Service, list[Any], ReceivedFds], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -280,6 +328,7 @@ class Method:
     access: Access
     action: str  # the polkit action asked (or named in the refusal, for Access.ROOT)
     handler: Handler
+    details: Details | None = None  # the object the call concerns, for polkit (prompts)
 
 
 M, E, R = MANAGER_IFACE, EXPORT_IFACE, REQUEST_IFACE
@@ -287,10 +336,46 @@ S = Service
 METHODS: tuple[Method, ...] = (
     Method(M, "Attach", "s", "o", Access.ROOT, POLKIT_ATTACH, S._attach),
     Method(M, "Detach", "s", "", Access.ROOT, POLKIT_ATTACH, S._detach_backend),
-    Method(M, "Export", "ssa{sv}", "o", Access.ROOT_OR_POLKIT, POLKIT_EXPORT, S._export),
-    Method(M, "ExportFd", "hsa{sv}", "o", Access.ROOT_OR_POLKIT, POLKIT_EXPORT, S._export_fd),
-    Method(M, "DetachExport", "o", "", Access.ROOT_OR_POLKIT, POLKIT_DETACH, S._detach_export),
-    Method(E, "Detach", "", "", Access.ROOT_OR_POLKIT, POLKIT_DETACH, S._detach_self),
+    Method(
+        M,
+        "Export",
+        "ssa{sv}",
+        "o",
+        Access.ROOT_OR_POLKIT,
+        POLKIT_EXPORT,
+        S._export,
+        S._export_details,
+    ),
+    Method(
+        M,
+        "ExportFd",
+        "hsa{sv}",
+        "o",
+        Access.ROOT_OR_POLKIT,
+        POLKIT_EXPORT,
+        S._export_fd,
+        S._export_fd_details,
+    ),
+    Method(
+        M,
+        "DetachExport",
+        "o",
+        "",
+        Access.ROOT_OR_POLKIT,
+        POLKIT_DETACH,
+        S._detach_export,
+        S._detach_export_details,
+    ),
+    Method(
+        E,
+        "Detach",
+        "",
+        "",
+        Access.ROOT_OR_POLKIT,
+        POLKIT_DETACH,
+        S._detach_self,
+        S._detach_self_details,
+    ),
     Method(
         M,
         "RequestExport",
@@ -300,9 +385,18 @@ METHODS: tuple[Method, ...] = (
         POLKIT_REQUEST_EXPORT,
         S._request_export,
     ),
-    Method(R, "Approve", "", "", Access.POLKIT, POLKIT_APPROVE, S._approve),
-    Method(R, "Deny", "", "", Access.POLKIT, POLKIT_APPROVE, S._deny),
-    Method(R, "Withdraw", "", "", Access.BRIDGE_OR_POLKIT, POLKIT_REQUEST_EXPORT, S._withdraw),
+    Method(R, "Approve", "", "", Access.POLKIT, POLKIT_APPROVE, S._approve, S._request_details),
+    Method(R, "Deny", "", "", Access.POLKIT, POLKIT_APPROVE, S._deny, S._request_details),
+    Method(
+        R,
+        "Withdraw",
+        "",
+        "",
+        Access.BRIDGE_OR_POLKIT,
+        POLKIT_REQUEST_EXPORT,
+        S._withdraw,
+        S._request_details,
+    ),
 )
 del M, E, R, S
 ROUTES: dict[tuple[str, str], Method] = {(m.interface, m.name): m for m in METHODS}

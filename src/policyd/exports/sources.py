@@ -23,6 +23,7 @@ from policyd.exports.registry import Backing, BackingKey, Registry, block_key, f
 from policyd.xenstore.store import PhysicalDevice
 
 LOOP_MAJOR = 7
+SECTOR_BYTES = 512  # sysfs's size unit, whatever the device's block size
 
 
 class Sources:
@@ -182,6 +183,42 @@ class Sources:
             aliases,
             device_path(ident, self.sysfs_root),
         )
+
+    # -- what an authentication prompt shows, before anything is opened ------------------------
+
+    def preview_path(self, path: str) -> int | None:
+        """The size of `path` as policyd sees it now (a file's length; a block device's, from
+        sysfs); None if policyd cannot see it (its sandbox) or it is neither. For the prompt
+        only: what the broker opens afterwards is what gets exported."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            return self.block_size(os.major(st.st_rdev), os.minor(st.st_rdev))
+        return None
+
+    def preview_fd(self, fd: int) -> tuple[str, int | None]:
+        """The device node's name and size of a caller's fd (a block device, else
+        InvalidArgument as ExportFd would say), from policyd's own fstat and sysfs."""
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode):
+            raise errors.InvalidArgument(
+                "the fd is not a block device; pass an open block device, or a path to Export"
+            )
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        node = device_path(Identity(major, minor, 0, 0, 0, 0), self.sysfs_root)
+        return node, self.block_size(major, minor)
+
+    def block_size(self, major: int, minor: int) -> int | None:
+        """A block device's size in bytes from sysfs (512-byte sectors); None if unknown."""
+        try:
+            with open(f"{self.sysfs_root}/dev/block/{major}:{minor}/size", "rb") as f:
+                return int(f.read(32)) * SECTOR_BYTES
+        except (OSError, ValueError):
+            return None
 
 
 def physical(backing: Backing) -> PhysicalDevice:

@@ -233,21 +233,6 @@ class Requests:
             raise errors.NotFound(f"request {number} is no longer pending (it was {final})")
         raise errors.NotFound(f"no request at {untrusted_path!s:.200}")
 
-    def polkit_details(self, untrusted_path: object) -> dict[str, str]:
-        """What polkit (and its rules, via action.lookup) learns about the request at a path:
-        validated values only; {} when there is no pending request there."""
-        req = self.pending.get(number_in(REQUEST_PATH_RE, untrusted_path) or 0)
-        if req is None:
-            return {}
-        return {
-            "request": req.object_path,
-            "source": req.source,
-            "target": req.target,
-            "device": req.device.name,
-            "diskseq": str(req.device.diskseq),
-            "mode": req.policy_mode,
-        }
-
     def _claim(self, req: PendingRequest) -> None:
         if req.state != STATE_PENDING:
             raise errors.NotFound(f"request {req.number} is being decided already ({req.state})")
