@@ -6,6 +6,7 @@ root-owned and not writable by group or others; anything else refuses to start (
     client_user = "blockbroker"            # name or numeric uid; only it may connect
     file_roots = ["/var/lib/blockbroker/images"]   # LOOP_FILE only below these
     block_majors = [7, 8, 259]             # OPEN_BLOCK only these majors
+    landlock = "optional"                  # start without Landlock if the kernel has none
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import stat
 import tomllib
 from dataclasses import dataclass
 
-KNOWN_KEYS = {"client_user", "file_roots", "block_majors", "root_without_block_device"}
+KNOWN_KEYS = {"client_user", "file_roots", "block_majors", "root_without_block_device", "landlock"}
 
 
 class ConfigError(Exception):
@@ -29,6 +30,7 @@ class Config:
     file_roots: tuple[str, ...]
     block_majors: frozenset[int]
     root_without_block_device: bool = False  # / is on 9p, overlay, btrfs...: start anyway
+    landlock_optional: bool = False  # the kernel has no Landlock: start with seccomp alone
 
 
 def resolve_uid(user: object) -> int:
@@ -69,21 +71,30 @@ def load_config(path: str) -> Config:
         raise ConfigError("file_roots and block_majors must be lists")
     if not all(type(m) is int and 0 < m < 4096 for m in majors):
         raise ConfigError("block_majors must be integers in 1..4095")
-    diskless = data.get("root_without_block_device", False)
+    diskless, landlock = data.get("root_without_block_device", False), data.get("landlock")
     if type(diskless) is not bool:
         raise ConfigError("root_without_block_device must be true or false")
+    if landlock not in (None, "required", "optional"):
+        raise ConfigError('landlock must be "required" (the default) or "optional"')
     roots = tuple(check_file_root(r) for r in roots)
-    return Config(resolve_uid(data["client_user"]), roots, frozenset(majors), diskless)
+    uid = resolve_uid(data["client_user"])
+    return Config(uid, roots, frozenset(majors), diskless, landlock == "optional")
 
 
-def check_root_protected(config: Config, root_devices: frozenset[int]) -> None:
-    """Fail closed when the root disk cannot be found (btrfs, ZFS, overlay, 9p roots have no
-    block device behind stat("/")), unless the config says the admin knows."""
+def check_fail_closed(config: Config, root_devices: frozenset[int], landlock_abi: int) -> None:
+    """Refuse to start without a protection the kernel or the system cannot give, unless the
+    config says the admin knows: the root disk by number (btrfs, ZFS, overlay, 9p roots have no
+    block device behind stat("/")), and Landlock (a kernel without it, or with it off)."""
     if not root_devices and not config.root_without_block_device:
         raise ConfigError(
             "the root filesystem is on no block device, so its disk cannot be protected by "
             "number; set root_without_block_device = true if that is expected (mounted and "
             "swap devices are still refused: the kernel's O_EXCL says they are in use)"
+        )
+    if not landlock_abi and not config.landlock_optional:
+        raise ConfigError(
+            "the kernel offers no Landlock (not built in, or not in lsm=), so the broker cannot "
+            'bound its file access by path; set landlock = "optional" to run under seccomp alone'
         )
 
 

@@ -1,13 +1,16 @@
-"""Kernel ABI the broker uses: ioctl numbers, flags and ctypes structs, with the headers' names.
+"""Kernel ABI the broker uses: ioctl numbers, flags and ctypes structs, with the headers' names,
+and syscall() for the calls glibc does not wrap (openat2, Landlock).
 
-TRUST LEVEL: constants only, no I/O; imported by the broker (root). tests/broker/test_kernel.py
-compiles a C program against <linux/loop.h>, <linux/fs.h> and <linux/openat2.h> and asserts every
-number and struct size here equals the real header's.
+TRUST LEVEL: constants and one thin syscall wrapper, no I/O of its own; imported by the broker
+(root). tests/broker/test_kernel.py compiles a C program against <linux/loop.h>, <linux/fs.h>,
+<linux/openat2.h> and <linux/landlock.h> and asserts every number and struct size here equals the
+real header's (Landlock rights newer than the installed header are checked against the kernel).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
 # <linux/loop.h>
 LOOP_CONFIGURE = 0x4C0A
@@ -29,7 +32,18 @@ BLKGETDISKSEQ = 0x80081280
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
-SYS_openat2 = 437  # same number on every architecture (asm-generic unified table)
+SYS_openat2 = 437  # same number on every architecture (asm-generic unified table), as are:
+
+# <linux/landlock.h>
+SYS_landlock_create_ruleset, SYS_landlock_add_rule, SYS_landlock_restrict_self = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_ACCESS_FS_WRITE_FILE = 1 << 1
+LANDLOCK_ACCESS_FS_READ_FILE = 1 << 2
+LANDLOCK_ACCESS_FS_IOCTL_DEV = 1 << 15  # ABI 5; not in Debian 12's (6.1) header
+# How many filesystem access rights (bits 0..n-1) each ABI version knows, by version: 13 up to
+# MAKE_SYM (1), REFER (2), TRUNCATE (3), IOCTL_DEV (5); versions 4, 6 and 7 added none.
+LANDLOCK_FS_RIGHTS = (0, 13, 14, 15, 15, 16, 16, 16)
 
 # Every ioctl request number the broker issues; the seccomp filter allows exactly these.
 IOCTLS_USED = (
@@ -70,3 +84,25 @@ class open_how(ctypes.Structure):  # struct open_how, <linux/openat2.h>
         ("mode", ctypes.c_uint64),
         ("resolve", ctypes.c_uint64),
     )
+
+
+class landlock_ruleset_attr(ctypes.Structure):  # <linux/landlock.h>; later fields: not used
+    _fields_ = (("handled_access_fs", ctypes.c_uint64),)
+
+
+class landlock_path_beneath_attr(ctypes.Structure):  # <linux/landlock.h>, packed
+    _pack_ = 1
+    _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def syscall(number: int, *args: object) -> int:
+    """libc's syscall(2); a negative result raises OSError with its errno."""
+    result = int(_libc.syscall(number, *args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result

@@ -1,10 +1,12 @@
 """blockbroker-broker: the privileged broker process (socket, dispatch table, serve loop).
 
-TRUST LEVEL: runs as root under seccomp; all input untrusted. Start-up (config, socket, root
-dirfds, /dev/loop-control) happens before the sandbox; afterwards it only serves requests. One
-connection is served at a time, from the configured client uid only (SO_PEERCRED); a newer
-connection from that uid replaces the current one. Anything malformed, unknown or oversized, or
-a wrong number of fds, ends that connection; the broker keeps serving new ones.
+TRUST LEVEL: runs as root under seccomp and Landlock; all input untrusted. Start-up (config,
+socket, root dirfds, /dev/loop-control) happens before the sandbox; afterwards it only serves
+requests. One connection is served at a time, from the configured client uid only (SO_PEERCRED);
+a newer connection from that uid replaces the current one. Anything malformed, unknown or
+oversized, or a wrong number of fds, ends that connection; the broker keeps serving new ones. An
+unexpected exception (a bug) stops the broker with status 1: its state is unknown, and the
+service manager starts a fresh one.
 
     blockbroker-broker --config PATH --socket PATH
     blockbroker-broker --config PATH      # socket activation: LISTEN_FDS=1, LISTEN_PID, fd 3
@@ -24,7 +26,7 @@ import struct
 from collections.abc import Callable
 
 from broker import protocol, sandbox
-from broker.config import ConfigError, check_root_protected, load_config, root_disk_devices
+from broker.config import ConfigError, check_fail_closed, load_config, root_disk_devices
 from broker.ops import Operations, OpError, Result
 from broker.protocol import ErrorCode, FrameError, Reply, ReplyKind, Request, RequestKind
 
@@ -112,8 +114,6 @@ def serve_one(conn: socket.socket, ops: Operations) -> bool:
         log("protocol_violation", reason=str(e))
     except OSError as e:
         log("connection_end", reason=e.strerror)
-    except Exception as e:  # a bug: say so, drop the peer, keep the broker serving
-        log("internal_error", error=type(e).__name__, reason=str(e))
     finally:
         close_all(fds)
     return False
@@ -179,19 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-        ops = Operations(config, root_disk_devices())
-        check_root_protected(config, ops.forbidden)
+        ops, landlock = Operations(config, root_disk_devices()), sandbox.landlock_abi()
+        check_fail_closed(config, ops.forbidden, landlock)
         listener = listening_socket(args.socket, config.client_uid)
-        sandbox.enter()
+        sandbox.enter(config.file_roots, landlock)
     except (ConfigError, OSError) as e:
         log("startup_failed", reason=str(e))
         return 2
     root_disk = ",".join(f"{os.major(d)}:{os.minor(d)}" for d in sorted(ops.forbidden))
     roots, majors = ",".join(config.file_roots), ",".join(map(str, sorted(config.block_majors)))
     log("ready", pid=os.getpid(), client_uid=config.client_uid, roots=roots, majors=majors,
-        root_disk=root_disk)  # fmt: skip
+        root_disk=root_disk, landlock=landlock)  # fmt: skip
     try:
         serve(listener, ops, config.client_uid)
     except KeyboardInterrupt:
         log("stopped")
+    except Exception as e:  # a bug: serving on in an unknown state is worse than a restart
+        log("internal_error", error=type(e).__name__, reason=str(e), action="exit")
+        os._exit(1)
     os._exit(0)  # interpreter teardown would need syscalls the filter kills

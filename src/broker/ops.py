@@ -35,9 +35,6 @@ ERRNO_CODES = {
     errno.EXDEV: ErrorCode.OUTSIDE_ROOTS,  # RESOLVE_BENEATH: the path escapes its root
 }
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
 
 class OpError(Exception):
     def __init__(self, code: ErrorCode, message: str, err: int | None = 0) -> None:
@@ -175,11 +172,10 @@ class Operations:
         relative = path[len(root.rstrip("/")) + 1 :].encode()
         how = kernel.open_how(flags=os.O_PATH | os.O_CLOEXEC, resolve=RESOLVE)
         dirfd, size = self.root_fds[root], ctypes.c_size_t(ctypes.sizeof(how))
-        fd = _libc.syscall(kernel.SYS_openat2, dirfd, relative, ctypes.byref(how), size)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OpError.from_os(OSError(err, os.strerror(err)), "open")
-        return int(fd)
+        try:
+            return kernel.syscall(kernel.SYS_openat2, dirfd, relative, ctypes.byref(how), size)
+        except OSError as e:
+            raise OpError.from_os(e, "open") from None
 
     def loop_file(self, request: Request, fds: list[int]) -> Result:
         path = validate_path(request.path)

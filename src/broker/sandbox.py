@@ -1,18 +1,21 @@
-"""The broker's sandbox: rlimits, no capabilities, no_new_privs, and a seccomp allowlist.
+"""The broker's sandbox: rlimits, no capabilities, no_new_privs, Landlock, a seccomp allowlist.
 
 TRUST LEVEL: runs as root once, after every import and all start-up opens, before the first
 request. After enter() the process can only do what ALLOWED_SYSCALLS lists (default: kill the
-whole process), holds no capability, and cannot fork, exec or gain privileges; openat cannot
-create or truncate files (openat2's flags are out of seccomp's reach: docs/broker.md).
-docs/broker.md explains every entry.
+whole process), holds no capability, and cannot fork, exec or gain privileges. Landlock bounds
+every later open by path, whatever the syscall (openat2's flags are out of seccomp's reach): read
+and write files below the file roots and /dev, read them below /sys/devices; nothing may be
+created, removed, renamed, linked or truncated anywhere. docs/broker.md explains every entry.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import resource
 import stat
+from collections.abc import Iterable
 
 import prctl
 import pyseccomp as seccomp
@@ -81,8 +84,50 @@ def set_rlimits() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
 
 
-def enter() -> None:
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 if it has none (ENOSYS) or it is off (EOPNOTSUPP)."""
+    try:
+        flags = kernel.LANDLOCK_CREATE_RULESET_VERSION
+        return kernel.syscall(kernel.SYS_landlock_create_ruleset, None, 0, flags)
+    except OSError:
+        return 0
+
+
+def landlock_rules(file_roots: Iterable[str]) -> list[tuple[str, int]]:
+    """(directory, access allowed beneath it): image files (LOOP_FILE, r or rw); /dev for the
+    device nodes, which appear and go (loopN), so no rule per node; sysfs `dev` files."""
+    rw = kernel.LANDLOCK_ACCESS_FS_READ_FILE | kernel.LANDLOCK_ACCESS_FS_WRITE_FILE
+    dev, sysfs = rw | kernel.LANDLOCK_ACCESS_FS_IOCTL_DEV, kernel.LANDLOCK_ACCESS_FS_READ_FILE
+    return [*((root, rw) for root in file_roots), ("/dev", dev), ("/sys/devices", sysfs)]
+
+
+def restrict_files(rules: Iterable[tuple[str, int]], abi: int) -> None:
+    """Landlock: every access right this ABI knows is handled, so whatever no rule allows (create,
+    remove, rename/link (REFER), truncate, execute, read a directory...) fails with EACCES/EXDEV.
+    Needs no_new_privs (or CAP_SYS_ADMIN); the calls happen before the seccomp filter exists."""
+    fs_rights = kernel.LANDLOCK_FS_RIGHTS[min(abi, len(kernel.LANDLOCK_FS_RIGHTS) - 1)]
+    attr = kernel.landlock_ruleset_attr((1 << fs_rights) - 1)
+    size = ctypes.sizeof(attr)
+    ruleset = kernel.syscall(kernel.SYS_landlock_create_ruleset, ctypes.byref(attr), size, 0)
+    try:
+        for path, access in rules:
+            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            rule = kernel.landlock_path_beneath_attr(access & attr.handled_access_fs, fd)
+            try:
+                kind, rule_ref = kernel.LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule)
+                kernel.syscall(kernel.SYS_landlock_add_rule, ruleset, kind, rule_ref, 0)
+            finally:
+                os.close(fd)
+        kernel.syscall(kernel.SYS_landlock_restrict_self, ruleset, 0)
+    finally:
+        os.close(ruleset)
+
+
+def enter(file_roots: Iterable[str], landlock: int) -> None:
+    """The sandbox, in order; Landlock (ABI version `landlock`, 0: none) after no_new_privs."""
     set_rlimits()
     drop_capabilities()
     prctl.set_no_new_privs(1)
+    if landlock:
+        restrict_files(landlock_rules(file_roots), landlock)
     build_filter().load()

@@ -16,7 +16,7 @@ import pytest
 from brokerlab import BROKER_BIN, Broker, make_image, start_broker, stop_broker, write_config
 
 from broker import protocol
-from broker.config import ConfigError, check_root_protected, load_config
+from broker.config import ConfigError, check_fail_closed, load_config
 from broker.protocol import Request, RequestKind
 from policyd.brokerclient import encode_request, parse_reply
 
@@ -183,9 +183,9 @@ def test_root_on_no_block_device_fails_closed(workdir: Path) -> None:
     be protected by number, so the broker refuses to start unless the config says so."""
     config = load_config(str(write_config(workdir / "broker.toml", "root", [workdir], [7])))
     with pytest.raises(ConfigError, match="root_without_block_device"):
-        check_root_protected(config, frozenset())
-    check_root_protected(config, frozenset({os.makedev(8, 0)}))  # a root disk was found
+        check_fail_closed(config, frozenset(), 7)
+    check_fail_closed(config, frozenset({os.makedev(8, 0)}), 7)  # a root disk was found
     (workdir / "broker.toml").write_text(
         (workdir / "broker.toml").read_text() + "root_without_block_device = true\n"
     )
-    check_root_protected(load_config(str(workdir / "broker.toml")), frozenset())
+    check_fail_closed(load_config(str(workdir / "broker.toml")), frozenset(), 7)
