@@ -12,8 +12,6 @@ service manager starts a fresh one.
     blockbroker-broker --config PATH      # socket activation: LISTEN_FDS=1, LISTEN_PID, fd 3
 """
 
-from __future__ import annotations
-
 import argparse
 import array
 import contextlib
@@ -30,12 +28,8 @@ from broker.config import ConfigError, check_fail_closed, load_config, root_disk
 from broker.ops import Operations, OpError, Result
 from broker.protocol import ErrorCode, FrameError, Reply, ReplyKind, Request, RequestKind
 
-MAX_FDS_ACCEPTED = 4  # room to notice (and close) too many fds
-LISTEN_FD = 3
-Handler = Callable[[Operations, Request, list[int]], Result]
-
 # The whole protocol: request kind -> (number of fds that must come with it, handler).
-DISPATCH: dict[RequestKind, tuple[int, Handler]] = {
+DISPATCH: dict[RequestKind, tuple[int, Callable[[Operations, Request, list[int]], Result]]] = {
     RequestKind.OPEN_BLOCK: (0, Operations.open_block),
     RequestKind.LOOP_FILE: (0, Operations.loop_file),
     RequestKind.IDENTIFY: (1, Operations.identify),
@@ -55,7 +49,7 @@ def log(event: str, **fields: object) -> None:
 
 def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     """One frame and the fds that came with it; the caller closes the fds."""
-    size, fd_space = protocol.MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4)
+    size, fd_space = protocol.MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4)  # 4 fds: to see too many
     data, ancdata, flags, _ = conn.recvmsg(size, fd_space, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
@@ -88,11 +82,9 @@ def answer(conn: socket.socket, ops: Operations, request: Request, fds: list[int
         dev, reply = f"{result.reply.major}:{result.reply.minor}", result.reply
         log("served", kind=kind, dev=dev, diskseq=reply.diskseq, retries=result.retries)
     fds_out = [] if result.fd is None else [result.fd]
-    try:
-        fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))]
-        # never block on a peer that does not read its replies (EAGAIN ends the connection)
-        flags = socket.MSG_DONTWAIT
-        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg if fds_out else [], flags)
+    fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))] if fds_out else []
+    try:  # MSG_DONTWAIT: never block on a peer that does not read its replies (EAGAIN ends it)
+        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg, socket.MSG_DONTWAIT)
     finally:
         close_all(fds_out)  # policyd holds the only reference now (or none: AUTOCLEAR)
 
@@ -156,7 +148,7 @@ def listening_socket(path: str | None, client_uid: int) -> socket.socket:
     if path is None:
         if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
             raise ConfigError("no --socket given and no single socket passed by LISTEN_FDS")
-        sock = socket.socket(fileno=LISTEN_FD)
+        sock = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
         if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_SEQPACKET):
             raise ConfigError("the activation socket is not an AF_UNIX SOCK_SEQPACKET socket")
         os.set_inheritable(sock.fileno(), False)

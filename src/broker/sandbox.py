@@ -8,14 +8,11 @@ and write files below the file roots and /dev, read them below /sys/devices; not
 created, removed, renamed, linked or truncated anywhere. docs/broker.md explains every entry.
 """
 
-from __future__ import annotations
-
 import ctypes
 import errno
 import os
 import resource
 import stat
-from collections.abc import Iterable
 
 import prctl
 import pyseccomp as seccomp
@@ -46,6 +43,7 @@ ALLOWED_SYSCALLS = (
 # openat without these flags: the broker opens, but never creates, truncates or makes tmpfiles.
 O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
 OPEN_FORBIDDEN_FLAGS = os.O_CREAT | os.O_TRUNC | O_TMPFILE_BIT
+DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # a Landlock rule's directory
 
 
 def build_filter() -> seccomp.SyscallFilter:
@@ -71,9 +69,8 @@ def drop_capabilities() -> None:
             prctl.capbset_drop(cap)
         except (OSError, ValueError):
             break  # beyond the kernel's last capability
-    prctl.cap_inheritable.limit()
-    prctl.cap_effective.limit()
-    prctl.cap_permitted.limit()
+    for capset in (prctl.cap_inheritable, prctl.cap_effective, prctl.cap_permitted):
+        capset.limit()  # no argument: keep none
 
 
 def set_rlimits() -> None:
@@ -93,41 +90,33 @@ def landlock_abi() -> int:
         return 0
 
 
-def landlock_rules(file_roots: Iterable[str]) -> list[tuple[str, int]]:
-    """(directory, access allowed beneath it): image files (LOOP_FILE, r or rw); /dev for the
-    device nodes, which appear and go (loopN), so no rule per node; sysfs `dev` files."""
-    rw = kernel.LANDLOCK_ACCESS_FS_READ_FILE | kernel.LANDLOCK_ACCESS_FS_WRITE_FILE
-    dev, sysfs = rw | kernel.LANDLOCK_ACCESS_FS_IOCTL_DEV, kernel.LANDLOCK_ACCESS_FS_READ_FILE
-    return [*((root, rw) for root in file_roots), ("/dev", dev), ("/sys/devices", sysfs)]
-
-
-def restrict_files(rules: Iterable[tuple[str, int]], abi: int) -> None:
-    """Landlock: every access right this ABI knows is handled, so whatever no rule allows (create,
-    remove, rename/link (REFER), truncate, execute, read a directory...) fails with EACCES/EXDEV.
-    Needs no_new_privs (or CAP_SYS_ADMIN); the calls happen before the seccomp filter exists."""
-    fs_rights = kernel.LANDLOCK_FS_RIGHTS[min(abi, len(kernel.LANDLOCK_FS_RIGHTS) - 1)]
-    attr = kernel.landlock_ruleset_attr((1 << fs_rights) - 1)
+def restrict_files(file_roots: tuple[str, ...], abi: int) -> None:
+    """Landlock, ABI version `abi`. Allowed: read and write files below the roots (LOOP_FILE, r
+    or rw) and /dev (device nodes appear and go, loopN: no rule per node); read sysfs `dev`
+    files. Every right the ABI knows is handled, so all else (create, remove, rename or link
+    (REFER), truncate, execute, list a directory...) fails with EACCES or EXDEV. Needs
+    no_new_privs; runs before the seccomp filter exists, which therefore allows none of it."""
+    read, write = kernel.LANDLOCK_ACCESS_FS_READ_FILE, kernel.LANDLOCK_ACCESS_FS_WRITE_FILE
+    dev = ("/dev", read | write | kernel.LANDLOCK_ACCESS_FS_IOCTL_DEV)
+    rules = [*((root, read | write) for root in file_roots), dev, ("/sys/devices", read)]
+    handled = (1 << kernel.LANDLOCK_FS_RIGHTS[min(abi, len(kernel.LANDLOCK_FS_RIGHTS) - 1)]) - 1
+    attr, kind = kernel.landlock_ruleset_attr(handled), kernel.LANDLOCK_RULE_PATH_BENEATH
     size = ctypes.sizeof(attr)
+    # No cleanup on failure: any error here ends start-up (status 2).
     ruleset = kernel.syscall(kernel.SYS_landlock_create_ruleset, ctypes.byref(attr), size, 0)
-    try:
-        for path, access in rules:
-            fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            rule = kernel.landlock_path_beneath_attr(access & attr.handled_access_fs, fd)
-            try:
-                kind, rule_ref = kernel.LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule)
-                kernel.syscall(kernel.SYS_landlock_add_rule, ruleset, kind, rule_ref, 0)
-            finally:
-                os.close(fd)
-        kernel.syscall(kernel.SYS_landlock_restrict_self, ruleset, 0)
-    finally:
-        os.close(ruleset)
+    for path, access in rules:  # a right not handled would be EINVAL (IOCTL_DEV before ABI 5)
+        rule = kernel.landlock_path_beneath_attr(access & handled, os.open(path, DIR_PATH))
+        kernel.syscall(kernel.SYS_landlock_add_rule, ruleset, kind, ctypes.byref(rule), 0)
+        os.close(rule.parent_fd)
+    kernel.syscall(kernel.SYS_landlock_restrict_self, ruleset, 0)
+    os.close(ruleset)
 
 
-def enter(file_roots: Iterable[str], landlock: int) -> None:
+def enter(file_roots: tuple[str, ...], landlock: int) -> None:
     """The sandbox, in order; Landlock (ABI version `landlock`, 0: none) after no_new_privs."""
     set_rlimits()
     drop_capabilities()
     prctl.set_no_new_privs(1)
     if landlock:
-        restrict_files(landlock_rules(file_roots), landlock)
+        restrict_files(file_roots, landlock)
     build_filter().load()

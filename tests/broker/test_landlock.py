@@ -58,7 +58,7 @@ def run_restricted(root: Path, body: str, seccomp: bool = False) -> dict[str, ob
         import ctypes, errno, json, os, prctl
         from broker import kernel, sandbox
         prctl.set_no_new_privs(1)
-        sandbox.restrict_files(sandbox.landlock_rules([{str(root)!r}]), {ABI})
+        sandbox.restrict_files(({str(root)!r},), {ABI})
         if {seccomp}:
             sandbox.build_filter().load()
         record = {{}}

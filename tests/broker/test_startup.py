@@ -40,7 +40,8 @@ def run_broker(config: Path, sock: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "problem",
     ["world-writable", "group-writable", "not root-owned", "unknown key", "no such user",
-     "bad toml", "symlinked root", "missing root", "bad major", "diskless not bool"],
+     "bad toml", "symlinked root", "missing root", "bad major", "diskless not bool",
+     "bad landlock"],
 )  # fmt: skip
 def test_unsafe_or_invalid_config_refuses_to_start(workdir: Path, problem: str) -> None:
     root = workdir / "root"
@@ -66,6 +67,8 @@ def test_unsafe_or_invalid_config_refuses_to_start(workdir: Path, problem: str) 
         write_config(config, "root", [root], [-1])
     elif problem == "diskless not bool":
         config.write_text(config.read_text() + 'root_without_block_device = "yes"\n')
+    elif problem == "bad landlock":
+        config.write_text(config.read_text() + 'landlock = "off"\n')
     result = run_broker(config, workdir / "broker.sock")
     assert result.returncode == 2, result.stderr
     assert "event=startup_failed" in result.stderr
