@@ -187,6 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("stopped")
     except Exception as e:  # a bug: serving on in an unknown state is worse than a restart
-        log("internal_error", error=type(e).__name__, reason=str(e), action="exit")
+        log("fatal", error=type(e).__name__, reason=str(e))
         os._exit(1)
     os._exit(0)  # interpreter teardown would need syscalls the filter kills

@@ -214,8 +214,7 @@ def test_unexpected_exception_stops_the_broker(workdir: Path) -> None:
         os.close(fd)
         client.close()
         assert broker.proc.wait(timeout=10) == 1
-        assert broker.wait_log("event=internal_error error=ZeroDivisionError")
-        assert broker.wait_log("action=exit")
+        assert broker.wait_log("event=fatal error=ZeroDivisionError")
     finally:
         stop_broker(broker)
     assert wait_no_loops(root) == []
