@@ -6,9 +6,8 @@ root-owned and not writable by group or others; anything else refuses to start (
     client_user = "blockbroker"            # name or numeric uid; only it may connect
     file_roots = ["/var/lib/blockbroker/images"]   # LOOP_FILE only below these
     block_majors = [7, 8, 259]             # OPEN_BLOCK only these majors
+    landlock = "optional"                  # start without Landlock if the kernel has none
 """
-
-from __future__ import annotations
 
 import os
 import pwd
@@ -16,7 +15,7 @@ import stat
 import tomllib
 from dataclasses import dataclass
 
-KNOWN_KEYS = {"client_user", "file_roots", "block_majors", "root_without_block_device"}
+KNOWN_KEYS = {"client_user", "file_roots", "block_majors", "root_without_block_device", "landlock"}
 
 
 class ConfigError(Exception):
@@ -29,6 +28,7 @@ class Config:
     file_roots: tuple[str, ...]
     block_majors: frozenset[int]
     root_without_block_device: bool = False  # / is on 9p, overlay, btrfs...: start anyway
+    landlock_optional: bool = False  # the kernel has no Landlock: start with seccomp alone
 
 
 def resolve_uid(user: object) -> int:
@@ -69,48 +69,47 @@ def load_config(path: str) -> Config:
         raise ConfigError("file_roots and block_majors must be lists")
     if not all(type(m) is int and 0 < m < 4096 for m in majors):
         raise ConfigError("block_majors must be integers in 1..4095")
-    diskless = data.get("root_without_block_device", False)
-    if type(diskless) is not bool:
-        raise ConfigError("root_without_block_device must be true or false")
-    roots = tuple(check_file_root(r) for r in roots)
-    return Config(resolve_uid(data["client_user"]), roots, frozenset(majors), diskless)
+    diskless, landlock = data.get("root_without_block_device", False), data.get("landlock")
+    if type(diskless) is not bool or landlock not in (None, "required", "optional"):
+        raise ConfigError('root_without_block_device: true/false; landlock: "required"/"optional"')
+    roots, uid = tuple(map(check_file_root, roots)), resolve_uid(data["client_user"])
+    return Config(uid, roots, frozenset(majors), diskless, landlock == "optional")
 
 
-def check_root_protected(config: Config, root_devices: frozenset[int]) -> None:
-    """Fail closed when the root disk cannot be found (btrfs, ZFS, overlay, 9p roots have no
-    block device behind stat("/")), unless the config says the admin knows."""
+def check_fail_closed(config: Config, root_devices: frozenset[int], landlock_abi: int) -> None:
+    """Refuse to start without a protection the kernel or the system cannot give, unless the
+    config says the admin knows: the root disk by number (btrfs, ZFS, overlay, 9p roots have no
+    block device behind stat("/")), and Landlock (a kernel without it, or with it off)."""
     if not root_devices and not config.root_without_block_device:
-        raise ConfigError(
-            "the root filesystem is on no block device, so its disk cannot be protected by "
-            "number; set root_without_block_device = true if that is expected (mounted and "
-            "swap devices are still refused: the kernel's O_EXCL says they are in use)"
-        )
+        raise ConfigError("/ is on no block device; set root_without_block_device = true")
+    if not landlock_abi and not config.landlock_optional:
+        raise ConfigError('the kernel offers no Landlock; set landlock = "optional"')
 
 
-def block_device_of(dev: int) -> str | None:
-    """The sysfs directory of block device `dev`, or None if it is not one."""
+def disk_of(dev: int) -> str | None:
+    """The sysfs directory of the whole disk of block device `dev` (its own, or a partition's
+    parent), or None if `dev` is no block device."""
     link = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
-    return os.path.realpath(link) if os.path.exists(link) else None
+    sysdir = os.path.realpath(link) if os.path.exists(link) else None
+    if sysdir is None or not os.path.exists(os.path.join(sysdir, "partition")):
+        return sysdir
+    return os.path.dirname(sysdir)
 
 
 def read_dev(path: str) -> int:
-    """dev_t from a sysfs `dev` file ("major:minor")."""
+    """dev_t from a sysfs `dev` file ("major:minor\n")."""
     with open(path, "rb", buffering=0) as f:  # unbuffered: no isatty(), an ioctl the filter kills
-        major, minor = f.read(64).decode().split(":")
-    return os.makedev(int(major), int(minor))
+        return os.makedev(*map(int, f.read(64).decode().split(":", 1)))
 
 
 def root_disk_devices() -> frozenset[int]:
     """dev_t of the disks holding the root filesystem, all their partitions, and (for dm/md)
     the disks below them. OPEN_BLOCK never opens one of these."""
-    forbidden: set[int] = set()
-    pending = [os.stat("/").st_dev]
+    forbidden, pending = set[int](), [os.stat("/").st_dev]
     while pending:
-        sysdir = block_device_of(pending.pop())
+        sysdir = disk_of(pending.pop())
         if sysdir is None:
             continue  # e.g. a root on overlayfs or 9p: no block device to protect
-        if os.path.exists(os.path.join(sysdir, "partition")):
-            sysdir = os.path.dirname(sysdir)  # the whole disk
         for entry in [sysdir, *(os.path.join(sysdir, n) for n in os.listdir(sysdir))]:
             if not os.path.isfile(os.path.join(entry, "dev")):
                 continue

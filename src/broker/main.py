@@ -1,16 +1,16 @@
 """blockbroker-broker: the privileged broker process (socket, dispatch table, serve loop).
 
-TRUST LEVEL: runs as root under seccomp; all input untrusted. Start-up (config, socket, root
-dirfds, /dev/loop-control) happens before the sandbox; afterwards it only serves requests. One
-connection is served at a time, from the configured client uid only (SO_PEERCRED); a newer
-connection from that uid replaces the current one. Anything malformed, unknown or oversized, or
-a wrong number of fds, ends that connection; the broker keeps serving new ones.
+TRUST LEVEL: runs as root under seccomp and Landlock; all input untrusted. Start-up (config,
+socket, root dirfds, /dev/loop-control) happens before the sandbox; afterwards it only serves
+requests. One connection is served at a time, from the configured client uid only (SO_PEERCRED);
+a newer connection from that uid replaces the current one. Anything malformed, unknown or
+oversized, or a wrong number of fds, ends that connection; the broker keeps serving new ones. An
+unexpected exception (a bug) stops the broker with status 1: its state is unknown, and the
+service manager starts a fresh one.
 
     blockbroker-broker --config PATH --socket PATH
     blockbroker-broker --config PATH      # socket activation: LISTEN_FDS=1, LISTEN_PID, fd 3
 """
-
-from __future__ import annotations
 
 import argparse
 import array
@@ -24,16 +24,12 @@ import struct
 from collections.abc import Callable
 
 from broker import protocol, sandbox
-from broker.config import ConfigError, check_root_protected, load_config, root_disk_devices
+from broker.config import ConfigError, check_fail_closed, load_config, root_disk_devices
 from broker.ops import Operations, OpError, Result
 from broker.protocol import ErrorCode, FrameError, Reply, ReplyKind, Request, RequestKind
 
-MAX_FDS_ACCEPTED = 4  # room to notice (and close) too many fds
-LISTEN_FD = 3
-Handler = Callable[[Operations, Request, list[int]], Result]
-
 # The whole protocol: request kind -> (number of fds that must come with it, handler).
-DISPATCH: dict[RequestKind, tuple[int, Handler]] = {
+DISPATCH: dict[RequestKind, tuple[int, Callable[[Operations, Request, list[int]], Result]]] = {
     RequestKind.OPEN_BLOCK: (0, Operations.open_block),
     RequestKind.LOOP_FILE: (0, Operations.loop_file),
     RequestKind.IDENTIFY: (1, Operations.identify),
@@ -53,7 +49,7 @@ def log(event: str, **fields: object) -> None:
 
 def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     """One frame and the fds that came with it; the caller closes the fds."""
-    size, fd_space = protocol.MAX_REQUEST + 1, socket.CMSG_SPACE(MAX_FDS_ACCEPTED * 4)
+    size, fd_space = protocol.MAX_REQUEST + 1, socket.CMSG_SPACE(4 * 4)  # 4 fds: to see too many
     data, ancdata, flags, _ = conn.recvmsg(size, fd_space, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
@@ -86,11 +82,9 @@ def answer(conn: socket.socket, ops: Operations, request: Request, fds: list[int
         dev, reply = f"{result.reply.major}:{result.reply.minor}", result.reply
         log("served", kind=kind, dev=dev, diskseq=reply.diskseq, retries=result.retries)
     fds_out = [] if result.fd is None else [result.fd]
-    try:
-        fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))]
-        # never block on a peer that does not read its replies (EAGAIN ends the connection)
-        flags = socket.MSG_DONTWAIT
-        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg if fds_out else [], flags)
+    fd_msg = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds_out))] if fds_out else []
+    try:  # MSG_DONTWAIT: never block on a peer that does not read its replies (EAGAIN ends it)
+        conn.sendmsg([protocol.encode_reply(result.reply)], fd_msg, socket.MSG_DONTWAIT)
     finally:
         close_all(fds_out)  # policyd holds the only reference now (or none: AUTOCLEAR)
 
@@ -112,8 +106,6 @@ def serve_one(conn: socket.socket, ops: Operations) -> bool:
         log("protocol_violation", reason=str(e))
     except OSError as e:
         log("connection_end", reason=e.strerror)
-    except Exception as e:  # a bug: say so, drop the peer, keep the broker serving
-        log("internal_error", error=type(e).__name__, reason=str(e))
     finally:
         close_all(fds)
     return False
@@ -156,7 +148,7 @@ def listening_socket(path: str | None, client_uid: int) -> socket.socket:
     if path is None:
         if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS") != "1":
             raise ConfigError("no --socket given and no single socket passed by LISTEN_FDS")
-        sock = socket.socket(fileno=LISTEN_FD)
+        sock = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
         if (sock.family, sock.type) != (socket.AF_UNIX, socket.SOCK_SEQPACKET):
             raise ConfigError("the activation socket is not an AF_UNIX SOCK_SEQPACKET socket")
         os.set_inheritable(sock.fileno(), False)
@@ -179,19 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-        ops = Operations(config, root_disk_devices())
-        check_root_protected(config, ops.forbidden)
+        ops, landlock = Operations(config, root_disk_devices()), sandbox.landlock_abi()
+        check_fail_closed(config, ops.forbidden, landlock)
         listener = listening_socket(args.socket, config.client_uid)
-        sandbox.enter()
+        sandbox.enter(config.file_roots, landlock)
     except (ConfigError, OSError) as e:
         log("startup_failed", reason=str(e))
         return 2
     root_disk = ",".join(f"{os.major(d)}:{os.minor(d)}" for d in sorted(ops.forbidden))
     roots, majors = ",".join(config.file_roots), ",".join(map(str, sorted(config.block_majors)))
     log("ready", pid=os.getpid(), client_uid=config.client_uid, roots=roots, majors=majors,
-        root_disk=root_disk)  # fmt: skip
+        root_disk=root_disk, landlock=landlock)  # fmt: skip
     try:
         serve(listener, ops, config.client_uid)
     except KeyboardInterrupt:
         log("stopped")
+    except Exception as e:  # a bug: serving on in an unknown state is worse than a restart
+        log("fatal", error=type(e).__name__, reason=str(e))
+        os._exit(1)
     os._exit(0)  # interpreter teardown would need syscalls the filter kills

@@ -7,8 +7,6 @@ with fstat, and only then reopened for I/O through /proc/self/fd, so what is che
 opened. Ownership of a new fd passes to the caller only on success (ExitStack.pop_all).
 """
 
-from __future__ import annotations
-
 import contextlib
 import ctypes
 import errno
@@ -21,7 +19,7 @@ import time
 from dataclasses import dataclass, replace
 
 from broker import kernel
-from broker.config import Config, block_device_of, read_dev
+from broker.config import Config, disk_of, read_dev
 from broker.protocol import ErrorCode, Reply, ReplyKind, Request, RequestFlag
 
 LOOP_ATTEMPTS = 16
@@ -29,14 +27,12 @@ LOOP_BACKOFF_MAX = 0.02  # seconds: cap of one jittered wait between attempts
 LOOP_RETRYABLE = (errno.EBUSY, errno.ENXIO)  # another allocator won the race for this device
 VALID_BLOCK_SIZES = (0, 512, 1024, 2048, 4096)
 RESOLVE = kernel.RESOLVE_BENEATH | kernel.RESOLVE_NO_SYMLINKS | kernel.RESOLVE_NO_MAGICLINKS
-ERRNO_CODES = {
+ERRNO_CODES = {  # what a refused open means
     errno.ENOENT: ErrorCode.NOT_FOUND,
     errno.ELOOP: ErrorCode.SYMLINK,  # RESOLVE_NO_SYMLINKS met a symlink
     errno.EXDEV: ErrorCode.OUTSIDE_ROOTS,  # RESOLVE_BENEATH: the path escapes its root
+    errno.EBUSY: ErrorCode.IN_USE,  # O_EXCL on a block device dom0 uses: see open_block
 }
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class OpError(Exception):
@@ -45,7 +41,7 @@ class OpError(Exception):
         self.code, self.errno, self.message = code, err or 0, message
 
     @classmethod
-    def from_os(cls, e: OSError, what: str, code: ErrorCode = ErrorCode.OPEN_FAILED) -> OpError:
+    def from_os(cls, e: OSError, what: str, code: ErrorCode = ErrorCode.OPEN_FAILED) -> "OpError":
         if code == ErrorCode.OPEN_FAILED:
             code = ERRNO_CODES.get(e.errno or 0, code)
         return cls(code, f"{what}: {e.strerror}", e.errno)
@@ -90,19 +86,6 @@ def reopen(path_fd: int, flags: int) -> int:
     return open_fd(f"/proc/self/fd/{path_fd}", flags)
 
 
-def refuse_if_in_use(path_fd: int) -> None:
-    """The kernel knows what dom0 itself uses: an O_EXCL open of a block device fails with
-    EBUSY while it is mounted, active swap, a dm/md member, or a whole disk one of whose
-    partitions is claimed. This covers every filesystem type, btrfs and ZFS roots included."""
-    try:
-        os.close(reopen(path_fd, os.O_RDONLY | os.O_EXCL))
-    except OpError as e:
-        if e.errno == errno.EBUSY:
-            reason = "dom0 uses this device (mounted, swap, dm/md)"
-            raise OpError(ErrorCode.IN_USE, reason, e.errno) from None
-        raise
-
-
 def block_identity(fd: int) -> Reply:
     rdev = os.fstat(fd).st_rdev
     try:
@@ -130,10 +113,8 @@ class Operations:
 
     def on_root_disk(self, rdev: int) -> bool:
         """The root filesystem's disk, or a partition of it (even one made after start-up)."""
-        sysdir = block_device_of(rdev)
-        if rdev in self.forbidden or sysdir is None or not os.path.exists(f"{sysdir}/partition"):
-            return rdev in self.forbidden
-        return read_dev(f"{os.path.dirname(sysdir)}/dev") in self.forbidden
+        disk = disk_of(rdev)
+        return rdev in self.forbidden or bool(disk and read_dev(f"{disk}/dev") in self.forbidden)
 
     def open_block(self, request: Request, fds: list[int]) -> Result:
         path = validate_path(request.path)
@@ -156,7 +137,10 @@ class Operations:
             on_error.callback(os.close, fd)
             if writable and ioctl_read(fd, kernel.BLKROGET, "=i"):  # O_RDWR did not refuse it
                 raise OpError(ErrorCode.OPEN_FAILED, "the device is read-only", errno.EROFS)
-            refuse_if_in_use(path_fd)
+            # The kernel knows what dom0 itself uses: O_EXCL on a block device fails (EBUSY:
+            # IN_USE) while it is mounted, active swap, a dm/md member, or a whole disk one of
+            # whose partitions is claimed; whatever the root filesystem (btrfs and ZFS too).
+            os.close(reopen(path_fd, os.O_RDONLY | os.O_EXCL))
             identity = block_identity(fd)
             if (identity.major, identity.minor) != dev:
                 raise OpError(ErrorCode.VERIFY_FAILED, "device changed while opening")
@@ -175,11 +159,10 @@ class Operations:
         relative = path[len(root.rstrip("/")) + 1 :].encode()
         how = kernel.open_how(flags=os.O_PATH | os.O_CLOEXEC, resolve=RESOLVE)
         dirfd, size = self.root_fds[root], ctypes.c_size_t(ctypes.sizeof(how))
-        fd = _libc.syscall(kernel.SYS_openat2, dirfd, relative, ctypes.byref(how), size)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OpError.from_os(OSError(err, os.strerror(err)), "open")
-        return int(fd)
+        try:
+            return kernel.syscall(kernel.SYS_openat2, dirfd, relative, ctypes.byref(how), size)
+        except OSError as e:
+            raise OpError.from_os(e, "open") from None
 
     def loop_file(self, request: Request, fds: list[int]) -> Result:
         path = validate_path(request.path)

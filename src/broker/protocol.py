@@ -10,8 +10,6 @@ a reply is REPLY_HEADER followed by exactly `message_len` message bytes. Fields 
 not use must be zero. docs/protocol.md is the reference for every field and rule.
 """
 
-from __future__ import annotations
-
 import enum
 import struct
 from dataclasses import dataclass

@@ -1,14 +1,14 @@
-"""The broker's sandbox: rlimits, no capabilities, no_new_privs, and a seccomp allowlist.
+"""The broker's sandbox: rlimits, no capabilities, no_new_privs, Landlock, a seccomp allowlist.
 
 TRUST LEVEL: runs as root once, after every import and all start-up opens, before the first
 request. After enter() the process can only do what ALLOWED_SYSCALLS lists (default: kill the
-whole process), holds no capability, and cannot fork, exec or gain privileges; openat cannot
-create or truncate files (openat2's flags are out of seccomp's reach: docs/broker.md).
-docs/broker.md explains every entry.
+whole process), holds no capability, and cannot fork, exec or gain privileges. Landlock bounds
+every later open by path, whatever the syscall (openat2's flags are out of seccomp's reach): read
+and write files below the file roots and /dev, read them below /sys/devices; nothing may be
+created, removed, renamed, linked or truncated anywhere. docs/broker.md explains every entry.
 """
 
-from __future__ import annotations
-
+import ctypes
 import errno
 import os
 import resource
@@ -43,6 +43,7 @@ ALLOWED_SYSCALLS = (
 # openat without these flags: the broker opens, but never creates, truncates or makes tmpfiles.
 O_TMPFILE_BIT = os.O_TMPFILE & ~os.O_DIRECTORY  # O_TMPFILE includes O_DIRECTORY
 OPEN_FORBIDDEN_FLAGS = os.O_CREAT | os.O_TRUNC | O_TMPFILE_BIT
+DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC  # a Landlock rule's directory
 
 
 def build_filter() -> seccomp.SyscallFilter:
@@ -68,9 +69,8 @@ def drop_capabilities() -> None:
             prctl.capbset_drop(cap)
         except (OSError, ValueError):
             break  # beyond the kernel's last capability
-    prctl.cap_inheritable.limit()
-    prctl.cap_effective.limit()
-    prctl.cap_permitted.limit()
+    for capset in (prctl.cap_inheritable, prctl.cap_effective, prctl.cap_permitted):
+        capset.limit()  # no argument: keep none
 
 
 def set_rlimits() -> None:
@@ -81,8 +81,42 @@ def set_rlimits() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
 
 
-def enter() -> None:
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 if it has none (ENOSYS) or it is off (EOPNOTSUPP)."""
+    try:
+        flags = kernel.LANDLOCK_CREATE_RULESET_VERSION
+        return kernel.syscall(kernel.SYS_landlock_create_ruleset, None, 0, flags)
+    except OSError:
+        return 0
+
+
+def restrict_files(file_roots: tuple[str, ...], abi: int) -> None:
+    """Landlock, ABI version `abi`. Allowed: read and write files below the roots (LOOP_FILE, r
+    or rw) and /dev (device nodes appear and go, loopN: no rule per node); read sysfs `dev`
+    files. Every right the ABI knows is handled, so all else (create, remove, rename or link
+    (REFER), truncate, execute, list a directory...) fails with EACCES or EXDEV. Needs
+    no_new_privs; runs before the seccomp filter exists, which therefore allows none of it."""
+    read, write = kernel.LANDLOCK_ACCESS_FS_READ_FILE, kernel.LANDLOCK_ACCESS_FS_WRITE_FILE
+    dev = ("/dev", read | write | kernel.LANDLOCK_ACCESS_FS_IOCTL_DEV)
+    rules = [*((root, read | write) for root in file_roots), dev, ("/sys/devices", read)]
+    handled = (1 << kernel.LANDLOCK_FS_RIGHTS[min(abi, len(kernel.LANDLOCK_FS_RIGHTS) - 1)]) - 1
+    attr, kind = kernel.landlock_ruleset_attr(handled), kernel.LANDLOCK_RULE_PATH_BENEATH
+    size = ctypes.sizeof(attr)
+    # No cleanup on failure: any error here ends start-up (status 2).
+    ruleset = kernel.syscall(kernel.SYS_landlock_create_ruleset, ctypes.byref(attr), size, 0)
+    for path, access in rules:  # a right not handled would be EINVAL (IOCTL_DEV before ABI 5)
+        rule = kernel.landlock_path_beneath_attr(access & handled, os.open(path, DIR_PATH))
+        kernel.syscall(kernel.SYS_landlock_add_rule, ruleset, kind, ctypes.byref(rule), 0)
+        os.close(rule.parent_fd)
+    kernel.syscall(kernel.SYS_landlock_restrict_self, ruleset, 0)
+    os.close(ruleset)
+
+
+def enter(file_roots: tuple[str, ...], landlock: int) -> None:
+    """The sandbox, in order; Landlock (ABI version `landlock`, 0: none) after no_new_privs."""
     set_rlimits()
     drop_capabilities()
     prctl.set_no_new_privs(1)
+    if landlock:
+        restrict_files(file_roots, landlock)
     build_filter().load()

@@ -99,9 +99,12 @@ class Broker:
             client.close()
 
 
-def start_broker(config: Path, socket_path: Path, root: Path) -> Broker:
+def start_broker(
+    config: Path, socket_path: Path, root: Path, wrapper: tuple[str, ...] = ()
+) -> Broker:
+    """The broker, ready; `wrapper` is a command that runs it (the broker's argv follows)."""
     proc = subprocess.Popen(
-        [str(BROKER_BIN), "--config", str(config), "--socket", str(socket_path)],
+        [*wrapper, str(BROKER_BIN), "--config", str(config), "--socket", str(socket_path)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

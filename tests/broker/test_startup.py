@@ -16,7 +16,7 @@ import pytest
 from brokerlab import BROKER_BIN, Broker, make_image, start_broker, stop_broker, write_config
 
 from broker import protocol
-from broker.config import ConfigError, check_root_protected, load_config
+from broker.config import ConfigError, check_fail_closed, load_config
 from broker.protocol import Request, RequestKind
 from policyd.brokerclient import encode_request, parse_reply
 
@@ -40,7 +40,8 @@ def run_broker(config: Path, sock: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "problem",
     ["world-writable", "group-writable", "not root-owned", "unknown key", "no such user",
-     "bad toml", "symlinked root", "missing root", "bad major", "diskless not bool"],
+     "bad toml", "symlinked root", "missing root", "bad major", "diskless not bool",
+     "bad landlock"],
 )  # fmt: skip
 def test_unsafe_or_invalid_config_refuses_to_start(workdir: Path, problem: str) -> None:
     root = workdir / "root"
@@ -66,6 +67,8 @@ def test_unsafe_or_invalid_config_refuses_to_start(workdir: Path, problem: str) 
         write_config(config, "root", [root], [-1])
     elif problem == "diskless not bool":
         config.write_text(config.read_text() + 'root_without_block_device = "yes"\n')
+    elif problem == "bad landlock":
+        config.write_text(config.read_text() + 'landlock = "off"\n')
     result = run_broker(config, workdir / "broker.sock")
     assert result.returncode == 2, result.stderr
     assert "event=startup_failed" in result.stderr
@@ -183,9 +186,9 @@ def test_root_on_no_block_device_fails_closed(workdir: Path) -> None:
     be protected by number, so the broker refuses to start unless the config says so."""
     config = load_config(str(write_config(workdir / "broker.toml", "root", [workdir], [7])))
     with pytest.raises(ConfigError, match="root_without_block_device"):
-        check_root_protected(config, frozenset())
-    check_root_protected(config, frozenset({os.makedev(8, 0)}))  # a root disk was found
+        check_fail_closed(config, frozenset(), 7)
+    check_fail_closed(config, frozenset({os.makedev(8, 0)}), 7)  # a root disk was found
     (workdir / "broker.toml").write_text(
         (workdir / "broker.toml").read_text() + "root_without_block_device = true\n"
     )
-    check_root_protected(load_config(str(workdir / "broker.toml")), frozenset())
+    check_fail_closed(load_config(str(workdir / "broker.toml")), frozenset(), 7)
