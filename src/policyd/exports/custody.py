@@ -57,6 +57,11 @@ class Custody:
         """An fd the store handed back at start-up: held again (the store has it already)."""
         self.held[name] = fd
 
+    def unhold(self, name: str) -> None:
+        """Undo hold() (the step it guarded failed): out of the store; the caller closes."""
+        self.held.pop(name, None)
+        self._remove(name)
+
     def rename(self, old: str, new: str, fd: int) -> None:
         """A stored fd held again under another name: systemd keeps a re-pushed fd under its
         old name, so the old entry goes first."""

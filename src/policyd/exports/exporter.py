@@ -107,16 +107,25 @@ class Exporter:
         number for reuse under that name (the race blockbroker exists to close). So a fresh
         backing's fd is held (in custody, so in the fd store: the next start reconciles it
         against XenStore), and the error is still reported."""
+        self._hold_fresh(backing, undo)
         try:
             result = await step
         except (errors.CommitUnknown, asyncio.CancelledError):
-            undo.pop_all()
-            if backing.fd != NO_FD and not backing.users:
-                self.custody.hold(fd_name("kept", backing.identity), backing.fd)
+            undo.pop_all()  # held in custody (and the store) from now on
             logfmt.warning("commit outcome unknown: keeping the device's fd")
             raise
         undo.pop_all()
         return result
+
+    def _hold_fresh(self, backing: Backing, undo: contextlib.ExitStack) -> None:
+        """A fresh backing's fd goes to the fd store before any node names its device, so a
+        crash at any later point finds it there (start-up releases it if no node names it);
+        if the step fails, `undo` takes it out of the store again before closing it."""
+        name = backing_name(backing)
+        if backing.fd == NO_FD or backing.users or name in self.custody.held:
+            return
+        self.custody.hold(name, backing.fd)
+        undo.callback(self.custody.unhold, name)
 
     async def probe(self) -> None:
         """Start-up: connect to XenStore (read the backend domain's name); errors are logged."""
@@ -430,7 +439,7 @@ class Exporter:
         backing = record.backing
         fresh = not backing.users
         self.registry.add(record)
-        if fresh and backing.fd != NO_FD:
+        if fresh and backing.fd != NO_FD and backing_name(backing) not in self.custody.held:
             self.custody.hold(backing_name(backing), backing.fd)
         self._publish_record(record, "exported")
 

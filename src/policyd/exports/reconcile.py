@@ -20,6 +20,7 @@ highest given out, so an object path never names another export after a restart.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,9 +118,13 @@ async def _identify(
         if name.startswith(FDNAME_PREFIX + "-"):
             ident = await _broker(exporter, "a stored fd", _identify_call(exporter, fd))
         key = None if ident is None else (ident.major, ident.minor, ident.diskseq)
+        if key is not None and key in held and held[key][1] == name:
+            os.close(fd)  # a second copy under the same name: the store keeps the first
+            summary.released_fds += 1
+            continue
         if ident is None or key is None or key in held:
             exporter.custody.adopt(name, fd)
-            exporter.custody.release(name)  # its name may be shared: held re-pushes below
+            exporter.custody.release(name)  # not policyd's, or another name for a held device
             summary.released_fds += 1
             continue
         held[key] = (fd, name, ident)

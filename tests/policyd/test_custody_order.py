@@ -1,0 +1,106 @@
+"""A fresh device's fd is in the fd store before the commit that names it in XenStore, and out
+of it again when that commit fails: a policyd killed at any point between them leaves no
+XenStore node naming a device that only the dead process held. Unit level: the exporter's
+_publish with a datagram socket standing in for systemd's notify socket (the byte format is
+tested in test_fdstore.py, the store itself under real systemd in tests/stack)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from policyd import errors
+from policyd.brokerclient import AsyncBrokerClient, Identity
+from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.custody import Custody
+from policyd.exports.exporter import Exporter, backing_name
+from policyd.exports.fdstore import FdStore
+from policyd.exports.registry import Registry, file_key
+from policyd.exports.sources import Sources
+from policyd.xenstore.store import XenStore
+
+
+class Listener:
+    def export_added(self, record: object) -> None: ...
+    def export_removed(self, record: object) -> None: ...
+    def export_changed(self, record: object, names: list[str]) -> None: ...
+    def export_count_changed(self, count: int) -> None: ...
+
+
+async def no_policy(*_: object) -> None:
+    return None
+
+
+def notes(sock: socket.socket) -> list[str]:
+    found = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+            for _level, _type, fds in ancdata:
+                for i in range(0, len(fds), 4):
+                    os.close(int.from_bytes(fds[i : i + 4], "little"))
+            found.append(data.decode())
+    return found
+
+
+@pytest.mark.parametrize("outcome", ["committed", "failed", "unknown"])
+def test_the_fd_is_stored_before_the_commit_and_unstored_if_it_fails(
+    tmp_path: Path, outcome: str
+) -> None:
+    notify = tmp_path / "notify"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(notify))
+    server.setblocking(False)
+    registry = Registry()
+    calls = BrokerCalls(AsyncBrokerClient(str(tmp_path / "no-broker")))
+    custody = Custody(FdStore(str(notify)))
+
+    async def scenario() -> None:
+        exporter = Exporter(
+            xenstore=XenStore(str(tmp_path / "no-xenstored")),
+            broker=calls,
+            registry=registry,
+            sources=Sources(registry, calls),
+            policy_check=no_policy,
+            listener=Listener(),
+            custody=custody,
+            backend_domid=0,
+            sysfs_root=str(tmp_path),
+        )
+        fd = os.open("/dev/null", os.O_RDONLY)
+        backing = registry.new_backing(
+            file_key(1, 2), fd, Identity(7, 3, 42, 0, 1, 2), "file", False, (), "/dev/loop3"
+        )
+        name = backing_name(backing)
+
+        async def commit() -> int:
+            # what a killed policyd would leave: is the fd in the store while XenStore may
+            # name it?
+            assert notes(server) == [f"FDSTORE=1\nFDNAME={name}"]
+            if outcome == "failed":
+                raise errors.XenStoreError("commit refused")
+            if outcome == "unknown":
+                raise errors.CommitUnknown("connection lost during the commit")
+            return 1
+
+        with contextlib.ExitStack() as undo:
+            undo.callback(os.close, fd)
+            with contextlib.suppress(errors.XenStoreError):
+                await exporter._publish(undo, backing, commit())
+        after = notes(server)
+        if outcome == "failed":  # out of the store, and closed
+            assert after == [f"FDSTOREREMOVE=1\nFDNAME={name}"]
+            assert name not in custody.held
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        else:  # held: in custody and in the store
+            assert after == [] and custody.held == {name: fd}
+            custody.close_all()
+
+    asyncio.run(scenario())
+    server.close()
