@@ -59,6 +59,8 @@ SANITIZER_ENV = {
 }
 DONE_RE = re.compile(rb"Done (\d+) runs in (\d+) second")
 EXECUTED_RE = re.compile(rb"stat::number_of_executed_units: (\d+)")
+PROGRESS_RE = re.compile(rb"^#(\d+)\s", re.MULTILINE)  # libFuzzer's progress lines
+INTERRUPTED = (72, 130, -2)  # libFuzzer's -interrupted_exitcode, SIGINT: stopped, not a failure
 ARTIFACT_PREFIXES = ("crash-", "timeout-", "oom-", "leak-", "slow-unit-")
 
 
@@ -122,7 +124,8 @@ def fuzz_one(target: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
     (tdir / "last.log").write_bytes(log)
     done = DONE_RE.findall(log)
     executed = EXECUTED_RE.findall(log)
-    runs = int(done[-1][0]) if done else int(executed[-1]) if executed else 0
+    progress = PROGRESS_RE.findall(log)
+    runs = int((done[-1][0] if done else None) or (executed or progress or [b"0"])[-1])
     found = sorted(p for p in artifacts.iterdir() if p.name.startswith(ARTIFACT_PREFIXES))
     kept = []
     for artifact in found:
@@ -130,12 +133,13 @@ def fuzz_one(target: str, args: argparse.Namespace, workdir: Path) -> dict[str, 
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(artifact, dest)
         kept.append(str(dest.relative_to(REPO)) if dest.is_relative_to(REPO) else str(dest))
-    failed = proc.returncode != 0
+    failed = proc.returncode != 0 and (bool(found) or proc.returncode not in INTERRUPTED)
     if failed:
         sys.stdout.write(log[-6000:].decode("utf-8", "replace"))
     print(
         f"fuzz {target}: {runs} runs in {seconds:.1f} s ({runs / max(seconds, 1e-9):.0f}/s), "
-        f"exit {proc.returncode}, kept {kept or 'nothing'}",
+        f"exit {proc.returncode}{' (interrupted)' if proc.returncode in INTERRUPTED else ''}, "
+        f"kept {kept or 'nothing'}",
         flush=True,
     )
     return {
