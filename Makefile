@@ -5,6 +5,7 @@
 #   make chaos   random work, SIGKILLed daemons (systemd units), hostile loop users; invariants (CYCLES=N)
 #   make lint    ruff + mypy --strict
 #   make deb     the Debian package, dist/deb/blockbroker_<version>_<arch>.deb (docs/packaging.md)
+#   make fuzz    atheris/libFuzzer on every parser of untrusted input (FUZZ_RUNS=N per target)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 PREFIX ?= /opt/blockbroker
@@ -15,14 +16,14 @@ PY := $(VENV)/bin/python
 # (useradd, chpasswd: their throwaway user) is in every Debian system.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux mount systemd \
-	qemu-system-x86 busybox-static cpio kmod
+	qemu-system-x86 busybox-static cpio kmod clang-14 libfuzzer-14-dev libclang-rt-14-dev
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml
 # blockbroker-block (the libxl hotplug script) is one static C program: docs/client.md.
 BLOCK_SCRIPT_SRC := src/client/blockbroker-block.c
 BLOCK_SCRIPT_CFLAGS := -O2 -static -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install install-system lint test bench chaos demo clean deb deb-deps
+.PHONY: all deps venv install install-system lint test bench chaos demo fuzz clean deb deb-deps
 
 all: install
 
@@ -45,7 +46,7 @@ $(VENV)/.venv-stamp: $(PREFIX)/.deps-stamp pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "dbus-fast>=2.0" "pyxs==0.4.1" "python-prctl==1.8.1" "pyseccomp==0.1.2" \
-		"pytest>=8" "hypothesis>=6" "ruff>=0.6" "mypy>=1.10"
+		"pytest>=8" "hypothesis>=6" "ruff>=0.6" "mypy>=1.10" "atheris>=2.3"
 	touch $@
 
 venv: $(VENV)/.venv-stamp
@@ -136,6 +137,13 @@ bench: install
 CYCLES ?= 10000
 chaos: install
 	BLOCKBROKER_VENV=$(VENV) $(PY) bench/chaos.py --cycles $(CYCLES)
+
+# Coverage-guided fuzzing (docs/fuzzing.md): FUZZ_RUNS executions per target (FUZZ_SECONDS caps
+# each target's time, FUZZ_TARGETS picks some); a crash's input is kept in tests/fuzz/regressions/.
+# The last line is `FUZZ {json}`; the status is non-zero if anything crashed.
+FUZZ_RUNS ?= 1000000
+fuzz: install
+	FUZZ_RUNS=$(FUZZ_RUNS) $(PY) tests/fuzz/fuzzrun.py
 
 # Real Xen 4.17 under QEMU (docs/xenlab.md): a host image exported through blockbroker to two
 # PV guests sharing one loop device, policyd SIGKILLed and restarted (both exports recovered),

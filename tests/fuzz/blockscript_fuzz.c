@@ -1,0 +1,65 @@
+/* libFuzzer harness for blockbroker-block's D-Bus reply parser (test code, no privileges).
+ *
+ * The script's source is included whole, its main renamed, so the fuzzed code is the shipped
+ * code. Each input is what the bus would send after the script's pipelined AUTH, Hello and call:
+ * the auth reply line, then any messages. It is written to one end of a socketpair, which is
+ * then shut down, and read_auth_reply() and await_reply() read it from the other, exactly as
+ * from dbus-daemon (so reads split anywhere and streams longer than rx are covered; the end of
+ * the stream is the bus closing the connection).
+ *
+ * Properties, beyond ASan/UBSan: the parser returns 0 (the call's METHOD_RETURN) or -1 with
+ * err_name set; err_name and err_msg are NUL-terminated printable ASCII within their arrays; and
+ * rx never holds more than its size. Build and run: tests/fuzz/fuzzrun.py.
+ */
+#define main blockbroker_block_main
+#include "../../src/client/blockbroker-block.c"
+#undef main
+
+static void check_text(const char *s, size_t cap)
+{
+	size_t n = strnlen(s, cap);
+	if (n == cap)
+		abort(); /* not NUL-terminated within its array */
+	for (size_t i = 0; i < n; i++)
+		if (!is_printable_ascii((unsigned char)s[i]))
+			abort(); /* an unsanitized byte would reach stderr and XenStore */
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		abort();
+	int big = 1 << 21;
+	setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+	size_t sent = 0;
+	while (sent < size) { /* -max_len keeps inputs within the socket's buffer */
+		ssize_t r = write(sv[0], data + sent, size - sent);
+		if (r <= 0)
+			abort();
+		sent += (size_t)r;
+	}
+	shutdown(sv[0], SHUT_WR);
+	bus = sv[1];
+	rx_len = 0;
+	err_name[0] = 0;
+	err_msg[0] = 0;
+	deadline_ms = now_ms() + REPLY_TIMEOUT_MS;
+	int r = read_auth_reply("0");
+	if (r == 0)
+		r = await_reply();
+	if (r != 0 && r != -1)
+		abort();
+	if (r == -1 && !err_name[0])
+		abort(); /* every failure is named */
+	check_text(err_name, sizeof err_name);
+	check_text(err_msg, sizeof err_msg);
+	if (rx_len > sizeof rx)
+		abort();
+	close(sv[0]);
+	close(sv[1]);
+	bus = -1;
+	return 0;
+}
