@@ -12,18 +12,20 @@ PREFIX ?= /opt/blockbroker
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 # Debian packages the project needs; tests and the lab use the real daemons these ship.
+# blockbroker-gtk: PyGObject, GTK 4 and libadwaita from Debian; its test: Xvfb and AT-SPI.
 # polkitd also ships pkttyagent and polkit-agent-helper-1 (the prompt tests' real agent); passwd
 # (useradd, chpasswd: their throwaway user) is in every Debian system.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux mount systemd \
-	qemu-system-x86 busybox-static cpio kmod clang-14 libfuzzer-14-dev libclang-rt-14-dev
+	qemu-system-x86 busybox-static cpio kmod clang-14 libfuzzer-14-dev libclang-rt-14-dev \
+	python3-gi gir1.2-gtk-4.0 gir1.2-adw-1 xvfb at-spi2-core python3-pyatspi gir1.2-atspi-2.0
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml
 # blockbroker-block (the libxl hotplug script) is one static C program: docs/client.md.
 BLOCK_SCRIPT_SRC := src/client/blockbroker-block.c
 BLOCK_SCRIPT_CFLAGS := -O2 -static -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install install-system lint test bench chaos demo fuzz clean deb deb-deps
+.PHONY: all deps venv install install-system lint test bench chaos demo fuzz clean deb deb-deps screenshots
 
 all: install
 
@@ -128,6 +130,12 @@ lint: venv
 
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# docs/gtk-request.png and docs/gtk-exports.png: blockbroker-gtk under Xvfb on the host stack,
+# taken by its desktop test (root, real daemons).
+screenshots: install
+	BLOCKBROKER_VENV=$(VENV) BLOCKBROKER_SCREENSHOTS=$(CURDIR)/docs \
+		$(PY) -m pytest -q tests/requests/test_gtk_desktop.py -k approve_then_detach
 
 bench: install
 	$(PY) bench/run.py

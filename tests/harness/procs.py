@@ -72,6 +72,7 @@ class Daemon:
     log_path: Path
     env: dict[str, str]
     user: str | None = None
+    group: str | None = None  # default: the group named like `user`
     preexec: Callable[[], None] | None = None
     pass_fds: Sequence[int] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
@@ -86,7 +87,7 @@ class Daemon:
                 env=self.env,
                 start_new_session=True,
                 user=self.user,
-                group=self.user,
+                group=self.group or self.user,
                 extra_groups=[] if self.user is not None else None,
                 preexec_fn=self._preexec,
                 pass_fds=self.pass_fds,
