@@ -14,6 +14,7 @@ mkdir -p "$run_dir/debs" && cp "$deb" "$run_dir/debs/"
 XENLAB_FLAVOUR=systemd "$LAB_SRC/run.sh" -d "$run_dir" "systemd=${LAB_SYSTEMD_LIMIT:-600}"
 status=$?
 if [ $status = 0 ]; then echo "LAB-SYSTEMD OK"; exit 0; fi
-reason=$(grep -m1 '^XENLAB FATAL\|^XENLAB CHECK [^ ]* FAIL' "$run_dir/results" "$run_dir/console.log" 2>/dev/null | head -1 | cut -d: -f2- | cut -c1-300)
+reason=$(cat "$run_dir/results" "$run_dir/console.log" 2>/dev/null |
+  grep -m1 -o 'XENLAB FATAL.*\|XENLAB CHECK [^ ]* FAIL.*' | cut -c1-300)
 echo "LAB-SYSTEMD FAILED ${reason:-run.sh status $status} (run $run_dir)"
 exit 1
