@@ -25,7 +25,7 @@ BLOCK_SCRIPT_SRC := src/client/blockbroker-block.c
 BLOCK_SCRIPT_CFLAGS := -O2 -static -Wall -Wextra -Werror -D_FORTIFY_SOURCE=2 -fstack-protector-strong
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv install install-system lint test bench chaos demo fuzz clean deb deb-deps screenshots
+.PHONY: all deps venv install install-system lint test bench chaos demo fuzz clean deb deb-deps screenshots lab-systemd
 
 all: install
 
@@ -156,6 +156,11 @@ fuzz: install
 # Real Xen 4.17 under QEMU (docs/xenlab.md): a host image exported through blockbroker to two
 # PV guests sharing one loop device, policyd SIGKILLed and restarted (both exports recovered),
 # then detached. Runs blockbroker from $(VENV). Ends with `DEMO OK` or `DEMO FAILED <why>`.
+# the Debian package in the systemd dom0 (docs/xenlab.md, "The systemd dom0"); prints last
+# LAB-SYSTEMD OK or LAB-SYSTEMD FAILED <reason>. Not part of `make test`.
+lab-systemd: deb
+	xenlab/lab-systemd.sh
+
 demo: install
 	BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
 

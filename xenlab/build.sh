@@ -25,7 +25,8 @@ log() { echo "xenlab build: $*" >&2; }
 for tool in apt-get apt-cache dpkg busybox cpio depmod modprobe python3 flock losetup ldd sha256sum; do
   command -v "$tool" >/dev/null || die "missing host tool '$tool' (run 'make install')"
 done
-busybox --list | grep -qx sh || die "busybox has no sh applet"
+# not `busybox --list | grep -q`: under pipefail grep's early exit SIGPIPEs busybox (a false "no sh")
+grep -qx sh <<<"$(busybox --list)" || die "busybox has no sh applet"
 file_kind=$(od -An -tx1 -N4 "$(command -v busybox)" | tr -d ' ')
 [ "$file_kind" = 7f454c46 ] || die "busybox is not an ELF binary"
 ldd "$(command -v busybox)" >/dev/null 2>&1 && die "busybox is dynamically linked; install busybox-static"

@@ -13,7 +13,9 @@
 # Environment: XENLAB_CACHE (default /var/cache/blockbroker/xenlab), XENLAB_MEM (QEMU MiB, 2048),
 # XENLAB_DOM0_MEM (MiB, 1024), XENLAB_SHELL=1 (leave a dom0 shell on the serial port at the end),
 # XENLAB_QEMU (the QEMU binary, default qemu-system-x86_64), BLOCKBROKER_VENV (the host's venv
-# the scenarios run blockbroker from, default /opt/blockbroker/venv; -p venv=DIR wins).
+# the scenarios run blockbroker from, default /opt/blockbroker/venv; -p venv=DIR wins),
+# XENLAB_FLAVOUR=systemd (boot the Debian dom0 with systemd as PID 1 of build-systemd.sh instead
+# of the busybox one; no host root share, no venv: its scenarios install the .deb in dom0).
 set -uo pipefail
 
 LAB_SRC=$(cd "$(dirname "$0")" && pwd)
@@ -43,7 +45,12 @@ done
 QEMU=${XENLAB_QEMU:-qemu-system-x86_64}
 command -v "$QEMU" >/dev/null ||
   die "$QEMU is missing: the Xen lab cannot run (install qemu-system-x86: make install)"
-"$LAB_SRC/build.sh" || die "building the Xen lab images failed (see above)"
+FLAVOUR=${XENLAB_FLAVOUR:-busybox}
+case $FLAVOUR in
+  busybox) "$LAB_SRC/build.sh" || die "building the Xen lab images failed (see above)" ;;
+  systemd) "$LAB_SRC/build-systemd.sh" || die "building the systemd dom0 failed (see above)" ;;
+  *) die "XENLAB_FLAVOUR is busybox or systemd, not '$FLAVOUR'" ;;
+esac
 
 if [ -z "$run_dir" ]; then
   mkdir -p "$CACHE/runs"
@@ -67,7 +74,7 @@ echo "${BLOCKBROKER_VENV:-/opt/blockbroker/venv}" >"$run_dir/venv"
 for param in "${params[@]}"; do echo "${param#*=}" >"$run_dir/${param%%=*}"; done
 venv=$(cat "$run_dir/venv")
 case $venv in /*) ;; *) die "the venv must be an absolute path, got '$venv'" ;; esac
-[ -x "$venv/bin/blockbroker-policyd" ] || die "no blockbroker install in $venv (make install PREFIX=...)"
+[ "$FLAVOUR" = systemd ] || [ -x "$venv/bin/blockbroker-policyd" ] || die "no blockbroker install in $venv (make install PREFIX=...)"
 sum=0
 for item in "$@"; do
   name=${item%%=*}; limit=300
@@ -93,8 +100,17 @@ qemu=("$QEMU"
   -virtfs "local,path=/,mount_tag=hostroot,$p9,readonly=on,id=hostroot"
   -kernel "$IMAGES/xen" -append "$xen_args"
   -initrd "$IMAGES/vmlinux $dom0_args,$IMAGES/dom0.cpio")
+if [ "$FLAVOUR" = systemd ]; then
+  # the root filesystem on virtio-blk, opened with snapshot=on (writes go to a temporary file,
+  # the cached image stays as built); the initramfs only mounts it and execs systemd
+  sd=$CACHE/systemd
+  qemu=("${qemu[@]:0:${#qemu[@]}-8}"  # without the host root share, -kernel, -append, -initrd
+    -drive "file=$sd/rootfs.img,format=raw,if=virtio,snapshot=on,cache=unsafe"
+    -kernel "$IMAGES/xen" -append "$xen_args"
+    -initrd "$IMAGES/vmlinux console=hvc0 earlyprintk=xen rdinit=/init loglevel=4,$sd/initrd.cpio")
+fi
 
-echo "XENLAB RUN dir=$run_dir scenarios=$* limit=${total_limit}s venv=$venv"
+echo "XENLAB RUN dir=$run_dir flavour=$FLAVOUR scenarios=$* limit=${total_limit}s venv=$venv"
 started=$EPOCHREALTIME
 stamp() { awk -v a="$EPOCHREALTIME" -v b="$started" 'BEGIN {printf "%7.2f", a - b}'; }
 # the serial console, time-stamped, into console.log; result lines also to stdout as they come

@@ -1,0 +1,136 @@
+# xenlab/scenarios/systemd.sh: blockbroker's Debian package under systemd as PID 1 (the systemd
+# dom0 of build-systemd.sh; XENLAB_FLAVOUR=systemd). Installs the .deb run.sh's caller put in
+# $RUN/debs with apt, then checks the services as systemd runs them; nothing here starts a
+# daemon. Check names start with sd-; docs/xenlab.md lists them.
+. /run/xenlab/scenarios/lib.sh
+in_host() { "$@"; }     # no chroot: this dom0 is a Debian system of its own
+IMAGE_DIR=/var/lib/blockbroker/images   # the packaged broker.toml's file root
+export DEBIAN_FRONTEND=noninteractive
+bb() { blockbroker "$@"; }
+active() { [ "$(systemctl is-active "$1" 2>/dev/null)" = active ]; }
+wait_until() {  # wait_until SECONDS COMMAND...: poll every 0.2 s
+  deadline=$(awk -v t="$(now)" -v s="$1" 'BEGIN {print t + s}'); shift
+  until "$@" >/dev/null 2>&1; do
+    awk -v t="$(now)" -v d="$deadline" 'BEGIN {exit !(t > d)}' && return 1
+    sleep 0.2
+  done
+}
+note() { echo "XENLAB NOTE $*" | tee -a $RUN/results; }
+
+# -- 1. the system: systemd is PID 1, Debian's xen unit brought up xenstored, dbus runs
+expect sd-pid1-systemd "pid 1 is $(cat /proc/1/comm); system $(systemctl is-system-running); failed: $(systemctl --failed --no-legend --plain | awk '{printf "%s ", $1}')" \
+  test "$(cat /proc/1/comm)" = systemd
+expect sd-xen-units "xen.service $(systemctl is-active xen.service), dbus $(systemctl is-active dbus.service), xenstored $(pidof oxenstored xenstored), domid0=$(xenstore-read domid 2>&1)" \
+  sh -c 'systemctl is-active -q xen.service dbus.service && xenstore-read /local/domain/0/name >/dev/null'
+
+# -- 2. apt install of the package (its dependencies are in the image: no network here)
+deb=$(ls $RUN/debs/blockbroker_*.deb 2>/dev/null | head -1)
+[ -n "$deb" ] || { check sd-apt-install FAIL "no .deb in $RUN/debs"; exit 1; }
+cp "$deb" /tmp/ && deb=/tmp/$(basename "$deb")
+t0=$(now)
+apt-get install -y -q "$deb" >$RUN/apt-install.log 2>&1; rc=$?
+expect sd-apt-install "rc=$rc in $(elapsed_ms $t0) ms; socket $(systemctl is-active blockbroker-broker.socket), broker $(systemctl is-active blockbroker-broker.service), policyd $(systemctl is-active blockbroker-policyd.service)" \
+  sh -c "[ $rc = 0 ] && systemctl is-active -q blockbroker-broker.socket && ! systemctl is-active -q blockbroker-broker.service blockbroker-policyd.service"
+
+# -- 3. the units as systemd reads them
+units="blockbroker-broker.socket blockbroker-broker.service blockbroker-policyd.service"
+# --man=no: the image has no man-db (and no /usr/share/man); the pages' presence in the package
+# is checked on the .deb itself below
+(cd /lib/systemd/system && systemd-analyze verify --man=no $units) >$RUN/sd-verify.log 2>&1; rc=$?
+expect sd-units-verify "rc=$rc: $(tr '\n' ' ' <$RUN/sd-verify.log | cut -c1-400)" \
+  sh -c "[ $rc = 0 ] && [ ! -s $RUN/sd-verify.log ]"
+pages=$(dpkg-deb -c "$deb" | grep -c 'man8/blockbroker-policyd.8\|man8/blockbroker-broker.8')
+expect sd-units-man-pages "Documentation=man: pages in the .deb: $pages of 2" test "$pages" = 2
+for svc in blockbroker-broker blockbroker-policyd; do
+  systemd-analyze security --no-pager $svc.service >$RUN/sd-security-$svc.txt 2>&1
+  note "security $svc: $(grep -o 'Overall exposure level.*' $RUN/sd-security-$svc.txt)"
+done
+
+# -- 4. xl create with script=blockbroker-block: socket activation, D-Bus activation
+loops0=$(loop_count)
+boot_md5=$(make_image $IMAGE_DIR/boot.img BOOT 2)
+t0=$(now)
+guest_create sdb1 "format=raw, vdev=xvda, access=ro, script=blockbroker-block, target=$IMAGE_DIR/boot.img" "xenlab.wait=xvda xenlab.then=watch"
+rc=$?
+got=$(guest_disk_md5 sdb1 xvda 120)
+expect sd-script-guest-reads "xl create rc=$rc in $(elapsed_ms $t0) ms; guest md5=$got image md5=$boot_md5" \
+  test -n "$got" -a "$got" = "$boot_md5"
+expect sd-broker-socket-activated "$(journalctl -b -q -u blockbroker-broker.service -o cat | grep -m1 -i 'started\|failed' )" \
+  sh -c "journalctl -b -q -u blockbroker-broker.service -o cat | grep -q '^Started'"
+expect sd-policyd-dbus-activated "$(journalctl -b -q -u dbus.service -o cat | grep -m1 BlockBroker1); policyd $(systemctl is-active blockbroker-policyd.service)" \
+  sh -c "journalctl -b -q -u dbus.service -o cat | grep -q \"Activating via systemd: service name='org.qubes.BlockBroker1'\" && systemctl is-active -q blockbroker-policyd.service"
+xl destroy sdb1 >/dev/null 2>&1
+wait_until 30 test "$(loops_of $IMAGE_DIR/boot.img)" = 0
+expect sd-destroy-frees-loop "loop devices on boot.img: $(loops_of $IMAGE_DIR/boot.img)" \
+  test "$(loops_of $IMAGE_DIR/boot.img)" = 0
+
+# -- 5. blockbroker export into a running guest (it re-reads its disks every 4 s)
+shared_md5=$(make_image $IMAGE_DIR/shared.img SHARED 2)
+guest_create sdx1 "" "xenlab.then=watch xenlab.reread=4"
+guest_wait sdx1 '^GUEST watching' 90 >/dev/null
+t0=$(now)
+out=$(bb export $IMAGE_DIR/shared.img --to sdx1 --ro --json 2>&1)
+echo "blockbroker export: $out"
+export1=$(echo "$out" | json_field export); disk=$(xvd_name "$(echo "$out" | json_field devid)")
+got=$(guest_disk_md5 sdx1 "$disk" 60)
+expect sd-export-guest-reads "export $export1 as $disk in $(elapsed_ms $t0) ms; guest md5=$got image md5=$shared_md5" \
+  test -n "$got" -a "$got" = "$shared_md5"
+connected() { bb list --json | grep "\"export\":\"$export1\"" | grep -q '"state":"connected"'; }
+wait_until 30 connected
+
+# -- 6. SIGKILL of policyd under PID 1: back with its export through the fd store
+before=$(bb list --json | sort)
+pid0=$(systemctl show -p MainPID --value blockbroker-policyd.service)
+t0=$(now)
+systemctl kill -s KILL blockbroker-policyd.service
+back() {
+  pid=$(systemctl show -p MainPID --value blockbroker-policyd.service)
+  [ "$pid" != 0 ] && [ "$pid" != "$pid0" ] && systemctl is-active -q blockbroker-policyd.service
+}
+wait_until 60 back; back_ms=$(elapsed_ms $t0)
+after=$(bb list --json | sort)
+rec=$(journalctl -b -q -u blockbroker-policyd.service -o cat | grep reconciled | tail -1)
+expect sd-kill-policyd-back "active again (Type=dbus: name owned) $back_ms ms after SIGKILL; $rec" \
+  sh -c "echo '$rec' | grep -q 'adopted=1' && echo '$rec' | grep -q 'failed=0' && echo '$rec' | grep -q 'stored_fds=[1-9]'"
+expect sd-kill-policyd-listed "before: $before | after: $after" test -n "$before" -a "$before" = "$after"
+n=$(guest_console sdx1 | grep -c "^GUEST reread $disk ")
+wait_until 30 test "$(guest_console sdx1 | grep -c "^GUEST reread $disk ")" -gt "$n"
+reread=$(guest_console sdx1 | grep "^GUEST reread $disk " | tail -1 | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p')
+expect sd-kill-policyd-guest-reads "re-read after the restart: $reread" test "$reread" = "$shared_md5"
+
+# -- 7. SIGKILL of the broker: the socket stays, the next request starts a new one
+bpid0=$(systemctl show -p MainPID --value blockbroker-broker.service)
+systemctl kill -s KILL blockbroker-broker.service
+rw_md5=$(make_image $IMAGE_DIR/second.img SECOND 2)
+t0=$(now)
+out2=$(bb export $IMAGE_DIR/second.img --to sdx1 --ro --json 2>&1)
+export2=$(echo "$out2" | json_field export); disk2=$(xvd_name "$(echo "$out2" | json_field devid)")
+got=$(guest_disk_md5 sdx1 "$disk2" 60)
+expect sd-kill-broker-back "broker pid $bpid0 killed; export $export2 in $(elapsed_ms $t0) ms, new broker pid $(systemctl show -p MainPID --value blockbroker-broker.service); guest md5=$got image md5=$rw_md5" \
+  test -n "$got" -a "$got" = "$rw_md5"
+
+# -- 8. detach, then destroy
+bb detach "$export1" >/dev/null 2>&1; bb detach "$export2" >/dev/null 2>&1
+wait_until 30 sh -c "guest_console() { cat $CONSOLE_DIR/guest-sdx1.log; }; guest_console | grep -q 'GUEST gone $disk' && guest_console | grep -q 'GUEST gone $disk2'"
+wait_until 30 test "$(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img)))" = 0
+expect sd-detach "guest: $(guest_console sdx1 | grep '^GUEST gone' | tr '\n' ' '); loops on the images: $(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img))); listed: $(bb list --json | grep -c export)" \
+  sh -c "[ $(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img))) = 0 ] && guest_console() { cat $CONSOLE_DIR/guest-sdx1.log; } && guest_console | grep -q 'GUEST gone $disk'"
+xl destroy sdx1 >/dev/null 2>&1
+
+# -- 9. apt purge: nothing left
+rm -f $IMAGE_DIR/*.img   # the administrator's images: purge never deletes them
+t0=$(now)
+apt-get purge -y -q blockbroker >$RUN/apt-purge.log 2>&1; rc=$?
+sleep 1
+left=""
+[ -n "$(systemctl list-unit-files --no-legend 'blockbroker*' 2>/dev/null)" ] && left="$left units:$(systemctl list-unit-files --no-legend 'blockbroker*' | awk '{printf "%s,", $1}')"
+systemctl list-units --all --no-legend 'blockbroker*' 2>/dev/null | grep -q . && left="$left loaded-units"
+for u in blockbroker; do getent passwd $u >/dev/null && left="$left user:$u"; done
+for g in blockbroker blockbroker-qrexec; do getent group $g >/dev/null && left="$left group:$g"; done
+for p in /etc/blockbroker /run/blockbroker /usr/lib/blockbroker /var/lib/blockbroker /usr/bin/blockbroker \
+         /etc/xen/scripts/blockbroker-block /usr/share/dbus-1/system.d/org.qubes.BlockBroker1.conf; do
+  [ -e $p ] && left="$left $p"
+done
+pgrep -f blockbroker >/dev/null && left="$left processes:$(pgrep -f blockbroker | tr '\n' ,)"
+[ "$(loop_count)" = "$loops0" ] || left="$left loops:$(loop_count)-vs-$loops0"
+expect sd-apt-purge "rc=$rc in $(elapsed_ms $t0) ms; left:${left:- nothing}" sh -c "[ $rc = 0 ] && [ -z '$left' ]"
