@@ -7,6 +7,9 @@ Runs as root against the real stack; policyd runs as user blockbroker.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 from harness.loops import loops_of, loops_released
@@ -215,4 +218,31 @@ def test_attach_of_an_unshared_block_device(stack: Stack, api: Api) -> None:
         remove_libxl_vbd(stack, be)
     finally:
         os.close(fd)
+    assert_clean(stack, image)
+
+
+def test_a_detach_that_races_a_late_attach_detaches_what_it_registers(
+    stack: Stack, api: Api
+) -> None:
+    """libxl's remove can come while its add is still in policyd (here: the broker is stopped
+    in the middle of the Attach). Detach looks the export up under the lock Attach holds, so it
+    waits for the Attach and detaches what it registered: no export is left that no backend
+    names, holding its loop device until policyd stops."""
+    image = stack.make_image("race.img", content=b"RACE")
+    be = write_libxl_vbd(stack, 1, XVDA, str(image), mode="r")
+    broker = stack.daemons["broker"].pid
+    env = {**stack.env(), "XENBUS_PATH": be, "XENBUS_TYPE": "vbd", "XENBUS_BASE_PATH": "backend"}
+    script = str(stack.config.venv / "bin/blockbroker-block")
+    os.kill(broker, signal.SIGSTOP)
+    try:
+        add = subprocess.Popen([script, "add"], env=env, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # the Attach waits for the stopped broker, holding the lock
+        remove = subprocess.Popen([script, "remove"], env=env, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+    finally:
+        os.kill(broker, signal.SIGCONT)
+    assert add.wait(timeout=30) == 0, add.communicate()[1]
+    assert remove.wait(timeout=30) == 0, remove.communicate()[1]
+    assert api.managed() == {}
+    remove_libxl_vbd(stack, be)
     assert_clean(stack, image)
