@@ -480,6 +480,35 @@ def test_watches_are_set_again_at_once_after_the_connection_drops(stack: Stack) 
 
 @pytest.mark.root
 @pytest.mark.daemon
+def test_the_first_event_of_many_new_watches_keeps_the_connection(stack: Stack) -> None:
+    """xenstored fires each new watch once, right behind its reply: those events are policyd's
+    own, so watching more frontends than the bound on foreign events (a thousand exports over
+    a hundred domains) keeps the connection."""
+
+    async def scenario() -> None:
+        changes: list[bool] = []
+        seen: list[str] = []
+        xs = XenStore(str(stack.xenstore_path), on_connection_changed=changes.append)
+        try:
+            count = 2 * WATCH_EVENTS_MAX
+            for n in range(count):
+                await xs.watch(f"/local/domain/{n + 1}/name", f"frontend-{n + 1}",
+                               lambda p, t: seen.append(t))  # fmt: skip
+            assert await xs.domain_name(1) == "work"
+            for _ in range(200):
+                if len(seen) >= count:
+                    break
+                await asyncio.sleep(0.01)
+            assert changes == [True]  # connected once, never dropped
+            assert sorted(set(seen)) == sorted(f"frontend-{n + 1}" for n in range(count))
+        finally:
+            xs.close()
+
+    run_clean(scenario)
+
+
+@pytest.mark.root
+@pytest.mark.daemon
 def test_real_reconnect_after_oxenstored_restarts(
     stack_factory: Callable[[StackConfig], Stack],
 ) -> None:

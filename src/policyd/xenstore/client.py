@@ -290,9 +290,16 @@ class XsClient:
     async def watch(self, path: str, token: str, handler: WatchHandler) -> None:
         """Watch `path` (and below) under `token`, on this and every later connection;
         `handler(path, token)` gets the events."""
-        await self._set_watch(Op.WATCH, path, token)
-        self.watches[token] = path
+        # the handler first: xenstored fires a new watch once, right behind its reply, and an
+        # event no handler takes counts toward the connection's bound on foreign events
         self._handlers[token] = handler
+        try:
+            await self._set_watch(Op.WATCH, path, token)
+        except BaseException:
+            if token not in self.watches:
+                self._handlers.pop(token, None)
+            raise
+        self.watches[token] = path
 
     async def unwatch(self, token: str) -> None:
         path = self.watches.pop(token, None)
