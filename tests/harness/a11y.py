@@ -45,9 +45,14 @@ def matching(role, name):
 
 
 def until(probe, timeout):
+    """probe() until it returns something; a node that goes away while it is being read (the
+    tree changes under the walk: "The application no longer exists") is another try."""
     deadline = time.monotonic() + timeout
     while True:
-        value = probe()
+        try:
+            value = probe()
+        except Exception:
+            value = None
         if value is not None:
             return value
         if time.monotonic() > deadline:

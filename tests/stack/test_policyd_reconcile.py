@@ -9,45 +9,21 @@ loop device, node or fd is left. Also: new devices are refused before the fd sto
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 from harness import xenstore
 from harness.stack import Stack, StackConfig
+from restartlab import XVDK, block_script, cli, export, listing
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
-VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
-XVDK = 51872
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VENV / "bin/blockbroker"), *args],
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-
-
-def export(stack: Stack, image: Path) -> dict[str, Any]:
-    done = cli(stack, "export", str(image), "--to", "work", "--json")
-    assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout))
 
 
 def listed(stack: Stack) -> list[str]:
-    done = cli(stack, "list", "--json")
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line)["export"] for line in done.stdout.splitlines()]
+    return list(listing(stack))
 
 
 def restart_with(stack: Stack, tamper: Callable[[], None]) -> None:
@@ -101,11 +77,7 @@ def test_a_libxl_backend_whose_device_is_gone_gets_hotplug_error(plain_stack: St
     stack = plain_stack
     image = stack.make_image("attached.img", 1 << 20, b"attached\n")
     be = xenstore.write_libxl_vbd(stack.xs, 1, XVDK, str(image), "r")
-    env = stack.env()
-    env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
-    done = subprocess.run(
-        [str(VENV / "bin/blockbroker-block"), "add"], env=env, capture_output=True, check=False
-    )
+    done = block_script(stack, "add", be)
     assert done.returncode == 0, done.stderr
     assert stack.xs_read(f"{be}/physical-device") is not None
     stack.restart_policyd()  # no store, no blkback reference: AUTOCLEAR freed the device
@@ -142,10 +114,7 @@ def test_an_untagged_backend_left_by_an_older_version_is_adopted_and_tagged(
     stack = plain_stack
     image = stack.make_image("old.img", 1 << 20, b"old\n")
     be = xenstore.write_libxl_vbd(stack.xs, 1, XVDK, str(image), "r")
-    env = stack.env()
-    env.update(XENBUS_PATH=be, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
-    script = [str(VENV / "bin/blockbroker-block")]
-    assert subprocess.run([*script, "add"], env=env, check=False).returncode == 0
+    assert block_script(stack, "add", be).returncode == 0
     loop = stack.xs_read(f"{be}/physical-device-path")
     assert loop is not None
     ref = os.open(loop, os.O_RDONLY)  # blkback's reference
@@ -163,7 +132,7 @@ def test_an_untagged_backend_left_by_an_older_version_is_adopted_and_tagged(
         assert stack.xs_read(f"{be}/physical-device-path") == loop
     finally:
         os.close(ref)
-    assert subprocess.run([*script, "remove"], env=env, check=False).returncode == 0
+    assert block_script(stack, "remove", be).returncode == 0
     stack.xs_rm(be)
     stack.xs_rm(f"/local/domain/1/device/vbd/{XVDK}")
     assert listed(stack) == []

@@ -21,47 +21,9 @@ from typing import Any
 import pytest
 from harness import xenstore
 from harness.stack import Stack, StackConfig
+from restartlab import VENV, XVDK, block_script, cli, export, listing
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
-VENV = Path(os.environ.get("BLOCKBROKER_VENV", "/opt/blockbroker/venv"))
-XVDK = 51872  # xvdk: the devid of the libxl (Attach) backend below
-
-
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(VENV / "bin/blockbroker"), *args],
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-
-
-def listing(stack: Stack) -> dict[str, dict[str, Any]]:
-    done = cli(stack, "list", "--json")
-    assert done.returncode == 0, done.stderr + stack.log_tail("policyd")
-    return {e["export"]: e for e in map(json.loads, done.stdout.splitlines())}
-
-
-def export(stack: Stack, image: Path, to: str, *opts: str) -> dict[str, Any]:
-    done = cli(stack, "export", str(image), "--to", to, "--json", *opts)
-    assert done.returncode == 0, done.stderr + stack.log_tail("policyd")
-    (exported,) = [json.loads(line) for line in done.stdout.splitlines()]
-    return exported
-
-
-def block_script(stack: Stack, command: str, backend: str) -> subprocess.CompletedProcess[str]:
-    env = stack.env()
-    env.update(XENBUS_PATH=backend, XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
-    return subprocess.run(
-        [str(VENV / "bin/blockbroker-block"), command],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
 
 
 def bound_to(loop: str) -> str | None:
