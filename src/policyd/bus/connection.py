@@ -61,24 +61,20 @@ class PolicydBus(MessageBus):
                 super().send(msg)
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
-        if isinstance(interface, ExportInterface) and not self._disconnected:
+        if isinstance(interface, ExportInterface):
+            variants = export_variants(interface.record)
+        elif isinstance(interface, RequestInterface):
+            variants = request_variants(interface.req)
+        else:
+            return
+        if not self._disconnected:
             self.send(
                 Message.new_signal(
                     MANAGER_PATH,
                     OBJECT_MANAGER_IFACE,
                     "InterfacesAdded",
                     "oa{sa{sv}}",
-                    [path, {interface.name: export_variants(interface.record)}],
-                )
-            )
-        if isinstance(interface, RequestInterface) and not self._disconnected:
-            self.send(
-                Message.new_signal(
-                    MANAGER_PATH,
-                    OBJECT_MANAGER_IFACE,
-                    "InterfacesAdded",
-                    "oa{sa{sv}}",
-                    [path, {interface.name: request_variants(interface.req)}],
+                    [path, {interface.name: variants}],
                 )
             )
 
