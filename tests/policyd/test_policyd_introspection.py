@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from harness.names import EXPORT_IFACE, MANAGER_IFACE
+from harness.names import EXPORT_IFACE, MANAGER, MANAGER_IFACE, OM_IFACE
 from harness.stack import Stack
 from policydlab import Api, assert_clean
 
@@ -67,3 +67,20 @@ def test_bus_policy_names_only_the_service_user_as_owner() -> None:
         if any(a.get("own") == "org.qubes.BlockBroker1" for a in p.findall("allow"))
     ]
     assert owners == [("blockbroker", None)]
+
+
+def test_managed_objects_answer_as_dbus_fast_does(stack: Stack, api: Api) -> None:
+    """policyd builds GetManagedObjects at the Manager from its records (policyd.bus.connection);
+    at "/" dbus-fast builds it from the property getters. Apart from the Manager itself, which
+    only "/" includes, the two answers are the same, values and signatures."""
+    images = [stack.make_image(f"managed-{i}.img") for i in range(3)]
+    exports = [api.export(image) for image in images]
+    ours = api.ok("GetManagedObjects", path=MANAGER, iface=OM_IFACE)
+    theirs = api.ok("GetManagedObjects", path="/", iface=OM_IFACE)
+    assert MANAGER_IFACE in theirs.pop(MANAGER)
+    assert sorted(ours) == sorted(exports)
+    assert ours == theirs
+    for export in exports:
+        api.detach(export)
+    assert api.ok("GetManagedObjects", path=MANAGER, iface=OM_IFACE) == {}
+    assert_clean(stack, *images)

@@ -10,6 +10,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+from dbus_fast.send_reply import SendReply
 from dbus_fast.service import ServiceInterface
 
 from policyd.bus.interfaces import (
@@ -59,6 +60,33 @@ class PolicydBus(MessageBus):
         for msg in self._held.pop(asyncio.current_task(), []):
             if not self._disconnected:
                 super().send(msg)
+
+    def _default_get_managed_objects_handler(self, msg: Message, send_reply: SendReply) -> None:
+        """GetManagedObjects, the same answer as dbus-fast's, built from the records directly.
+
+        dbus-fast asks each property getter of each object, inspects each one for a coroutine,
+        and after each object's answer checks the whole result for completeness (quadratic in
+        the number of objects): ~50 ms for a thousand exports. The export and request objects'
+        values come from the same functions as their InterfacesAdded signals. A call at "/"
+        (which includes the Manager) goes dbus-fast's way.
+        """
+        path = msg.path or "/"
+        prefix = path + "/" if path != "/" else "/"
+        result: dict[str, dict[str, dict[str, Any]]] = {}
+        for node, interfaces in self._path_exports.items():
+            if not node.startswith(prefix):
+                continue
+            entry: dict[str, dict[str, Any]] = {}
+            for name, interface in interfaces.items():
+                if isinstance(interface, ExportInterface):
+                    entry[name] = export_variants(interface.record)
+                elif isinstance(interface, RequestInterface):
+                    entry[name] = request_variants(interface.req)
+                else:
+                    super()._default_get_managed_objects_handler(msg, send_reply)
+                    return
+            result[node] = entry
+        send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if isinstance(interface, ExportInterface):
