@@ -1,15 +1,19 @@
 """policyd's bus connection: ObjectManager signals from the manager's path, held until replies.
 
-Unprivileged policyd code; it only changes where and when policyd's own signals are sent.
+Unprivileged policyd code; it only changes where and when policyd's own messages are sent (and
+that a full socket buffer waits instead of ending the connection: PatientWriter).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import socket
 from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
 from dbus_fast.send_reply import SendReply
 from dbus_fast.service import ServiceInterface
 
@@ -27,6 +31,62 @@ from policyd.names import (
 )
 
 
+class PatientWriter(_MessageWriter):
+    """dbus-fast's writer, except that a send() the kernel refuses with EAGAIN waits for the
+    socket to be writable again.
+
+    dbus-fast 5.2's writer sends at once when its queue is empty, even while the rest of an
+    earlier message is still waiting for room; if the socket buffer is still full, send()
+    raises BlockingIOError and the writer ends the whole connection. A burst of messages does
+    that: with a thousand exports, the signals of start-up reconciliation and a large
+    GetManagedObjects reply ended policyd's bus connection (bench/bench_scale.py). The loop
+    below is dbus-fast's write_callback with that one case handled.
+    """
+
+    def write_callback(self, remove_writer: bool = True) -> None:
+        sock = self.sock
+        assert sock is not None and self.fd is not None  # the writer exists once connected
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(self.fd)
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        rights = array.array("i", self.unix_fds)
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)]
+                        self.offset += sock.sendmsg([self.buf[self.offset :]], ancdata)
+                        self.unix_fds = None
+                    else:
+                        self.offset += sock.send(self.buf[self.offset :])
+                except (BlockingIOError, InterruptedError):
+                    # the buffer is full: the caller (schedule_write) or the selector keeps
+                    # this writer registered, and the fds go with the message's first byte
+                    return
+                if self.offset < len(self.buf):
+                    return  # wait for writable
+                self.buf = None
+                _settle(self.fut)
+        except Exception as e:
+            _settle(self.fut, None if self.bus._user_disconnect else e)
+            self.bus._finalize(e)
+
+
+def _settle(fut: asyncio.Future[Any] | None, error: Exception | None = None) -> None:
+    if fut is not None and not fut.done():
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
 class PolicydBus(MessageBus):
     """A MessageBus whose ObjectManager signals come from the manager's path.
 
@@ -41,6 +101,12 @@ class PolicydBus(MessageBus):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held: dict[asyncio.Task[Any] | None, list[Message]] = {}
+
+    async def connect(self) -> PolicydBus:
+        await super().connect()
+        if type(self._writer) is _MessageWriter:  # idle once Hello is answered: same state
+            self._writer.__class__ = PatientWriter
+        return self
 
     def hold_signals(self) -> None:
         """Hold the current task's signals until it calls send_held() (which it must)."""
