@@ -7,7 +7,9 @@ so one loop device each) are added round-robin over the domains up to each check
 BENCH_CHECKPOINTS (default 1,100,500,1000); at each checkpoint it measures, one client
 connection (dbus-fast):
   rss_mb             policyd's VmRSS from /proc/PID/status
-  export             Export of a fresh image + its Detach, the Export timed (BENCH_N rounds)
+  export             Export of a fresh image + its Detach, the Export timed (BENCH_N rounds),
+                     interleaved with the same on a second stack that has one export
+                     (export_baseline): their ratio is export_vs_baseline
   managed_objects    ObjectManager.GetManagedObjects on the Manager (what `list` reads)
   list_api           client.api.AsyncClient.list_exports() over an open connection
   list_cli           `blockbroker list --json` as a process (Python start-up included)
@@ -118,17 +120,25 @@ class Scale:
             path = self.exports.pop()
             await call(self.bus, "Detach", "", [], path=path, iface=EXPORT_IFACE)
 
-    async def export_times(self) -> list[float]:
+    async def probe_export(self, i: int) -> float:
+        """Export of a fresh image (then detached): the seconds the Export took."""
         probe = str(self.stack.make_image("scale-probe.img", 1 << 16))
-        times = []
+        dom = self.domains[i % len(self.domains)]
+        t0 = time.perf_counter()
+        path = await call(self.bus, "Export", "ssa{sv}", [probe, dom, self.ro])
+        dt = time.perf_counter() - t0
+        await call(self.bus, "Detach", "", [], path=path, iface=EXPORT_IFACE)
+        return dt
+
+    async def export_times(self, baseline: Scale) -> tuple[list[float], list[float]]:
+        """The probe Export here and on `baseline` (a stack with one export), one of each per
+        round, so the machine's load hits both alike."""
+        times: tuple[list[float], list[float]] = ([], [])
         for i in range(N + 3):
-            dom = self.domains[i % len(self.domains)]
-            t0 = time.perf_counter()
-            path = await call(self.bus, "Export", "ssa{sv}", [probe, dom, self.ro])
-            dt = time.perf_counter() - t0
-            await call(self.bus, "Detach", "", [], path=path, iface=EXPORT_IFACE)
+            pair = (await self.probe_export(i), await baseline.probe_export(i))
             if i >= 3:
-                times.append(dt)
+                for values, dt in zip(times, pair, strict=True):
+                    values.append(dt)
         return times
 
     async def managed_objects_times(self) -> tuple[list[float], int]:
@@ -163,12 +173,14 @@ class Scale:
             assert len(done.stdout.splitlines()) == len(self.exports), "list missed exports"
         return times
 
-    async def checkpoint(self, label: str) -> dict[str, Any]:
+    async def checkpoint(self, label: str, baseline: Scale) -> dict[str, Any]:
         mo, count = await self.managed_objects_times()
+        here, there = await self.export_times(baseline)
         point = {
             "exports": len(self.exports),
             "rss_mb": rss_mb(policyd_pid(self.stack)),
-            "export": ms(await self.export_times()),
+            "export": ms(here),
+            "export_baseline": ms(there),
             "managed_objects": ms(mo),
             "managed_objects_count": count,
             "list_api": ms(await self.list_api_times()),
@@ -177,6 +189,7 @@ class Scale:
         print(
             f"{label:>6} exports={point['exports']:>5} rss={point['rss_mb']:>6} MB "
             f"export p50={point['export']['p50_ms']:>6} p99={point['export']['p99_ms']:>6} "
+            f"(1-export stack alongside: p50={point['export_baseline']['p50_ms']:>6}) "
             f"GetManagedObjects p50={point['managed_objects']['p50_ms']:>7} "
             f"list(api) p50={point['list_api']['p50_ms']:>7} "
             f"list(cli) p50={point['list_cli']['p50_ms']:>7} ms",
@@ -184,14 +197,23 @@ class Scale:
         )
         return point
 
-    async def grow_and_measure(self) -> list[dict[str, Any]]:
-        points = []
-        for target in CHECKPOINTS:
-            grow_s = await self.grow(target)
-            point = await self.checkpoint(str(target))
-            point["grow_s"] = round(grow_s, 2)
-            points.append(point)
-        return points
+    async def grow_and_measure(self, baseline: Scale) -> list[dict[str, Any]]:
+        await baseline.connect()
+        try:
+            await baseline.grow(1)
+            points = []
+            for target in CHECKPOINTS:
+                grow_s = await self.grow(target)
+                point = await self.checkpoint(str(target), baseline)
+                point["grow_s"] = round(grow_s, 2)
+                point["export_vs_baseline"] = round(
+                    point["export"]["p50_ms"] / point["export_baseline"]["p50_ms"], 2
+                )
+                points.append(point)
+            await baseline.shrink()
+            return points
+        finally:
+            baseline.bus.disconnect()
 
     async def loop_devices(self) -> list[str]:
         objects = await call(self.bus, "GetManagedObjects", "", [], path=MANAGER, iface=OM_IFACE)
@@ -247,8 +269,12 @@ def run_stack(result: dict[str, Any], systemd: bool) -> None:
             if systemd:
                 asyncio.run(session(scale, lambda: scale.grow(CHECKPOINTS[-1])))
                 result["systemd_rss_mb"] = rss_mb(policyd_pid(stack))
-            else:
-                result["points"] = asyncio.run(session(scale, scale.grow_and_measure))
+            else:  # a second stack with one export: the Export baseline, measured alongside
+                small = StackConfig(domains={f"d{i:03d}": i for i in range(1, DOMAINS + 1)})
+                with Stack(small) as other:
+                    baseline = Scale(other)
+                    measure = lambda: scale.grow_and_measure(baseline)  # noqa: E731
+                    result["points"] = asyncio.run(session(scale, measure))
             devices = asyncio.run(session(scale, scale.loop_devices))
             # without a store, a loop device nobody holds is freed when policyd dies: hold
             # each one open read-only meanwhile, as blkback would
@@ -275,11 +301,11 @@ def main() -> int:
     if os.environ.get("BENCH_SYSTEMD") == "1":
         run_stack(result, systemd=True)
     points = result["points"]
-    first, last = points[0], points[-1]
-    result["export_ratio"] = round(last["export"]["p50_ms"] / first["export"]["p50_ms"], 2)
+    last = points[-1]
+    result["export_ratio"] = last["export_vs_baseline"]
     result["load_average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"Export p50 at {last['exports']} vs {first['exports']} exports: "
+        f"Export p50 at {last['exports']} exports vs a 1-export stack alongside: "
         f"{result['export_ratio']}x; reconcile (re-open) p50 "
         f"{result['reconcile_reopen']['p50_ms']} ms, "
         f"empty {result['reconcile_reopen_empty']['p50_ms']} ms"
