@@ -30,6 +30,8 @@ from policyd.names import (
     REQUEST_PATH_PREFIX,
 )
 
+JOIN_MAX = 64  # messages joined into one send() at most
+
 
 class PatientWriter(_MessageWriter):
     """dbus-fast's writer, except that a send() the kernel refuses with EAGAIN waits for the
@@ -40,8 +42,22 @@ class PatientWriter(_MessageWriter):
     raises BlockingIOError and the writer ends the whole connection. A burst of messages does
     that: with a thousand exports, the signals of start-up reconciliation and a large
     GetManagedObjects reply ended policyd's bus connection (bench/bench_scale.py). The loop
-    below is dbus-fast's write_callback with that one case handled.
+    below is dbus-fast's write_callback with that one case handled, and one more change:
+    messages queued together without fds go out in one send() (send_all: a reply and the
+    signals it causes), each send() being a wake-up of dbus-daemon.
     """
+
+    more_futs: tuple[asyncio.Future[Any] | None, ...] = ()  # of messages joined to self.buf's
+
+    def send_all(self, messages: list[Message]) -> None:
+        """Queue `messages` and write them at once, joined into one send() where they carry no
+        fds; the rest waits for the socket to be writable, as schedule_write does it."""
+        for msg in messages:
+            self.buffer_message(msg, None)
+        self.write_callback(remove_writer=False)
+        if self.buf is not None or self.messages:
+            assert self.fd is not None
+            self.loop.add_writer(self.fd, self.write_callback)
 
     def write_callback(self, remove_writer: bool = True) -> None:
         sock = self.sock
@@ -54,10 +70,19 @@ class PatientWriter(_MessageWriter):
                             self.loop.remove_writer(self.fd)
                         return
                     buf, unix_fds, fut = self.messages.popleft()
+                    more: list[asyncio.Future[Any] | None] = []
+                    if not unix_fds and self.messages and not self.messages[0][1]:
+                        parts = [buf]  # messages without fds in a row: one send()
+                        while self.messages and not self.messages[0][1] and len(parts) < JOIN_MAX:
+                            part, _, part_fut = self.messages.popleft()
+                            parts.append(part)
+                            more.append(part_fut)
+                        buf = bytearray(b"".join(parts))
                     self.unix_fds = unix_fds
                     self.buf = memoryview(buf)
                     self.offset = 0
                     self.fut = fut
+                    self.more_futs = tuple(more)
                 try:
                     if self.unix_fds and self.negotiate_unix_fd:
                         rights = array.array("i", self.unix_fds)
@@ -73,9 +98,11 @@ class PatientWriter(_MessageWriter):
                 if self.offset < len(self.buf):
                     return  # wait for writable
                 self.buf = None
-                _settle(self.fut)
+                for done in [self.fut, *self.more_futs]:
+                    _settle(done)
         except Exception as e:
-            _settle(self.fut, None if self.bus._user_disconnect else e)
+            for failed in [self.fut, *self.more_futs]:
+                _settle(failed, None if self.bus._user_disconnect else e)
             self.bus._finalize(e)
 
 
@@ -94,8 +121,8 @@ class PolicydBus(MessageBus):
     specification (and GDBus/sd-bus clients) expect them from the ObjectManager's path.
 
     Signals that the task handling a method call emits are held and sent, in order, right
-    after its reply (the caller waits for the reply, not for them): see hold_signals. Signals
-    from anywhere else (other tasks, timers) go out at once.
+    after its reply (the caller waits for the reply, not for them), together with it in one
+    send(): see hold_signals. Signals from anywhere else (other tasks, timers) go out at once.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -109,11 +136,13 @@ class PolicydBus(MessageBus):
         return self
 
     def hold_signals(self) -> None:
-        """Hold the current task's signals until it calls send_held() (which it must)."""
+        """Hold the current task's reply and signals until it calls send_held() (which it
+        must, right after its reply)."""
         self._held[asyncio.current_task()] = []
 
     def send(self, msg: Message) -> asyncio.Future[Any]:  # type: ignore[override]
-        if self._held and msg.message_type is MessageType.SIGNAL:
+        # a task's method calls (to the bus, to polkit) go out at once: it awaits their replies
+        if self._held and msg.message_type is not MessageType.METHOD_CALL:
             queue = self._held.get(asyncio.current_task())
             if queue is not None:
                 queue.append(msg)
@@ -123,9 +152,19 @@ class PolicydBus(MessageBus):
         return super().send(msg)
 
     def send_held(self) -> None:
-        for msg in self._held.pop(asyncio.current_task(), []):
-            if not self._disconnected:
+        """The held reply, then the held signals, in order: in one send() where they fit."""
+        held = self._held.pop(asyncio.current_task(), [])
+        if not held or self._disconnected:
+            return
+        writer = self._writer
+        if not isinstance(writer, PatientWriter):
+            for msg in held:
                 super().send(msg)
+            return
+        for msg in held:
+            if not msg.serial:
+                msg.serial = self.next_serial()
+        writer.send_all(held)
 
     def _default_get_managed_objects_handler(self, msg: Message, send_reply: SendReply) -> None:
         """GetManagedObjects, the same answer as dbus-fast's, built from the records directly.
