@@ -19,6 +19,7 @@ from dbus_fast.service import ServiceInterface
 
 from policyd.bus.interfaces import (
     ExportInterface,
+    ManagerInterface,
     RequestInterface,
     export_variants,
     request_variants,
@@ -193,6 +194,40 @@ class PolicydBus(MessageBus):
             result[node] = entry
         send_reply(Message.new_method_return(msg, "a{oa{sa{sv}}}", [result]))
 
+    def _interface_signal_notify(
+        self,
+        interface: ServiceInterface,
+        interface_name: str,
+        member: str,
+        signature: str,
+        body: list[Any],
+        unix_fds: list[int] | None = None,
+    ) -> None:
+        """A signal of an exported interface (PropertiesChanged), sent from its object's path.
+
+        dbus-fast finds that path by scanning every exported object, for every signal: with a
+        thousand exports that scan ran on each ExportCount change, i.e. on every Export and
+        Detach. policyd's interfaces know their path; the signal goes out as dbus-fast's would,
+        and anything not exported where its path says goes dbus-fast's way.
+        """
+        path = _own_path(interface)
+        exported = self._path_exports.get(path, {}) if path is not None else {}
+        if path is None or exported.get(interface.name) is not interface:
+            super()._interface_signal_notify(
+                interface, interface_name, member, signature, body, unix_fds or []
+            )
+            return
+        self.send(
+            Message.new_signal(
+                path=path,
+                interface=interface_name,
+                member=member,
+                signature=signature,
+                body=body,
+                unix_fds=unix_fds or [],
+            )
+        )
+
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
         if isinstance(interface, ExportInterface):
             variants = export_variants(interface.record)
@@ -222,3 +257,13 @@ class PolicydBus(MessageBus):
                     [path, removed_interfaces],
                 )
             )
+
+
+def _own_path(interface: ServiceInterface) -> str | None:
+    if isinstance(interface, ExportInterface):
+        return interface.record.object_path
+    if isinstance(interface, RequestInterface):
+        return interface.req.object_path
+    if isinstance(interface, ManagerInterface):
+        return MANAGER_PATH
+    return None
