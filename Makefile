@@ -47,7 +47,7 @@ deps: $(PREFIX)/.deps-stamp
 $(VENV)/.venv-stamp: $(PREFIX)/.deps-stamp pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "dbus-fast>=2.0" "pyxs==0.4.1" "python-prctl==1.8.1" "pyseccomp==0.1.2" \
+	$(PY) -m pip install -q "dbus-fast==5.2.0" "pyxs==0.4.1" "python-prctl==1.8.1" "pyseccomp==0.1.2" \
 		"pytest>=8" "hypothesis>=6" "ruff>=0.6" "mypy>=1.10" "atheris>=2.3"
 	touch $@
 

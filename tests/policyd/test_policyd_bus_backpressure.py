@@ -123,3 +123,18 @@ def test_property_signals_name_their_path_without_a_scan(stack: Stack) -> None:
         (MANAGER, PROPS_IFACE, "PropertiesChanged", MANAGER_IFACE),
         ("/org/qubes/BlockBroker1/export/5", PROPS_IFACE, "PropertiesChanged", EXPORT_IFACE),
     ]
+
+
+def test_dbus_fast_is_the_pinned_version() -> None:
+    """PolicydBus subclasses dbus-fast's private writer and overrides two private handlers, so
+    pyproject.toml pins dbus-fast exactly; the installed one must be that version (a newer one
+    needs the overrides re-read against its source, then the pin moved)."""
+    import re
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    pins = [d for d in project["project"]["dependencies"] if d.startswith("dbus-fast")]
+    assert len(pins) == 1 and re.fullmatch(r"dbus-fast==[\d.]+", pins[0]), pins
+    assert version("dbus-fast") == pins[0].split("==")[1]
