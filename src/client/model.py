@@ -143,6 +143,12 @@ class Status:
         return dataclasses.asdict(self)
 
 
+def diskseq_text(diskseq: int) -> str:
+    """A diskseq as people see it (CLI tables, the desktop tool, polkit prompts): 0x2a.
+    Hex, like the backend's XenStore `diskseq` node; JSON output keeps the number."""
+    return f"{diskseq:#x}"
+
+
 def printable(untrusted: str, limit: int = 64) -> str:
     """VM-supplied text made safe for a terminal: printable ASCII only, bounded."""
     return "".join(c if " " <= c <= "~" else "?" for c in untrusted[:limit])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from client.model import Event, ExportInfo, RequestInfo, Status, printable
+from client.model import Event, ExportInfo, RequestInfo, Status, diskseq_text, printable
 
 EXPORT_COLUMNS = (
     "ID",
@@ -47,7 +47,7 @@ def export_row(info: ExportInfo) -> tuple[str, ...]:
         info.state,
         info.loop_device or "-",
         f"{info.major}:{info.minor}",
-        str(info.diskseq),
+        diskseq_text(info.diskseq),
         info.source,
     )
 
@@ -90,7 +90,7 @@ def print_export_detail(info: ExportInfo, as_json: bool, out: TextIO) -> None:
         ("backend_path", info.backend_path),
         ("loop_device", info.loop_device or "-"),
         ("major:minor", f"{info.major}:{info.minor}"),
-        ("diskseq", str(info.diskseq)),
+        ("diskseq", diskseq_text(info.diskseq)),
         ("mode", info.mode),
         ("state", info.state),
         ("since", since),
@@ -112,7 +112,7 @@ def request_row(req: RequestInfo) -> tuple[str, ...]:
         printable(req.target),
         printable(req.device_name, 16),
         f"{req.major}:{req.minor}",
-        str(req.diskseq),
+        diskseq_text(req.diskseq),
         str(req.size),
         req.mode,
         _utc(req.expires),
@@ -171,11 +171,13 @@ def print_event(event: Event, as_json: bool, out: TextIO) -> None:
     elif event.request is not None:
         r = event.request
         text = f"{event.kind} {r.id} {r.state} {printable(r.source)} -> {printable(r.target)}"
-        text += f" {printable(r.device_name, 16)} {r.major}:{r.minor} diskseq={r.diskseq}"
+        text += (
+            f" {printable(r.device_name, 16)} {r.major}:{r.minor} diskseq={diskseq_text(r.diskseq)}"
+        )
     elif event.export is not None:
         e = event.export
         text = f"{event.kind} {e.id} {e.state} {e.loop_device} {e.major}:{e.minor}"
-        text += f" diskseq={e.diskseq} -> {e.frontend_domain}"
+        text += f" diskseq={diskseq_text(e.diskseq)} -> {e.frontend_domain}"
         if event.changed:
             text += " (" + ",".join(sorted(event.changed)) + ")"
     else:

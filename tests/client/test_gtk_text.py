@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from client.errors import BlockBrokerError, DeviceChanged
 from client.gtk import command
-from client.gtk.text import error_text, request_detail, request_title, size_text, time_left
-from client.model import RequestInfo
+from client.gtk.text import (
+    error_text,
+    export_detail,
+    request_detail,
+    request_title,
+    size_text,
+    time_left,
+)
+from client.model import ExportInfo, RequestInfo
 
 
 def test_sizes_and_time_left() -> None:
@@ -35,6 +42,21 @@ def test_a_vm_cannot_fake_the_text_around_its_claims() -> None:
     assert "\n" not in detail and "\u200b" not in detail and len(detail) < 200
     assert detail.startswith("claimed: 'x' to dom0 ?<b>ok</b>?AAA")
     assert "1.0 GiB · read-only · diskseq 0x2a · request 3 · no time limit" in detail
+
+
+def test_export_rows_show_the_diskseq_in_hex() -> None:
+    exp = ExportInfo(
+        "/org/qubes/BlockBroker1/export/5",
+        source="sys-usb:/dev/sdb",
+        backend_domain="sys-usb",
+        frontend_domain="work",
+        mode="r",
+        diskseq=0x3C305,
+        state="backend-in-vm",
+    )
+    assert export_detail(exp).startswith(
+        "from sys-usb · read-only · diskseq 0x3c305 · blkback in the source VM · since"
+    )
 
 
 def test_errors_carry_the_api_name() -> None:

@@ -76,7 +76,7 @@ def test_table_output() -> None:
     header, row = out.getvalue().splitlines()
     assert header.split() == list(output.EXPORT_COLUMNS)
     assert row.split() == [
-        "7", "work", "51712", "r", "waiting-for-blkback", "/dev/loop3", "7:3", "1234",
+        "7", "work", "51712", "r", "waiting-for-blkback", "/dev/loop3", "7:3", "0x4d2",
         "/srv/images/a.img",
     ]  # fmt: skip
 
@@ -114,6 +114,20 @@ def test_event_json() -> None:
     assert obj["event"] == "changed"
     assert obj["changed"] == ["State"]
     assert obj["loop_device"] == "/dev/loop3"
+    assert obj["diskseq"] == 1234  # JSON keeps the number; people see it in hex
+
+
+def test_event_and_detail_human_show_diskseq_in_hex() -> None:
+    info = ExportInfo.from_properties(PATH, PROPS)
+    out = io.StringIO()
+    output.print_event(Event("changed", path=PATH, export=info, changed={"State": "x"}), False, out)
+    assert (
+        out.getvalue()
+        == "changed 7 waiting-for-blkback /dev/loop3 7:3 diskseq=0x4d2 -> work (State)\n"
+    )
+    out = io.StringIO()
+    output.print_export_detail(info, False, out)
+    assert "diskseq       0x4d2\n" in out.getvalue()
 
 
 @pytest.mark.parametrize(

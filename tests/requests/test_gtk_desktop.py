@@ -81,7 +81,8 @@ def test_approve_then_detach(stack: Stack, window: Desktop, loop_dir: Path) -> N
         (export_path,) = managed_exports(stack)
         number = export_path.rsplit("/", 1)[-1]
         export = (
-            f"^sys-usb:/dev/{dev.name} → work · from sys-usb · read-only · .* · export {number}\\b"
+            f"^sys-usb:/dev/{dev.name} → work · from sys-usb · read-only · "
+            f"diskseq {diskseq:#x} · .* · export {number}\\b"
         )
         window.ask(op="wait", role="list item", name=export)
         shot(window, "gtk-exports.png")

@@ -171,7 +171,7 @@ def test_approve_prompt_names_vm_device_claims_diskseq_and_target(
         assert outcome["error"] is None, (outcome, screen)
         claimed = "'SanDisk " + FAKE_TAIL.replace("'", "?") + "'"
         assert prompt_of(screen, "org.qubes.blockbroker.approve") == (
-            f"VM sys-usb asks to give its device sdb (claimed: {claimed}, 7.5 GiB, diskseq 42) "
+            f"VM sys-usb asks to give its device sdb (claimed: {claimed}, 7.5 GiB, diskseq 0x2a) "
             f"to VM work, read-only. Authentication is required to approve or deny request "
             f"{request}"
         )

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Final
 
 from client.errors import BlockBrokerError
-from client.model import ExportInfo, RequestInfo, printable
+from client.model import ExportInfo, RequestInfo, diskseq_text, printable
 
 _UNITS: Final = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 STATES: Final = {
@@ -73,7 +73,7 @@ def request_detail(req: RequestInfo, now: float | None = None) -> str:
         f"claimed: '{printable(req.description)}'" if req.description else "no description",
         size_text(req.size),
         mode_text(req.mode),
-        f"diskseq {req.diskseq:#x}",
+        f"diskseq {diskseq_text(req.diskseq)}",
         f"request {req.id}",
     ]
     parts.append(time_left(req.expires, now) if req.state == "pending" else req.state)
@@ -89,6 +89,7 @@ def export_detail(exp: ExportInfo) -> str:
         [
             f"from {printable(exp.backend_domain, 32) or 'dom0'}",
             mode_text(exp.mode),
+            f"diskseq {diskseq_text(exp.diskseq)}",
             STATES.get(exp.state, printable(exp.state, 32) or "state unknown"),
             since_text(exp.since),
             f"export {exp.id}",

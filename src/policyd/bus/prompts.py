@@ -25,7 +25,7 @@ def request(req: PendingRequest) -> dict[str, str]:
         "source": req.source,
         "target": req.target,
         "device": req.device.name,  # DEVICE_NAME_RE: [a-z][a-z0-9]{0,15}
-        "diskseq": str(req.device.diskseq),
+        "diskseq": f"{req.device.diskseq:#x}",  # 0x2a: as the CLI and blockbroker-gtk show it
         "mode": req.policy_mode,
         "access": modes.in_words(req.mode),
         # the VM's claims about its device
