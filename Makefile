@@ -4,7 +4,8 @@
 #   make bench   benchmarks (see docs/benchmarks.md)
 #   make chaos   random work, SIGKILLed daemons (systemd units), hostile loop users; invariants (CYCLES=N)
 #   make lint    ruff + mypy --strict
-#   make deb     the Debian package, dist/deb/blockbroker_<version>_<arch>.deb (docs/packaging.md)
+#   make deb     the Debian packages, dist/deb/blockbroker_<version>_<arch>.deb and
+#                blockbroker-gtk_<version>_all.deb (docs/packaging.md)
 #   make fuzz    atheris/libFuzzer on every parser of untrusted input (FUZZ_RUNS=N per target)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
@@ -66,6 +67,7 @@ $(VENV)/.install-stamp: $(VENV)/.venv-stamp $(SOURCES) $(VENV)/bin/blockbroker-b
 	mkdir -p /etc/xen/scripts && ln -sfn $(VENV)/bin/blockbroker-block /etc/xen/scripts/blockbroker-block
 	ln -sfn $(VENV)/bin/blockbroker-block /usr/local/bin/blockbroker-block
 	ln -sfn $(VENV)/bin/blockbroker /usr/local/bin/blockbroker
+	ln -sfn $(VENV)/bin/blockbroker-gtk /usr/local/bin/blockbroker-gtk
 	touch $@
 
 install: $(VENV)/.install-stamp
@@ -94,18 +96,24 @@ install-system: install
 		$(DESTDIR)/etc/qubes-rpc/blockbroker.RequestExport
 	install -D -m 0644 policy/qrexec/50-blockbroker.policy \
 		$(DESTDIR)/etc/qubes/policy.d/50-blockbroker.policy
+	# blockbroker-gtk: the desktop entry and icon are named after its application id
+	install -D -m 0644 desktop/org.qubes.BlockBrokerGtk.desktop \
+		$(DESTDIR)/usr/share/applications/org.qubes.BlockBrokerGtk.desktop
+	install -D -m 0644 desktop/org.qubes.BlockBrokerGtk.svg \
+		$(DESTDIR)/usr/share/icons/hicolor/scalable/apps/org.qubes.BlockBrokerGtk.svg
 	install -d -m 0755 $(DESTDIR)/usr/bin $(DESTDIR)/etc/xen/scripts
-	for cmd in blockbroker blockbroker-block; do \
+	for cmd in blockbroker blockbroker-block blockbroker-gtk; do \
 		ln -sfn $(VENV)/bin/$$cmd $(DESTDIR)/usr/bin/$$cmd; done
 	ln -sfn $(VENV)/bin/blockbroker-block $(DESTDIR)/etc/xen/scripts/blockbroker-block
 
-# The Debian package (docs/packaging.md): built with dpkg-buildpackage from a copy of the tree in
+# The Debian packages (docs/packaging.md): built with dpkg-buildpackage from a copy of the tree in
 # dist/deb/src (dpkg-buildpackage writes its results into the parent directory: dist/deb/;
 # not build/, which `make install` removes),
-# then checked with lintian, which fails the target on any error. The build dependencies come
-# from debian/control; lintian is the target's own.
+# then checked with lintian, which fails the target on any error, and the desktop entry with
+# desktop-file-validate. The build dependencies come from debian/control; lintian and
+# desktop-file-utils are the target's own.
 DEB_DIR := dist/deb
-DEB_APT_PACKAGES := dpkg-dev debhelper lintian
+DEB_APT_PACKAGES := dpkg-dev debhelper lintian desktop-file-utils
 deb-deps:
 	@missing=$$(for p in $(DEB_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -117,10 +125,12 @@ deb-deps:
 deb: deb-deps
 	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
 	tar --exclude=./build --exclude=./dist --exclude=./.git --exclude='__pycache__' --exclude='*.egg-info' \
-		--exclude=./debian/blockbroker --exclude=./debian/build --exclude=./debian/.debhelper \
+		--exclude=./debian/blockbroker --exclude=./debian/blockbroker-gtk \
+		--exclude=./debian/build --exclude=./debian/.debhelper --exclude=./debian/tmp \
 		-cf - . | tar -C $(DEB_DIR)/src -xf -
 	cd $(DEB_DIR)/src && dpkg-buildpackage -b -us -uc
-	lintian --fail-on error --info $(DEB_DIR)/blockbroker_*.deb
+	lintian --fail-on error --info $(DEB_DIR)/blockbroker_*.deb $(DEB_DIR)/blockbroker-gtk_*.deb
+	desktop-file-validate desktop/org.qubes.BlockBrokerGtk.desktop
 	@ls -l $(DEB_DIR)/*.deb
 
 lint: venv

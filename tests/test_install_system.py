@@ -28,6 +28,8 @@ EXPECTED = {
     "etc/qubes-rpc/blockbroker.RequestExport": 0o755,
     "etc/qubes/policy.d/50-blockbroker.policy": 0o644,
     "var/lib/blockbroker/images": 0o750,
+    "usr/share/applications/org.qubes.BlockBrokerGtk.desktop": 0o644,
+    "usr/share/icons/hicolor/scalable/apps/org.qubes.BlockBrokerGtk.svg": 0o644,
 }
 
 
@@ -45,6 +47,7 @@ def test_install_system_stages_every_file(tmp_path: Path) -> None:
     for link in (
         "usr/bin/blockbroker",
         "usr/bin/blockbroker-block",
+        "usr/bin/blockbroker-gtk",
         "etc/xen/scripts/blockbroker-block",
     ):
         target = os.readlink(dest / link)

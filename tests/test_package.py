@@ -1,9 +1,12 @@
-"""`make deb` builds a Debian package that lintian accepts without errors, whose files, conffiles
-and maintainer scripts are what docs/packaging.md says, and whose private venv imports every
-module from the extracted tree. Installing it under a real systemd is the Xen lab's job.
+"""`make deb` builds two Debian packages, blockbroker and blockbroker-gtk, that lintian accepts
+without errors, whose files, conffiles, dependencies and maintainer scripts are what
+docs/packaging.md says, and whose private venv imports every module from the extracted tree
+(blockbroker-gtk's through the system Python's PyGObject). Installing them under a real systemd
+is the Xen lab's job.
 
 Test code, runs as root (apt-get for the build dependencies, dpkg-buildpackage). The build takes
-about 40 s; BLOCKBROKER_DEB=path/to/blockbroker_*.deb checks an existing package instead."""
+about 50 s; BLOCKBROKER_DEB=path/to/blockbroker_*.deb checks existing packages instead
+(blockbroker-gtk_<version>_all.deb next to it)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import re
 import subprocess
 import tomllib
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -42,21 +46,49 @@ def deb() -> Path:
 
 
 @pytest.fixture(scope="module")
+def gtk_deb(deb: Path) -> Path:
+    """blockbroker-gtk (arch all), built by the same `make deb`."""
+    path = deb.parent / f"blockbroker-gtk_{project_version()}_all.deb"
+    assert path.is_file(), "make deb did not produce blockbroker-gtk_<version>_all.deb"
+    return path
+
+
+def control_fields(deb: Path) -> dict[str, str]:
+    """The binary package's control fields (Depends, Recommends...), continuation lines joined."""
+    text = subprocess.run(
+        ["dpkg-deb", "-f", str(deb)], check=True, capture_output=True, text=True
+    ).stdout
+    fields: dict[str, str] = {}
+    for name, value in re.findall(r"^(\S+): (.*(?:\n .*)*)", text, re.M):
+        fields[name] = value
+    return fields
+
+
+def relation_names(field: str) -> set[str]:
+    """Package names in a relation field, alternatives included ('a (>= 1) | b, c': a, b, c)."""
+    return {alt.strip().split()[0] for part in field.split(",") for alt in part.split("|")}
+
+
+@pytest.fixture(scope="module")
 def control(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("control")
     subprocess.run(["dpkg-deb", "-e", str(deb), str(out)], check=True)
     return out
 
 
-@pytest.fixture(scope="module")
-def contents(deb: Path) -> dict[str, str]:
+def listing(deb: Path) -> dict[str, str]:
     """Path -> `dpkg -c` line (mode, owner, size, date, path[, -> target])."""
-    listing = subprocess.run(["dpkg", "-c", str(deb)], check=True, capture_output=True, text=True)
+    text = subprocess.run(["dpkg", "-c", str(deb)], check=True, capture_output=True, text=True)
     entries = {}
-    for line in listing.stdout.splitlines():
+    for line in text.stdout.splitlines():
         path = line.split(None, 5)[5].split(" -> ")[0]
         entries[path.removeprefix(".").rstrip("/") or "/"] = line
     return entries
+
+
+@pytest.fixture(scope="module")
+def contents(deb: Path) -> dict[str, str]:
+    return listing(deb)
 
 
 def test_changelog_version_is_the_projects() -> None:
@@ -85,6 +117,8 @@ def test_files_are_where_docs_say(contents: dict[str, str]) -> None:
         "/etc/qubes-rpc/blockbroker.RequestExport": "-rwxr-xr-x",
         "/etc/qubes/policy.d/50-blockbroker.policy": "-rw-r--r--",
         "/usr/share/man/man1/blockbroker.1.gz": "-rw-r--r--",
+        # blockbroker-gtk's code and entry point are in the venv; its package puts it on PATH
+        f"{VENV}/bin/blockbroker-gtk": "-rwxr-xr-x",
         "/usr/share/man/man5/blockbroker.policy.5.gz": "-rw-r--r--",
         "/usr/share/man/man8/blockbroker-block.8.gz": "-rw-r--r--",
         "/usr/share/man/man8/blockbroker-broker.8.gz": "-rw-r--r--",
@@ -111,6 +145,60 @@ def test_files_are_where_docs_say(contents: dict[str, str]) -> None:
     # Debian ships no bytecode (postinst compiles it), no pip, no activate scripts.
     assert not [p for p in contents if "__pycache__" in p or p.endswith(".pyc")]
     assert not [p for p in contents if "/site-packages/pip/" in p or "/bin/activate" in p]
+
+
+GTK_FILES = {
+    "/usr/share/applications/org.qubes.BlockBrokerGtk.desktop": "-rw-r--r--",
+    "/usr/share/icons/hicolor/scalable/apps/org.qubes.BlockBrokerGtk.svg": "-rw-r--r--",
+    "/usr/share/man/man1/blockbroker-gtk.1.gz": "-rw-r--r--",
+    "/usr/share/doc/blockbroker-gtk/copyright": "-rw-r--r--",
+}
+
+
+def test_gtk_package_files(gtk_deb: Path, contents: dict[str, str]) -> None:
+    gtk = listing(gtk_deb)
+    for path, mode in GTK_FILES.items():
+        assert path in gtk, path
+        assert gtk[path].startswith(mode) and " root/root " in gtk[path], gtk[path]
+    assert gtk["/usr/bin/blockbroker-gtk"].endswith(
+        " -> ../lib/blockbroker/venv/bin/blockbroker-gtk"
+    )
+    # nothing of the venv in it (blockbroker ships the venv), nothing of GTK's in blockbroker
+    assert not [p for p in gtk if p.startswith("/usr/lib/")]
+    assert not [
+        p for p in contents if p.startswith(("/usr/share/applications", "/usr/share/icons"))
+    ]
+    assert "/usr/bin/blockbroker-gtk" not in contents
+
+
+def test_gtk_dependencies_stay_out_of_blockbroker(deb: Path, gtk_deb: Path) -> None:
+    """A dom0 without a desktop installs blockbroker without GTK; blockbroker-gtk pulls it in."""
+    gtk = control_fields(gtk_deb)
+    assert gtk["Architecture"] == "all"
+    depends = relation_names(gtk["Depends"])
+    assert {"blockbroker", "python3-gi", "gir1.2-gtk-4.0", "gir1.2-adw-1"} <= depends, depends
+    # arch all on arch any: the same source version (binNMU-safe), not ${binary:Version}
+    assert f"blockbroker (= {project_version()})" in gtk["Depends"]
+    main = control_fields(deb)
+    pulled = relation_names(main["Depends"]) | relation_names(main.get("Recommends", ""))
+    assert not {n for n in pulled if "gtk" in n or "gi" in n.split("-") or "adw" in n}, pulled
+    assert "blockbroker-gtk" in relation_names(main.get("Suggests", ""))
+
+
+def test_desktop_entry_and_icon(gtk_deb: Path, tmp_path: Path) -> None:
+    subprocess.run(["dpkg-deb", "-x", str(gtk_deb), str(tmp_path)], check=True)
+    entry = tmp_path / "usr/share/applications/org.qubes.BlockBrokerGtk.desktop"
+    result = subprocess.run(["desktop-file-validate", str(entry)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+    text = entry.read_text()
+    # named after the app's GApplication id, so shells match the window to the entry and icon
+    assert (
+        'APP_ID: Final = "org.qubes.BlockBrokerGtk"' in (REPO / "src/client/gtk/app.py").read_text()
+    )
+    assert "\nExec=blockbroker-gtk\n" in text and "\nIcon=org.qubes.BlockBrokerGtk\n" in text
+    icon = tmp_path / "usr/share/icons/hicolor/scalable/apps/org.qubes.BlockBrokerGtk.svg"
+    root = ElementTree.parse(icon).getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("viewBox") == "0 0 128 128"
 
 
 def test_conffiles_are_the_configuration(control: Path) -> None:
@@ -184,11 +272,20 @@ def test_extracted_tree_is_relocated_and_imports(
     block = root / "usr/libexec/blockbroker/blockbroker-block"
     usage = subprocess.run([str(block)], capture_output=True, env={})
     assert usage.returncode == 2
+    # blockbroker-gtk: the venv's entry point runs the system Python (isolated) with the venv
+    # appended; --help gets past `import gi` (GTK 4, Adw), which only Debian's python3-gi has.
+    assert not list(venv.glob("lib/*/site-packages/gi"))
+    gtk = subprocess.run([str(venv / "bin/python"), str(venv / "bin/blockbroker-gtk"), "--help"],
+                         capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert gtk.returncode == 0 and gtk.stdout.startswith("usage: blockbroker-gtk"), gtk.stderr
 
 
-def test_man_pages_render(deb: Path, tmp_path: Path) -> None:
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
-    for page in sorted((tmp_path / "usr/share/man").glob("man*/*.gz")):
+def test_man_pages_render(deb: Path, gtk_deb: Path, tmp_path: Path) -> None:
+    for package in (deb, gtk_deb):
+        subprocess.run(["dpkg-deb", "-x", str(package), str(tmp_path)], check=True)
+    pages = sorted((tmp_path / "usr/share/man").glob("man*/*.gz"))
+    assert len(pages) == len(list((REPO / "man").glob("*.scd"))), pages
+    for page in pages:
         text = subprocess.run(
             ["man", "--warnings", "-l", str(page)],
             capture_output=True,
@@ -199,9 +296,9 @@ def test_man_pages_render(deb: Path, tmp_path: Path) -> None:
         assert text.stderr == "", (page, text.stderr)
 
 
-def test_lintian_has_no_errors(deb: Path) -> None:
+def test_lintian_has_no_errors(deb: Path, gtk_deb: Path) -> None:
     result = subprocess.run(
-        ["lintian", "--fail-on", "error", str(deb)], capture_output=True, text=True
+        ["lintian", "--fail-on", "error", str(deb), str(gtk_deb)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
     tags = {line.split()[2] for line in result.stdout.splitlines() if line.startswith("W: ")}

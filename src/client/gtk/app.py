@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     env_address = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
     where = args.address or ("$DBUS_SYSTEM_BUS_ADDRESS" if env_address else "the system bus")
     app = Adw.Application(application_id=APP_ID, flags=Gio.ApplicationFlags.NON_UNIQUE)
+    # The desktop file and the icon (desktop/ in the source, hicolor in the package) are named
+    # after the application id, so shells match the window to them.
+    Gtk.Window.set_default_icon_name(APP_ID)
     backend = Backend(post, args.address)
     windows: list[Window] = []
 
