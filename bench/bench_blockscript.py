@@ -2,23 +2,29 @@
 
 Runs as root (make bench) against the real host stack from tests/harness (real oxenstored, private
 system bus with the project's policy, broker, policyd as user blockbroker). Each iteration writes a
-vbd backend the way libxl does (not timed), then times one `add` and one `remove` of the script
-spawned as libxl spawns it (posix_spawn, XENBUS_PATH/XENBUS_TYPE/XENBUS_BASE_PATH in the
-environment), checks the result in XenStore, and deletes the nodes (not timed). Candidates run
-interleaved (one iteration of each per round), so load from other suites on the shared cores
-hits all of them alike.
+vbd backend the way libxl does, in one transaction, its `script` node naming the candidate; the
+add is timed from that commit to the script's exit (policyd's pre-attach starts at the commit;
+libxl itself spawns the script only once blkback reached InitWait, later than here). Then libxl's
+removal: online = 0 and state Closing in one transaction (policyd's pre-detach starts there;
+libxl then waits for blkback to close, which this host has no blkback for), the `remove` timed
+from that commit to the script's exit; the result is checked in XenStore and the nodes deleted
+(not timed). Candidates run interleaved (one iteration of each per round), so load from other
+suites on the shared cores hits all of them alike.
 
 Measured, on the same stack and nodes:
   blockbroker-block        the shipped one: a static C program (src/client/blockbroker-block.c,
                            raw D-Bus; policyd's Attach writes hotplug-status=connected itself)
+  ... no pre-attach/detach the same binary, the backend's `script` node under another name
+                           (policyd does not pre-attach) and no online = 0 before `remove`: the
+                           script's own Attach and Detach do all the work
   previous sh+dbus-send    the previous shipped script, POSIX sh around dbus-send, kept as
                            bench/blockbroker-block.sh for this comparison
   candidate sh+busctl      that script calling busctl instead of dbus-send
   candidate python         a minimal Python entry point (dbus-fast), venv python -I
   xen block                Xen 4.17's /etc/xen/scripts/block (bash; losetup; xenstore-read/write)
   losetup                  `losetup -f --show -r` + `losetup -d` on the same image
-  policyd Attach/Detach    the two calls over one open connection, no process spawned: the
-                           service's own share of the script's time
+  policyd Attach/Detach    the two calls over one open connection, no process spawned, no
+                           pre-attach: the service's own share of the script's time
 and spawn floors (true, sh -c true, python3 -S -I -c pass, one xenstore-write, a dbus-send
 round trip, and blockbroker-block refusing its arguments: its own exec-to-exit cost), and the
 round trips no implementation of the issue's design can avoid, each over an open connection from
@@ -26,8 +32,7 @@ this process: a D-Bus call to policyd (Properties.Get: through dbus-daemon and b
 caller-uid lookup policyd must make for every new connection (GetConnectionUnixUser), and one
 xenstored read (policyd's own XenStore client). Their sum for one disk (two execs, two calls,
 two uid lookups, the fewest XenStore round trips Attach and Detach could make) is printed as
-the floor, next to the 50x budget: what is left of the budget is all there would be for
-LOOP_CONFIGURE and all of policyd's own work.
+the floor. Targets (issue 14): per disk at most 1.5x losetup, at least 20x faster than Xen's.
 
 Prints a table, then `BENCH_RESULT {json}` last. BENCH_N (default 100) sets iterations; the slow
 candidates (xen block, python) run BENCH_N_SLOW (default 40).
@@ -154,12 +159,21 @@ Iteration = Callable[[], Sample]
 
 
 def script_iteration(
-    stack: Stack, argv: Sequence[str], image: Path, log: Path, script_node: str | None = None
+    stack: Stack,
+    argv: Sequence[str],
+    image: Path,
+    log: Path,
+    script_node: str | None = None,
+    libxl_remove: bool = True,
 ) -> Iteration:
     """One libxl-like add + remove of a hotplug script, checked in XenStore. The add is timed
     from the moment the backend's nodes are committed (libxl's write, which policyd's
     pre-attach watches for) to the script's exit; `script_node` is what the backend's `script`
-    node says (default: the script's own path)."""
+    node says (default: the script's own path). The remove is timed from libxl's first write
+    of a removal (online = 0 and state Closing, one transaction; libxl then waits for blkback
+    to close before it runs the script, which this host has no blkback for) to the script's
+    exit; without `libxl_remove` the script runs with no such write (policyd's pre-detach
+    watches for it)."""
     env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     env.update(XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
 
@@ -178,6 +192,8 @@ def script_iteration(
         phys = stack.xs_read(f"{be}/physical-device")
         if not phys or stack.xs_read(f"{be}/hotplug-status") != "connected":
             raise RuntimeError(f"{argv[-1]} add left no physical-device/hotplug-status at {be}")
+        if libxl_remove:
+            xenstore.begin_libxl_remove(stack.xs, be)
         t_remove = timed([*argv, "remove"], env, log)
         remove_vbd(stack)
         return t_add, t_remove
@@ -327,8 +343,8 @@ def main() -> int:
         candidates: list[tuple[str, Iteration, int]] = [
             ("blockbroker-block", script_iteration(stack, [str(BLOCK_SCRIPT)], image, log), N),
             (
-                "blockbroker-block, no pre-attach",
-                script_iteration(stack, [str(BLOCK_SCRIPT)], image, log, NO_PRE_ATTACH),
+                "blockbroker-block, no pre-attach/detach",
+                script_iteration(stack, [str(BLOCK_SCRIPT)], image, log, NO_PRE_ATTACH, False),
                 N,
             ),
             (PREVIOUS, script_iteration(stack, [str(PREVIOUS_SCRIPT)], image, log), N),
@@ -407,7 +423,7 @@ def main() -> int:
     )
     ratio_previous = xen["per_disk"]["p50_ms"] / results[PREVIOUS]["per_disk"]["p50_ms"]
     print(f"xen block / {PREVIOUS}: add+remove {ratio_previous:.1f}x")
-    no_pre = results["blockbroker-block, no pre-attach"]
+    no_pre = results["blockbroker-block, no pre-attach/detach"]
     ratio_no_pre = xen["per_disk"]["p50_ms"] / no_pre["per_disk"]["p50_ms"]
     losetup = results["losetup CLI"]["per_disk"]["p50_ms"]
     vs_losetup = ours["per_disk"]["p50_ms"] / losetup

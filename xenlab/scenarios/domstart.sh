@@ -5,6 +5,8 @@
 #   none         no disks: the baseline cost of creating a domain
 #   stock        4 file-backed disks through Xen's stock `block` script
 #   blockbroker  4 file-backed disks through script=blockbroker-block (when the stack is up)
+#   blockbroker_nopre  the same script installed as blockbroker-block-nopre: policyd does not
+#                pre-attach for that name, so the script's own Attach does all the work
 # Per-disk cost = (median(variant) - median(none)) / 4. Paused guests keep the measurement
 # free of guest boot CPU (TCG runs everything on 2 host cores).
 # Prints: XENLAB BENCH domstart variant=<v> rep=<n> create_ms=<ms> disks=<n>
@@ -12,7 +14,9 @@
 REPS=$(cat $RUN/domstart.reps 2>/dev/null || echo 5)
 DISKS="a b c d"
 VARIANTS=$(cat $RUN/domstart.variants 2>/dev/null || echo "none stock")
-case " $VARIANTS " in *" blockbroker "*) . $RUN/scenarios/bbstack.sh; bb_stack_start ;; esac
+case " $VARIANTS " in *" blockbroker"*) . $RUN/scenarios/bbstack.sh; bb_stack_start ;; esac
+case " $VARIANTS " in *" blockbroker_nopre "*)
+  cp /etc/xen/scripts/blockbroker-block /etc/xen/scripts/blockbroker-block-nopre ;; esac
 
 for d in $DISKS; do make_image $IMAGE_DIR/bench-$d.img "BENCH-$d" 4 >/dev/null; done
 
@@ -21,6 +25,7 @@ run_variant() {
   if [ "$variant" != none ]; then
     for d in $DISKS; do
       script=""; [ "$variant" = blockbroker ] && script="script=blockbroker-block, "
+      [ "$variant" = blockbroker_nopre ] && script="script=blockbroker-block-nopre, "
       spec="$spec;format=raw, vdev=xvd$d, access=ro, ${script}target=$IMAGE_DIR/bench-$d.img"
       n=$((n + 1))
     done

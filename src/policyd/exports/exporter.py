@@ -24,7 +24,7 @@ from policyd.exports.blkback import BlkbackWatcher
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody, fd_name
 from policyd.exports.frontends import FrontendWatch
-from policyd.exports.preattach import PRE_ATTACH_TOKEN, BackendWatch
+from policyd.exports.preattach import AT_DIR, ONLINE, PRE_ATTACH_TOKEN, BackendWatch
 from policyd.exports.registry import (
     STATE_BACKEND_IN_VM,
     STATE_CONNECTED,
@@ -317,13 +317,16 @@ class Exporter:
         if handle is not None:
             handle.cancel()
 
-    async def _backend_event(self, be_dir: str, at_dir: bool) -> None:
-        """BackendWatch: something changed below `be_dir` (on the dir itself if at_dir)."""
-        if be_dir in self.unclaimed:
-            if at_dir:  # created or removed; policyd's and blkback's writes are below it
-                await self.release_unclaimed(be_dir, "its backend was removed", only_if_gone=True)
-            return
-        if self.registry.by_backend_path(be_dir) is not None:
+    async def _backend_event(self, be_dir: str, flags: int) -> None:
+        """BackendWatch: something changed below `be_dir` (flags: on the dir itself, on its
+        `online` node)."""
+        if be_dir in self.unclaimed and flags & AT_DIR:
+            # created or removed; policyd's and blkback's writes are below it
+            await self.release_unclaimed(be_dir, "its backend was removed", only_if_gone=True)
+        record = self.registry.by_backend_path(be_dir)
+        if record is not None:
+            if flags & ONLINE and not record.wrote_vbd:
+                await self._detach_offline(record)
             return  # claimed, or an Export's vbd
         try:
             await self.pre_attach(be_dir)
@@ -334,6 +337,17 @@ class Exporter:
         """An event on the tree's root or a frontend's dir: whole backends may be gone."""
         for be_path in list(self.unclaimed):
             await self.release_unclaimed(be_path, "its backend was removed", only_if_gone=True)
+
+    async def _detach_offline(self, record: ExportRecord) -> None:
+        """libxl began removing an Attach export's backend (online = 0): its Detach, now."""
+        async with self._lock:
+            if self.registry.get(record.number) is not record:
+                return  # detached meanwhile
+            online = await self.xenstore.read_one(f"{record.backend_path}/online")
+            if online != "0":
+                return
+            logfmt.info("libxl is removing the backend", backend=record.backend_path)
+            await self._detach(record, status=record.backend_path in self.unclaimed)
 
     def _claim_expired(self, be_path: str) -> None:
         why = f"no hotplug script claimed it in {self.claim_s:g} s"
@@ -364,7 +378,7 @@ class Exporter:
                 "releasing a pre-attached export", export=record.object_path, backend=be_path,
                 reason=why,
             )  # fmt: skip
-            await self._detach(record)
+            await self._detach(record, status=True)
 
     def _drop_stale(self, record: ExportRecord, nodes: BackendNodes) -> None:
         """The backend directory was re-created (a new domain with the same domid and devid,
@@ -410,8 +424,9 @@ class Exporter:
                 raise errors.NotFound(f"{record.object_path} is already detached")
             await self._detach(record)
 
-    async def _detach(self, record: ExportRecord) -> None:
-        """The body of Detach; the caller holds self._lock."""
+    async def _detach(self, record: ExportRecord, status: bool = False) -> None:
+        """The body of Detach; the caller holds self._lock. `status`: an Attach export's
+        hotplug-status goes too (no hotplug script reported it: a pre-attach's)."""
         spec = VbdSpec(
             record.backend_domid,
             record.frontend_domid,
@@ -428,7 +443,7 @@ class Exporter:
         keep = False
         if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
             try:
-                await self.xenstore.remove_physical_device(record.backend_path)
+                await self.xenstore.remove_physical_device(record.backend_path, status)
             except errors.XenStoreError as e:
                 # libxl removes the backend dir itself (libxl's remove must not fail over
                 # it), but until then the trio may still name the device: its fd is kept

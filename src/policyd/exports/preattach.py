@@ -15,6 +15,12 @@ transaction as Attach. Events carry only a path; what is read is validated by
 policyd.xenstore.store. A pre-attached export nobody claims is released: when its backend
 directory is removed, or after `claim_s` seconds (policyd.exports.exporter, `release_unclaimed`).
 
+The same watch starts the Detach of libxl's remove: libxl begins it by writing `online` = 0
+(with state Closing) in one transaction, waits for blkback to close, runs the script's
+`remove` (whose failure it ignores) and deletes the backend. An Attach export whose backend's
+`online` turns 0 is detached then, so the script's Detach finds it done (NotFound: success).
+The loop device stays bound while blkback still holds it (AUTOCLEAR frees it on the last close).
+
 Events: a watch on the tree fires for every node written below it (libxl's nodes, policyd's own
 trio, blkback's state): each is reduced to its backend directory, deduplicated, and handled by
 one sweep task, so a burst costs one read per new backend.
@@ -30,13 +36,15 @@ from policyd import errors, logfmt
 PRE_ATTACH_TOKEN = "vbd-backends"
 MAX_PENDING = 4096  # distinct backend dirs waiting for the sweep (dom0 writes them; a bound)
 
-# (backend dir, whether the event was on the dir itself: a creation or a removal) -> None
-BackendHandler = Callable[[str, bool], Awaitable[None]]
+AT_DIR = 1  # an event on the backend dir itself: a creation or a removal
+ONLINE = 2  # an event on its `online` node: libxl writes online=0 when it removes the device
+# (backend dir, AT_DIR | ONLINE bits seen) -> None
+BackendHandler = Callable[[str, int], Awaitable[None]]
 
 
 class BackendWatch:
     """One XenStore watch on /local/domain/<backend>/backend/vbd. Events below a backend dir go
-    to `on_backend(dir, at_dir)`; events on the root or a frontend's dir (a whole subtree
+    to `on_backend(dir, flags)`; events on the root or a frontend's dir (a whole subtree
     removed) to `on_subtree()`."""
 
     def __init__(
@@ -48,7 +56,7 @@ class BackendWatch:
         self.root = f"/local/domain/{backend_domid}/backend/vbd"
         self._on_backend = on_backend
         self._on_subtree = on_subtree
-        self._dirty: dict[str, bool] = {}  # backend dir -> an event on the dir itself came
+        self._dirty: dict[str, int] = {}  # backend dir -> AT_DIR | ONLINE bits
         self._subtree = False
         self._sweep_task: asyncio.Task[None] | None = None
         self._overflowed = False
@@ -60,7 +68,7 @@ class BackendWatch:
         rest = path[len(self.root) :]
         if rest and not rest.startswith("/"):
             return  # a sibling such as .../backend/vbd2
-        parts = rest.split("/", 3)[1:]  # [fe, devid, node...]
+        parts = rest.split("/", 3)[1:]  # [fe, devid, node]
         if len(parts) < 2:
             self._subtree = True
         else:
@@ -73,7 +81,8 @@ class BackendWatch:
                     logfmt.warning("too many backend events at once; some not pre-attached")
                     self._overflowed = True
                 return
-            self._dirty[be_dir] = self._dirty.get(be_dir, False) or len(parts) == 2
+            flags = AT_DIR if len(parts) == 2 else ONLINE if parts[2] == "online" else 0
+            self._dirty[be_dir] = self._dirty.get(be_dir, 0) | flags
         if self._sweep_task is None or self._sweep_task.done():
             self._sweep_task = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -82,8 +91,7 @@ class BackendWatch:
             try:
                 if self._dirty:
                     be_dir = next(iter(self._dirty))
-                    at_dir = self._dirty.pop(be_dir)
-                    await self._on_backend(be_dir, at_dir)
+                    await self._on_backend(be_dir, self._dirty.pop(be_dir))
                 else:
                     self._subtree = False
                     await self._on_subtree()

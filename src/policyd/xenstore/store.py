@@ -264,10 +264,11 @@ class XenStore(XsClient):
 
         await self.transact(body)
 
-    async def remove_physical_device(self, be_path: str) -> None:
-        """Remove the trio and the export's tag (a node already gone, or the whole backend,
-        is no error)."""
+    async def remove_physical_device(self, be_path: str, status: bool = False) -> None:
+        """Remove the trio and the export's tag, and with `status` hotplug-status (a node
+        already gone, or the whole backend, is no error)."""
         names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
+        names += ["hotplug-status"] if status else []
         await self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n in names]))
 
     async def write_tag(self, be_path: str, tag: ExportTag) -> None:
