@@ -347,12 +347,23 @@ def main() -> int:
                 script_iteration(stack, [str(BLOCK_SCRIPT)], image, log, NO_PRE_ATTACH, False),
                 N,
             ),
-            (PREVIOUS, script_iteration(stack, [str(PREVIOUS_SCRIPT)], image, log), N),
-            ("candidate sh+busctl", script_iteration(stack, [str(busctl_variant)], image, log), N),
+            # the earlier candidates as they were measured: no online = 0 before `remove` (their
+            # Detach would find the export gone, which not all of them take as success)
+            (PREVIOUS, script_iteration(stack, [str(PREVIOUS_SCRIPT)], image, log, None, False), N),
+            (
+                "candidate sh+busctl",
+                script_iteration(stack, [str(busctl_variant)], image, log, None, False),
+                N,
+            ),
             (
                 "candidate python (dbus-fast)",
                 script_iteration(
-                    stack, [str(VENV / "bin/python"), "-I", str(python_variant)], image, log
+                    stack,
+                    [str(VENV / "bin/python"), "-I", str(python_variant)],
+                    image,
+                    log,
+                    None,
+                    False,
                 ),
                 N_SLOW,
             ),

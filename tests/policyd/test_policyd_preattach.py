@@ -4,7 +4,8 @@ The nodes are written as libxl's device_disk_add writes them (one transaction); 
 Attach then gets that same export (one loop device, one held fd). A pre-attach no script claims
 is released when its backend goes or after --pre-attach-claim seconds; a backend for another
 script is left alone. libxl's removal (online = 0) detaches an Attach export before the script's
-`remove`, whose Detach then finds nothing (NotFound, which the script takes as success). Runs as root against the real stack; policyd runs as user blockbroker.
+`remove`, whose Detach then finds nothing (NotFound, which the script takes as success).
+Runs as root against the real stack; policyd runs as user blockbroker.
 """
 
 from __future__ import annotations
@@ -196,3 +197,52 @@ def test_online_written_back_to_1_keeps_the_export(stack: Stack, api: Api) -> No
         api.ok("Detach", "s", [path])
         remove_libxl_vbd(stack, path)
     assert_clean(stack, image)
+
+
+@pytest.mark.parametrize("libxl_remove", [False, True])
+def test_a_detached_backend_is_not_pre_attached_again(
+    stack: Stack, api: Api, libxl_remove: bool
+) -> None:
+    """Detach removes the trio from a backend that still names blockbroker-block: that is no
+    new backend, and nothing attaches it again (with or without libxl's online = 0)."""
+    image = stack.make_image("again.img")
+    be = write_libxl_vbd(stack, 1, XVDA, str(image))
+    api.ok("Attach", "s", [be])
+    if libxl_remove:
+        xenstore.begin_libxl_remove(stack.xs, be)
+        wait_for("the detach", lambda: not held_block_fds(stack))
+    else:
+        api.ok("Detach", "s", [be])
+    marker = write_libxl_vbd(stack, 2, XVDA, str(stack.make_image("marker3.img")))
+    wait_for("the later pre-attach", lambda: len(exports_at(api, marker)) == 1)
+    assert exports_at(api, be) == [] and stack.xs_read(f"{be}/physical-device") is None
+    assert loops_released(image) and len(held_block_fds(stack)) == 1
+    api.ok("Detach", "s", [marker])
+    for path in (be, marker):
+        remove_libxl_vbd(stack, path)
+    assert_clean(stack, image)
+
+
+def test_nodes_changed_after_the_pre_attach(stack: Stack, api: Api) -> None:
+    """The script's Attach finds params no longer what was pre-attached: the pre-attach is
+    released (its trio removed with it) and the Attach is done afresh; if the nodes are junk by
+    then, the Attach fails and the pre-attach is released all the same."""
+    a, b = stack.make_image("chg-a.img"), stack.make_image("chg-b.img")
+    be = write_libxl_vbd(stack, 1, XVDA, str(a))
+    wait_for("the pre-attach", lambda: len(exports_at(api, be)) == 1)
+    stack.xs_write(f"{be}/params", str(b))
+    export = str(api.ok("Attach", "s", [be]))
+    assert api.props(export)["Source"] == str(b)
+    assert loops_released(a) and len(held_block_fds(stack)) == 1
+    api.ok("Detach", "s", [be])
+    remove_libxl_vbd(stack, be)
+
+    be = write_libxl_vbd(stack, 1, XVDA, str(a))
+    wait_for("the pre-attach", lambda: len(exports_at(api, be)) == 1)
+    stack.xs_write(f"{be}/params", "relative.img")
+    assert api.err("Attach", "s", [be]) == "XenStore"
+    assert exports_at(api, be) == [] and held_block_fds(stack) == []
+    assert stack.xs_read(f"{be}/physical-device") is None
+    assert stack.xs_read(f"{be}/hotplug-status") is None
+    remove_libxl_vbd(stack, be)
+    assert_clean(stack, a, b)

@@ -241,14 +241,34 @@ class Exporter:
     async def attach(self, untrusted_path: str) -> ExportRecord:
         be = self._own_backend_path(untrusted_path)
         async with self._lock:
-            nodes, fe_name, be_name = await self.xenstore.read_backend(be)
+            try:
+                nodes, fe_name, be_name = await self.xenstore.read_backend(be)
+            except errors.PolicydError:
+                await self._unclaim(be.path, "the hotplug script's Attach failed")
+                raise
             existing = self.registry.by_backend_path(be.path)
             if existing is not None:
                 if still_attached(existing, nodes):
                     self._claim(be.path)
                     return existing  # called twice, or pre-attached: the same export
-                self._drop_stale(existing, nodes)
+                if be.path in self.unclaimed:  # its trio is still there: removed with it
+                    await self._unclaim(be.path, "the backend's nodes changed")
+                else:
+                    self._drop_stale(existing, nodes)
             return await self._attach_new(be, nodes, fe_name, be_name)
+
+    async def _unclaim(self, be_path: str, why: str) -> None:
+        """Detach the pre-attached, unclaimed export at `be_path`, if there is one: its
+        script's Attach did not take it. The caller holds self._lock."""
+        record = self.registry.by_backend_path(be_path)
+        if be_path not in self.unclaimed or record is None:
+            return
+        self._claim(be_path)
+        logfmt.warning(
+            "releasing a pre-attached export", export=record.object_path, backend=be_path,
+            reason=why,
+        )  # fmt: skip
+        await self._detach(record, status=True)
 
     async def _attach_new(
         self, be: validate.BackendPath, nodes: BackendNodes, fe_name: str, be_name: str
@@ -328,6 +348,9 @@ class Exporter:
             if flags & ONLINE and not record.wrote_vbd:
                 await self._detach_offline(record)
             return  # claimed, or an Export's vbd
+        if not flags & AT_DIR:
+            return  # only a new backend (libxl makes its dir) is pre-attached, not one whose
+            # trio a Detach just removed
         try:
             await self.pre_attach(be_dir)
         except errors.InvalidArgument:
@@ -373,12 +396,7 @@ class Exporter:
                 return
             if only_if_gone and await self.xenstore.exists(be_path):
                 return
-            self._claim(be_path)
-            logfmt.warning(
-                "releasing a pre-attached export", export=record.object_path, backend=be_path,
-                reason=why,
-            )  # fmt: skip
-            await self._detach(record, status=True)
+            await self._unclaim(be_path, why)
 
     def _drop_stale(self, record: ExportRecord, nodes: BackendNodes) -> None:
         """The backend directory was re-created (a new domain with the same domid and devid,

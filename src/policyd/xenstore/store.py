@@ -192,8 +192,9 @@ class XenStore(XsClient):
         self, be: validate.BackendPath, script: str | None
     ) -> tuple[BackendNodes, str, str] | None:
         """read_backend, in the same one round trip; with `script`, None (nothing validated,
-        nothing raised) unless the backend exists and its `script` node names a file of that
-        name (libxl writes the hotplug script's absolute path there)."""
+        nothing raised) unless the backend exists, its `script` node names a file of that
+        name (libxl writes the hotplug script's absolute path there) and it is online (libxl
+        sets online = 0 when it begins removing the device)."""
 
         async def body(tx: Tx) -> tuple[BackendNodes, str, str] | None:
             names = ("params", "mode", "type", "frontend-id")
@@ -201,11 +202,13 @@ class XenStore(XsClient):
             found = await tx.read_many(
                 [f"{be.path}/{name}" for name in names]
                 + name_paths
-                + [f"{be.path}/physical-device", f"{be.path}/script"]
+                + [f"{be.path}/physical-device", f"{be.path}/online", f"{be.path}/script"]
             )
-            untrusted_script = found.pop()
+            untrusted_script, online = found.pop(), found.pop()
             if script is not None and (
-                untrusted_script is None or untrusted_script.rpartition("/")[2] != script
+                untrusted_script is None
+                or untrusted_script.rpartition("/")[2] != script
+                or online != "1"
             ):
                 return None
             values = {}
