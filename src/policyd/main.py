@@ -6,6 +6,7 @@ and the broker's socket. Ready = it owns org.qubes.BlockBroker1 on the bus.
     blockbroker-policyd --broker-socket PATH [--xenstore-path PATH] [--sysfs-root DIR]
                         [--bus-address ADDR] [--backend-domid 0]
                         [--policy-dir /etc/blockbroker/policy.d] [--request-expiry 300]
+                        [--pre-attach-claim 60]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from policyd.bus.objects import BusObjects
 from policyd.bus.service import Service, StartupError
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import DEFAULT_STORE_MAX, Custody
-from policyd.exports.exporter import Exporter
+from policyd.exports.exporter import DEFAULT_CLAIM_S, Exporter
 from policyd.exports.fdstore import FdStore, ListenFdsError, take_listen_fds
 from policyd.exports.reconcile import StartupAbort, reconcile
 from policyd.exports.registry import Registry
@@ -79,7 +80,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=DEFAULT_EXPIRY_S,
         help="seconds a VM's export request waits for a person (default %(default)s)",
     )
+    p.add_argument(
+        "--pre-attach-claim",
+        type=float,
+        default=DEFAULT_CLAIM_S,
+        help="seconds a pre-attached disk (its Attach started when libxl wrote the backend, "
+        "before the hotplug script asks) waits for the script before it is released "
+        "(default %(default)s; 0: no pre-attach)",
+    )
     args = p.parse_args(argv)
+    if not 0 <= args.pre_attach_claim <= 3600:
+        p.error("--pre-attach-claim must be 0-3600 seconds")
     if not 1 <= args.request_expiry <= MAX_EXPIRY_S:
         p.error(f"--request-expiry must be 1-{MAX_EXPIRY_S} seconds")
     try:
@@ -122,6 +133,7 @@ class Policyd:
             custody=Custody(store, args.fd_store_max),
             backend_domid=args.backend_domid,
             sysfs_root=args.sysfs_root,
+            claim_s=args.pre_attach_claim or None,
         )
         self.requests = Requests(
             exporter=self.exporter,
@@ -156,6 +168,7 @@ async def run(args: argparse.Namespace) -> int:
     # Before the name is taken, so no call sees a half-rebuilt registry. A failure (XenStore or
     # the broker unavailable) ends policyd: the fd store keeps the fds for the next start.
     await reconcile(daemon.exporter, stored)
+    await daemon.exporter.watch_backends()
     await daemon.requests.load_counter()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -212,3 +212,17 @@ def write_libxl_vbd(
     if not client.commit():
         raise StackError("writing the vbd nodes conflicted with another writer")
     return be
+
+
+def begin_libxl_remove(client: Client, be: str) -> None:
+    """What libxl's device removal writes first, in one transaction, before it waits for
+    blkback to close and runs the hotplug script's `remove`: online = 0, state 5 (Closing)."""
+    client.transaction()
+    try:
+        client.write(f"{be}/online".encode(), b"0")
+        client.write(f"{be}/state".encode(), b"5")
+    except BaseException:
+        client.rollback()
+        raise
+    if not client.commit():
+        raise StackError("writing online=0 conflicted with another writer")

@@ -24,6 +24,7 @@ from policyd.exports.blkback import BlkbackWatcher
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody, fd_name
 from policyd.exports.frontends import FrontendWatch
+from policyd.exports.preattach import AT_DIR, ONLINE, PRE_ATTACH_TOKEN, BackendWatch
 from policyd.exports.registry import (
     STATE_BACKEND_IN_VM,
     STATE_CONNECTED,
@@ -46,6 +47,11 @@ from policyd.xenstore.store import (
 T = TypeVar("T")
 CLOSE_WAIT_S = 5.0  # how long Detach waits for a connected blkback to close the device
 CLOSE_POLL_S = 0.05
+# a backend whose `script` node names this file is pre-attached (policyd.exports.preattach)
+PRE_ATTACH_SCRIPT = "blockbroker-block"
+# how long a pre-attached export waits for its script's Attach before it is released: libxl
+# spawns the script within its device-init timeout (10 s) of writing the nodes
+DEFAULT_CLAIM_S = 60.0
 NO_FD = -1  # a device in another domain (a VM's own, through a request): policyd holds no fd
 Domain = tuple[int, str]  # domid, and its name as read from XenStore ("" if it has none)
 # (operation, dom0 path, backend, frontend, writable) -> None, or PolicyDenied
@@ -79,6 +85,7 @@ class Exporter:
         custody: Custody,
         backend_domid: int,
         sysfs_root: str,
+        claim_s: float | None = DEFAULT_CLAIM_S,  # None: no pre-attach
     ) -> None:
         self.xenstore = xenstore
         self.broker = broker
@@ -90,9 +97,17 @@ class Exporter:
         self.custody = custody
         self.blkback = BlkbackWatcher(sysfs_root, self._state_changed)
         self.frontends = FrontendWatch(xenstore, self._frontend_gone)
+        self.backends = BackendWatch(backend_domid, self._backend_event, self._subtree_event)
+        self.claim_s = claim_s
+        # pre-attached exports no script's Attach has claimed yet: backend path -> release timer
+        self.unclaimed: dict[str, asyncio.TimerHandle] = {}
+        self._releases: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     def shutdown(self) -> None:
+        self.backends.stop()
+        for handle in self.unclaimed.values():
+            handle.cancel()
         self.frontends.stop()
         self.custody.close_all()
         self.blkback.stop()
@@ -126,6 +141,15 @@ class Exporter:
             return
         self.custody.hold(name, backing.fd)
         undo.callback(self.custody.unhold, name)
+
+    async def watch_backends(self) -> None:
+        """Start-up, after reconciliation: watch the backend tree for libxl's new backends."""
+        if self.claim_s is None:
+            return
+        try:
+            await self.xenstore.watch(self.backends.root, PRE_ATTACH_TOKEN, self.backends.event)
+        except errors.XenStoreError as e:
+            logfmt.warning("cannot watch vbd backends; no pre-attach", error=e)
 
     async def probe(self) -> None:
         """Start-up: connect to XenStore (read the backend domain's name); errors are logged."""
@@ -217,46 +241,162 @@ class Exporter:
     async def attach(self, untrusted_path: str) -> ExportRecord:
         be = self._own_backend_path(untrusted_path)
         async with self._lock:
-            nodes, fe_name, be_name = await self.xenstore.read_backend(be)
+            try:
+                nodes, fe_name, be_name = await self.xenstore.read_backend(be)
+            except errors.PolicydError:
+                await self._unclaim(be.path, "the hotplug script's Attach failed")
+                raise
             existing = self.registry.by_backend_path(be.path)
             if existing is not None:
                 if still_attached(existing, nodes):
-                    return existing  # called twice: the same export
-                self._drop_stale(existing, nodes)
-            with contextlib.ExitStack() as undo:
-                await self.policy_check(
-                    "attach",
-                    nodes.params,
-                    (be.backend_domid, be_name),
-                    (be.frontend_domid, fe_name),
-                    modes.is_writable(nodes.mode),
-                )
-                self.custody.check_room()
-                backing = await self.sources.open_path(
-                    nodes.params, modes.is_writable(nodes.mode), False, undo
-                )
-                number = self.registry.next_number()
-                tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())
-                # once the trio is written, the fd is held
-                phys = physical(backing)
-                await self._publish(
-                    undo, backing, self.xenstore.write_physical_device(be.path, phys, nodes, tag)
-                )
-                record = self._record(
-                    number,
-                    nodes.params,
-                    backing,
-                    be.frontend_domid,
-                    fe_name,
-                    be.devid,
-                    be.path,
-                    nodes.mode,
-                    be_name,
-                    wrote_vbd=False,
-                    since_us=tag.since_us,
-                )
-                self._register(record)
+                    self._claim(be.path)
+                    return existing  # called twice, or pre-attached: the same export
+                if be.path in self.unclaimed:  # its trio is still there: removed with it
+                    await self._unclaim(be.path, "the backend's nodes changed")
+                else:
+                    self._drop_stale(existing, nodes)
+            return await self._attach_new(be, nodes, fe_name, be_name)
+
+    async def _unclaim(self, be_path: str, why: str) -> None:
+        """Detach the pre-attached, unclaimed export at `be_path`, if there is one: its
+        script's Attach did not take it. The caller holds self._lock."""
+        record = self.registry.by_backend_path(be_path)
+        if be_path not in self.unclaimed or record is None:
+            return
+        self._claim(be_path)
+        logfmt.warning(
+            "releasing a pre-attached export", export=record.object_path, backend=be_path,
+            reason=why,
+        )  # fmt: skip
+        await self._detach(record, status=True)
+
+    async def _attach_new(
+        self, be: validate.BackendPath, nodes: BackendNodes, fe_name: str, be_name: str
+    ) -> ExportRecord:
+        """The body of Attach for a backend with no export; the caller holds self._lock."""
+        with contextlib.ExitStack() as undo:
+            await self.policy_check(
+                "attach",
+                nodes.params,
+                (be.backend_domid, be_name),
+                (be.frontend_domid, fe_name),
+                modes.is_writable(nodes.mode),
+            )
+            self.custody.check_room()
+            backing = await self.sources.open_path(
+                nodes.params, modes.is_writable(nodes.mode), False, undo
+            )
+            number = self.registry.next_number()
+            tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())
+            # once the trio is written, the fd is held
+            phys = physical(backing)
+            await self._publish(
+                undo, backing, self.xenstore.write_physical_device(be.path, phys, nodes, tag)
+            )
+            record = self._record(
+                number,
+                nodes.params,
+                backing,
+                be.frontend_domid,
+                fe_name,
+                be.devid,
+                be.path,
+                nodes.mode,
+                be_name,
+                wrote_vbd=False,
+                since_us=tag.since_us,
+            )
+            self._register(record)
+        return record
+
+    # -- pre-attach (policyd.exports.preattach) -----------------------------------------------
+
+    async def pre_attach(self, untrusted_path: str) -> ExportRecord | None:
+        """libxl wrote a backend whose hotplug script is blockbroker-block: its Attach, now,
+        before the script asks (which then gets this export). None when there is nothing to do:
+        an export exists, the backend is gone or not blockbroker-block's, or it already names
+        a device (someone else's). Errors are the caller's to log: the script's own Attach
+        makes the same steps and reports their failure to libxl."""
+        be = self._own_backend_path(untrusted_path)
+        async with self._lock:
+            if self.registry.by_backend_path(be.path) is not None:
+                return None
+            found = await self.xenstore.read_backend_if(be, PRE_ATTACH_SCRIPT)
+            if found is None or found[0].physical_device:
+                return None
+            record = await self._attach_new(be, *found)
+            assert self.claim_s is not None  # only the watch calls this, and only if set
+            self.unclaimed[be.path] = asyncio.get_running_loop().call_later(
+                self.claim_s, self._claim_expired, be.path
+            )
+            logfmt.info("pre-attached", export=record.object_path, backend=be.path)
             return record
+
+    def _claim(self, be_path: str) -> None:
+        handle = self.unclaimed.pop(be_path, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _backend_event(self, be_dir: str, flags: int) -> None:
+        """BackendWatch: something changed below `be_dir` (flags: on the dir itself, on its
+        `online` node)."""
+        if be_dir in self.unclaimed and flags & AT_DIR:
+            # created or removed; policyd's and blkback's writes are below it
+            await self.release_unclaimed(be_dir, "its backend was removed", only_if_gone=True)
+        record = self.registry.by_backend_path(be_dir)
+        if record is not None:
+            if flags & ONLINE and not record.wrote_vbd:
+                await self._detach_offline(record)
+            return  # claimed, or an Export's vbd
+        if not flags & AT_DIR:
+            return  # only a new backend (libxl makes its dir) is pre-attached, not one whose
+            # trio a Detach just removed
+        try:
+            await self.pre_attach(be_dir)
+        except errors.InvalidArgument:
+            return  # not a disk's backend path (a devid that is no vbd's)
+
+    async def _subtree_event(self) -> None:
+        """An event on the tree's root or a frontend's dir: whole backends may be gone."""
+        for be_path in list(self.unclaimed):
+            await self.release_unclaimed(be_path, "its backend was removed", only_if_gone=True)
+
+    async def _detach_offline(self, record: ExportRecord) -> None:
+        """libxl began removing an Attach export's backend (online = 0): its Detach, now."""
+        async with self._lock:
+            if self.registry.get(record.number) is not record:
+                return  # detached meanwhile
+            online = await self.xenstore.read_one(f"{record.backend_path}/online")
+            if online != "0":
+                return
+            logfmt.info("libxl is removing the backend", backend=record.backend_path)
+            await self._detach(record, status=record.backend_path in self.unclaimed)
+
+    def _claim_expired(self, be_path: str) -> None:
+        why = f"no hotplug script claimed it in {self.claim_s:g} s"
+        task = asyncio.get_running_loop().create_task(self._release_logged(be_path, why))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_logged(self, be_path: str, why: str) -> None:
+        try:
+            await self.release_unclaimed(be_path, why)
+        except errors.PolicydError as e:
+            logfmt.warning("releasing an unclaimed pre-attach failed", backend=be_path, error=e)
+
+    async def release_unclaimed(self, be_path: str, why: str, only_if_gone: bool = False) -> None:
+        """Detach a pre-attached export no script's Attach has claimed (with only_if_gone: if
+        its backend dir no longer exists); nothing if it was claimed or detached meanwhile."""
+        async with self._lock:
+            if be_path not in self.unclaimed:
+                return
+            record = self.registry.by_backend_path(be_path)
+            if record is None:
+                self._claim(be_path)
+                return
+            if only_if_gone and await self.xenstore.exists(be_path):
+                return
+            await self._unclaim(be_path, why)
 
     def _drop_stale(self, record: ExportRecord, nodes: BackendNodes) -> None:
         """The backend directory was re-created (a new domain with the same domid and devid,
@@ -302,8 +442,9 @@ class Exporter:
                 raise errors.NotFound(f"{record.object_path} is already detached")
             await self._detach(record)
 
-    async def _detach(self, record: ExportRecord) -> None:
-        """The body of Detach; the caller holds self._lock."""
+    async def _detach(self, record: ExportRecord, status: bool = False) -> None:
+        """The body of Detach; the caller holds self._lock. `status`: an Attach export's
+        hotplug-status goes too (no hotplug script reported it: a pre-attach's)."""
         spec = VbdSpec(
             record.backend_domid,
             record.frontend_domid,
@@ -320,7 +461,7 @@ class Exporter:
         keep = False
         if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
             try:
-                await self.xenstore.remove_physical_device(record.backend_path)
+                await self.xenstore.remove_physical_device(record.backend_path, status)
             except errors.XenStoreError as e:
                 # libxl removes the backend dir itself (libxl's remove must not fail over
                 # it), but until then the trio may still name the device: its fd is kept
@@ -468,6 +609,7 @@ class Exporter:
         released if it was the backing's last user (True), or stays held (in custody, so in the
         fd store) while XenStore may still name the device (keep_fd)."""
         self.blkback.forget(record)
+        self._claim(record.backend_path)
         fd = self.registry.remove(record)
         if fd is not None and fd != NO_FD and not keep_fd:
             self.custody.release(backing_name(record.backing))

@@ -136,6 +136,9 @@ class XenStore(XsClient):
         """One node's value (one read is atomic: no transaction needed)."""
         return await self.reads(lambda tx: tx.read(path))
 
+    async def exists(self, path: str) -> bool:
+        return await self.reads(lambda tx: tx.exists(path))
+
     # -- domains ---------------------------------------------------------------------------
     #
     # Names are looked up outside a transaction (two round trips: list, then every name at
@@ -180,15 +183,34 @@ class XenStore(XsClient):
         rewriting the device could tear the read; write_physical_device re-reads params and
         mode in its own transaction and writes nothing if they changed (a check the
         transactional read never had: it ended before the write began). The names as above."""
+        found = await self.read_backend_if(be, None)
+        if found is None:  # only a script filter returns None
+            raise NotFound(f"{be.path} does not exist")
+        return found
 
-        async def body(tx: Tx) -> tuple[BackendNodes, str, str]:
+    async def read_backend_if(
+        self, be: validate.BackendPath, script: str | None
+    ) -> tuple[BackendNodes, str, str] | None:
+        """read_backend, in the same one round trip; with `script`, None (nothing validated,
+        nothing raised) unless the backend exists, its `script` node names a file of that
+        name (libxl writes the hotplug script's absolute path there) and it is online (libxl
+        sets online = 0 when it begins removing the device)."""
+
+        async def body(tx: Tx) -> tuple[BackendNodes, str, str] | None:
             names = ("params", "mode", "type", "frontend-id")
             name_paths = [f"/local/domain/{d}/name" for d in (be.frontend_domid, be.backend_domid)]
             found = await tx.read_many(
                 [f"{be.path}/{name}" for name in names]
                 + name_paths
-                + [f"{be.path}/physical-device"]
+                + [f"{be.path}/physical-device", f"{be.path}/online", f"{be.path}/script"]
             )
+            untrusted_script, online = found.pop(), found.pop()
+            if script is not None and (
+                untrusted_script is None
+                or untrusted_script.rpartition("/")[2] != script
+                or online != "1"
+            ):
+                return None
             values = {}
             for name, value in zip(names, found, strict=False):
                 if value is None:
@@ -245,10 +267,11 @@ class XenStore(XsClient):
 
         await self.transact(body)
 
-    async def remove_physical_device(self, be_path: str) -> None:
-        """Remove the trio and the export's tag (a node already gone, or the whole backend,
-        is no error)."""
+    async def remove_physical_device(self, be_path: str, status: bool = False) -> None:
+        """Remove the trio and the export's tag, and with `status` hotplug-status (a node
+        already gone, or the whole backend, is no error)."""
         names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
+        names += ["hotplug-status"] if status else []
         await self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n in names]))
 
     async def write_tag(self, be_path: str, tag: ExportTag) -> None:
