@@ -148,7 +148,7 @@ class Exporter:
             )
             with contextlib.ExitStack() as undo:
                 backing = await self.sources.open_path(
-                    path, not opts.read_only, opts.direct_io, undo
+                    path, not opts.read_only, opts.direct_io, undo, opts.dm_uuid
                 )
                 return await self._export(path, backing, fe_domid, frontend, be_name, opts, undo)
 
@@ -160,7 +160,7 @@ class Exporter:
                 fe_domid, be_name = await self.xenstore.find_export_domains(
                     frontend, self.backend_domid
                 )
-                backing = await self.sources.adopt_fd(fd, not opts.read_only)
+                backing = await self.sources.adopt_fd(fd, not opts.read_only, opts.dm_uuid)
                 if backing.fd != fd:
                     undo.close()  # a shared backing holds its own fd: the caller's is not needed
                 await self.policy_check(
@@ -455,6 +455,7 @@ class Exporter:
             backend=record.backend_path,
             device=f"{ident.major}:{ident.minor}",
             diskseq=ident.diskseq,
+            **dm_fields(record.backing),
             mode=record.mode,
             shared=len(record.backing.users) > 1,
         )
@@ -502,6 +503,12 @@ def still_attached(record: ExportRecord, nodes: BackendNodes) -> bool:
 def backing_name(backing: Backing) -> str:
     """A held backing's name in the fd store."""
     return fd_name(backing.kind, backing.identity)
+
+
+def dm_fields(backing: Backing) -> dict[str, str]:
+    """A device-mapper device's name and uuid for a log line; none for another device."""
+    names = backing.names
+    return {"dm_name": names.dm_name, "dm_uuid": names.dm_uuid} if names.dm_name else {}
 
 
 def _now_us() -> int:
