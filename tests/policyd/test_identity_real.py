@@ -141,5 +141,42 @@ def test_export_through_a_symlink_and_a_wrong_dm_uuid(stack: Stack, api: Api) ->
     assert_clean(stack, image)
 
 
+@pytest.mark.daemon
+def test_export_of_a_dev_link_is_judged_as_its_kernel_name(stack: Stack, api: Api) -> None:
+    """/dev/VG/LV-shaped link to a loop device: the policy judges the kernel name the link
+    leads to (the audit line says device=loopN), the device is exported under the link's name;
+    a policy that denies that kernel name denies the link too, with nothing held."""
+    image = stack.image_dir / "identity-devlink.img"
+    vg = Path(f"/dev/bbtest-{os.getpid()}")
+    for loop in partitioned_loop(image):
+        vg.mkdir()
+        try:
+            link = vg / "vol"
+            link.symlink_to(f"../{os.path.basename(loop)}")
+            export = api.export(link)
+            props = api.props(export)
+            assert props["Source"] == str(link)
+            assert (props["Major"], props["Minor"]) == dev_of(loop)
+            api.detach(export)
+            kname = os.path.basename(loop)
+            log = stack.log_path("policyd").read_text()
+            assert f"device={kname} " in log
+            deny = stack.policy_dir / "00-deny-this-loop.policy"
+            deny.write_text(f"export {kname} dom0 @anyvm deny\n")
+            try:
+                deadline = time.monotonic() + 10
+                while (err := api.export_err(link)) != "PolicyDenied":
+                    assert time.monotonic() < deadline, f"still {err} after the policy change"
+                    time.sleep(0.2)
+            finally:
+                deny.unlink()
+            assert held_block_fds(stack) == []
+        finally:
+            for entry in vg.iterdir():
+                entry.unlink()
+            vg.rmdir()
+    assert_clean(stack, image)
+
+
 def _s(value: str) -> Variant:
     return Variant("s", value)

@@ -39,7 +39,7 @@ t_scenario=$(now)
 mkdir -p /run/lock/lvm $IMAGE_DIR
 dm_major=$(awk '$2 == "device-mapper" {print $1}' /proc/devices)
 truncate -s 96M $IMAGE_DIR/pv.img
-pv=$(losetup -f --show $IMAGE_DIR/pv.img)
+pv=$(/sbin/losetup -f --show $IMAGE_DIR/pv.img)  # util-linux: busybox losetup has no --show
 if [ -z "$dm_major" ] || [ -z "$pv" ] ||
    ! lvm_ vgcreate $VG $pv >$RUN/lvm.log 2>&1 ||
    ! lvm_ lvcreate --type thin-pool -L 48M -n pool $VG >>$RUN/lvm.log 2>&1 ||
@@ -135,5 +135,5 @@ expect dm-nothing-leaks \
     [ "$(loop_count)" = "$loops_before" ]'
 
 lvm_ vgremove -f $VG >>$RUN/lvm.log 2>&1
-losetup -d $pv
+/sbin/losetup -d $pv
 echo "XENLAB NOTE dmlvm took $(elapsed_ms $t_scenario) ms" | tee -a $RUN/results

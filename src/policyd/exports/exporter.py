@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from policyd import errors, logfmt, modes, validate
 from policyd.brokerclient import Identity
+from policyd.exports import identity
 from policyd.exports.blkback import BlkbackWatcher
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody, fd_name
@@ -143,12 +144,13 @@ class Exporter:
                 frontend, self.backend_domid
             )
             backend = (self.backend_domid, be_name)
+            judged, pinned = identity.policy_path(path, self.sources.sysfs_root)
             await self.policy_check(
-                "export", path, backend, (fe_domid, frontend), not opts.read_only
+                "export", judged, backend, (fe_domid, frontend), not opts.read_only
             )
             with contextlib.ExitStack() as undo:
                 backing = await self.sources.open_path(
-                    path, not opts.read_only, opts.direct_io, undo, opts.dm_uuid
+                    path, not opts.read_only, opts.direct_io, undo, opts.dm_uuid, pinned
                 )
                 return await self._export(path, backing, fe_domid, frontend, be_name, opts, undo)
 
@@ -224,16 +226,17 @@ class Exporter:
                     return existing  # called twice: the same export
                 self._drop_stale(existing, nodes)
             with contextlib.ExitStack() as undo:
+                judged, pinned = identity.policy_path(nodes.params, self.sources.sysfs_root)
                 await self.policy_check(
                     "attach",
-                    nodes.params,
+                    judged,
                     (be.backend_domid, be_name),
                     (be.frontend_domid, fe_name),
                     modes.is_writable(nodes.mode),
                 )
                 self.custody.check_room()
                 backing = await self.sources.open_path(
-                    nodes.params, modes.is_writable(nodes.mode), False, undo
+                    nodes.params, modes.is_writable(nodes.mode), False, undo, pinned=pinned
                 )
                 number = self.registry.next_number()
                 tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())

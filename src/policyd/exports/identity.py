@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 
 from policyd import errors
@@ -81,6 +82,27 @@ def names_or_empty(major: int, minor: int, sysfs_root: str = "/sys") -> DeviceNa
         return read_names(major, minor, sysfs_root)
     except (errors.DeviceChanged, OSError, ValueError):
         return NO_NAMES
+
+
+def policy_path(path: str, sysfs_root: str = "/sys") -> tuple[str, tuple[int, int] | None]:
+    """The path the export policy judges, and the device the open must then find.
+
+    The policy names block devices by kernel name (`dm-3`, `sdb1`: policyd.policy.tokens). A
+    /dev path of more than one component (/dev/VG/LV, /dev/mapper/NAME, /dev/disk/by-id/...)
+    is judged as the kernel name of the block device it leads to now (/dev/dm-3), and that
+    major:minor is pinned: the open refuses another (DeviceChanged). Any other path, or one
+    policyd cannot stat, is judged as it is (None: nothing pinned)."""
+    if not path.startswith("/dev/") or "/" not in path[len("/dev/") :]:
+        return path, None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path, None
+    if not stat.S_ISBLK(st.st_mode):
+        return path, None
+    dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    names = names_or_empty(*dev, sysfs_root)
+    return ("/dev/" + names.kernel_name, dev) if names.kernel_name else (path, None)
 
 
 def read_names(major: int, minor: int, sysfs_root: str = "/sys") -> DeviceNames:

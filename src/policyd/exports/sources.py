@@ -46,14 +46,16 @@ class Sources:
         direct_io: bool,
         undo: contextlib.ExitStack,
         dm_uuid: str = "",
+        pinned: tuple[int, int] | None = None,
     ) -> Backing:
         """The backing to use for `path`: a shared held one, or a fresh one from the broker.
 
         policyd never opens the path itself: an lstat (which may be denied) finds a sharing
         candidate, and the broker's answer (backing dev/inode, or major:minor and diskseq) is
         checked against it; a block device is checked to be the one the path names (and to
-        have the dm uuid `dm_uuid`, if given). A fresh fd is closed by `undo` unless the
-        caller keeps it.
+        have the dm uuid `dm_uuid`, if given) and, if `pinned`, to be that major:minor (the
+        device the export policy judged: identity.policy_path). A fresh fd is closed by `undo`
+        unless the caller keeps it.
         """
         st: os.stat_result | None
         try:
@@ -70,6 +72,13 @@ class Sources:
             st = None
         except OSError as e:
             raise errors.InvalidArgument(f"{path}: {e.strerror}") from None
+        if pinned is not None:
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if st is not None else None
+            if st is None or not stat.S_ISBLK(st.st_mode) or dev != pinned:
+                raise errors.DeviceChanged(
+                    f"{path} led to block device {pinned[0]}:{pinned[1]} when the export "
+                    "policy judged it, and no longer does; retry"
+                )
         if st is None:
             return await self.open_unseen(path, writable, direct_io, undo, dm_uuid)
         if stat.S_ISBLK(st.st_mode):
