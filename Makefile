@@ -13,13 +13,16 @@ PREFIX ?= /opt/blockbroker
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 # Debian packages the project needs; tests and the lab use the real daemons these ship.
+# lvm2 and thin-provisioning-tools: the Xen lab's dmlvm scenario runs the host's lvm (chrooted)
+# against the lab dom0's device-mapper (a thin pool on a loop-backed PV; docs/xenlab.md).
 # blockbroker-gtk: PyGObject, GTK 4 and libadwaita from Debian; its test: Xvfb and AT-SPI.
 # polkitd also ships pkttyagent and polkit-agent-helper-1 (the prompt tests' real agent); passwd
 # (useradd, chpasswd: their throwaway user) is in every Debian system.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux mount systemd \
 	qemu-system-x86 busybox-static cpio kmod clang-14 libfuzzer-14-dev libclang-rt-14-dev \
-	python3-gi gir1.2-gtk-4.0 gir1.2-adw-1 xvfb at-spi2-core python3-pyatspi gir1.2-atspi-2.0
+	python3-gi gir1.2-gtk-4.0 gir1.2-adw-1 xvfb at-spi2-core python3-pyatspi gir1.2-atspi-2.0 \
+	lvm2 thin-provisioning-tools
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml
 # blockbroker-block (the libxl hotplug script) is one static C program: docs/client.md.
 BLOCK_SCRIPT_SRC := src/client/blockbroker-block.c

@@ -6,7 +6,8 @@
 #   xen         the hypervisor (multiboot ELF, booted by qemu -kernel)
 #   vmlinux     the dom0 kernel as an uncompressed ELF (the xz bzImage costs ~2 s under TCG)
 #   dom0.cpio   dom0 initramfs: busybox, bash, xl/xenstored/xenconsoled, the stock hotplug scripts,
-#               util-linux losetup + flock, the kernel modules, the guest kernel and initramfs
+#               util-linux losetup + flock, the kernel modules (device-mapper and dm-thin-pool for
+#               the dmlvm scenario), the guest kernel and initramfs
 #   inputs      what the images were built from; the build is skipped while it is unchanged
 #
 # Host tools needed (Makefile APT_PACKAGES): busybox-static cpio kmod python3 util-linux.
@@ -190,8 +191,11 @@ LD_LIBRARY_PATH=$X/usr/lib/x86_64-linux-gnu ldd "${binaries[@]}" 2>/dev/null |
   done
 cp -L /lib64/ld-linux-x86-64.so.2 "$dom0/lib64/"
 cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$dom0/lib/x86_64-linux-gnu/"  # xl: pthread_cancel dlopen()s it
+# dm-thin-pool's crc32c: the generic one; crc32c-intel (pulled in by libcrc32c's softdep) needs
+# SSE4.2, which the lab's qemu64 CPU lacks (insmod: No such device)
 modules_in_load_order xen-evtchn xen-gntdev xen-gntalloc xenfs xen-blkback xen-blkfront loop \
-    virtio_pci 9pnet_virtio 9p | while read -r ko; do
+    crc32c_generic dm-mod dm-thin-pool virtio_pci 9pnet_virtio 9p |
+  grep -v '/crc32c-intel\.ko$' | while read -r ko; do
   cp "$ko" "$dom0/lib/modules/"; basename "$ko" >>"$dom0/etc/modules.order"
 done
 cp "$work/out/vmlinux.gz" "$dom0/usr/share/xenlab/guest-vmlinux.gz"

@@ -84,7 +84,10 @@ def _is_numbered_path(path: str, prefix: str) -> bool:
 
 
 def export_options(
-    read_only: bool = True, devid: int | None = None, direct_io: bool | None = None
+    read_only: bool = True,
+    devid: int | None = None,
+    direct_io: bool | None = None,
+    dm_uuid: str | None = None,
 ) -> dict[str, Variant]:
     """The a{sv} options of Export/ExportFd; validates devid locally for a clear message."""
     options = {"read-only": Variant("b", bool(read_only))}
@@ -94,6 +97,8 @@ def export_options(
         options["devid"] = Variant("u", devid)
     if direct_io is not None:
         options["direct-io"] = Variant("b", bool(direct_io))
+    if dm_uuid:
+        options["dm-uuid"] = Variant("s", dm_uuid)
     return options
 
 
@@ -197,15 +202,18 @@ class AsyncClient:
         read_only: bool = True,
         devid: int | None = None,
         direct_io: bool | None = None,
+        dm_uuid: str | None = None,
     ) -> ExportInfo:
         """Export a file or block device (a path, or an open fd: UDisks2-style) to domain `to`.
 
         A path is made absolute here (the service does not share the caller's cwd). An fd is
-        passed as UNIX_FD and stays owned (and open) in the caller.
+        passed as UNIX_FD and stays owned (and open) in the caller. `dm_uuid`: the device must
+        be the device-mapper device with this uuid (LVM's LVM-<vg uuid><lv uuid>), else
+        DeviceChanged.
         """
         if not to:
             raise UsageError("the frontend domain is empty: name the domain to export to")
-        options = export_options(read_only, devid, direct_io)
+        options = export_options(read_only, devid, direct_io, dm_uuid)
         if isinstance(source, int):
             if source < 0:
                 raise UsageError(f"{source} is not a file descriptor")

@@ -14,7 +14,9 @@
  * add:    Attach(XENBUS_PATH); policyd writes the physical-device trio and hotplug-status in one
  *         transaction, so success writes nothing. Failure: `blockbroker-block add <path>:
  *         <ErrorName>: <message>` on stderr and, if the backend dir still exists (a write would
- *         re-create a dir libxl removed), xenstore-write hotplug-error and hotplug-status=error.
+ *         re-create a dir libxl removed), xenstore-write hotplug-error and hotplug-status=error;
+ *         each tool is killed after 4 s, and with this script if libxl kills it (no orphaned
+ *         writer re-creates a backend dir libxl removed).
  * remove: Detach(XENBUS_PATH); a backend policyd does not know (Error.NotFound) is success.
  * Exit: 0 ok; 1 failed (error reply, no bus, no reply in 8 s, bad reply; local failures carry
  * libdbus's names: org.freedesktop.DBus.Error.NoServer, NoReply, ...); 2 usage.
@@ -28,13 +30,13 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -176,8 +178,17 @@ static const struct command commands[] = {
 	{"remove", "Detach", ERR_BROKER_NOT_FOUND, 0},
 };
 
-/* The Xen tools run on the failure path find only system directories. */
+/* The Xen tools run on the failure path find only system directories (the tests' build
+ * points it at stand-ins: -DTOOL_PATH=...). */
+#ifndef TOOL_PATH
 #define TOOL_PATH "/usr/bin:/bin:/usr/sbin:/sbin"
+#endif
+/* Each of those tools is killed after this long (xenstore-exists, then xenstore-write): with the
+ * 8 s reply deadline, at most ~16 s in all, well under libxl's 40 s hotplug timeout. */
+#ifndef TOOL_TIMEOUT_MS
+#define TOOL_TIMEOUT_MS 4000
+#endif
+#define TOOL_POLL_NS 10000000 /* how often the deadline is looked at while a tool runs */
 
 /* --- State ----------------------------------------------------------------------------------- */
 
@@ -870,20 +881,46 @@ static int call(const char *member, const char *arg)
 
 /* --- The failure report: stderr and XenStore ------------------------------------------------- */
 
-/* Runs a Xen tool on the failure path (PATH fixed, XENSTORED_PATH inherited); 0: it exited 0. */
+/* Runs a Xen tool on the failure path (PATH fixed, XENSTORED_PATH inherited); 0: it exited 0.
+ * Bounded: SIGKILLed after TOOL_TIMEOUT_MS, and at once if this script dies first
+ * (PR_SET_PDEATHSIG; libxl SIGKILLs a script that outlives its hotplug timeout and then removes
+ * the backend directory: an orphaned xenstore-write would re-create it). */
 static int run(char *const argv[], int quiet)
 {
-	posix_spawn_file_actions_t fa;
-	pid_t pid;
+	pid_t parent = getpid();
+	pid_t pid = fork();
 	int status = -1;
-	posix_spawn_file_actions_init(&fa);
-	if (quiet)
-		posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
-	if (posix_spawnp(&pid, argv[0], &fa, NULL, argv, environ) == 0)
-		while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-			;
-	posix_spawn_file_actions_destroy(&fa);
-	return status;
+	if (pid < 0)
+		return -1;
+	if (pid == 0) {
+		/* armed before exec and kept by it; if the script is already gone, the parent
+		 * check catches what the signal would have */
+		if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0 || getppid() != parent)
+			_exit(127);
+		int null = quiet ? open("/dev/null", O_WRONLY) : -1;
+		if (null >= 0 && dup2(null, 2) < 0)
+			_exit(127);
+		execvp(argv[0], argv);
+		_exit(127);
+	}
+	int64_t end_ms = now_ms() + TOOL_TIMEOUT_MS;
+	for (;;) {
+		pid_t done = waitpid(pid, &status, WNOHANG);
+		if (done == pid)
+			return status;
+		if (done < 0 && errno != EINTR)
+			return -1;
+		if (now_ms() >= end_ms)
+			break;
+		struct timespec pause = {0, TOOL_POLL_NS};
+		nanosleep(&pause, NULL);
+	}
+	kill(pid, SIGKILL);
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	dprintf(2, "blockbroker-block: %s did not finish within %d ms; killed\n", argv[0],
+		TOOL_TIMEOUT_MS);
+	return -1;
 }
 
 /* xenstore-write decodes backslash escapes (\n, \xHH, \ooo) in values: each backslash is

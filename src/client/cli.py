@@ -3,7 +3,8 @@
 Runs as the calling user; talks to policyd over the D-Bus system bus (DBUS_SYSTEM_BUS_ADDRESS is
 honoured). It has no privilege of its own: policyd and the bus policy decide.
 
-    blockbroker export PATH --to DOMAIN [--ro|--rw] [--devid N] [--direct-io] [--fd] [--json]
+    blockbroker export PATH --to DOMAIN [--ro|--rw] [--devid N] [--direct-io] [--dm-uuid UUID]
+                       [--fd] [--json]
     blockbroker detach EXPORT            (object path, short id n, or backend path)
     blockbroker list [--json]
     blockbroker status [--json]
@@ -57,7 +58,12 @@ async def cmd_export(bb: AsyncClient, args: argparse.Namespace) -> int:
                 return EXIT_USAGE
             source = opened
         info = await bb.export(
-            source, to=args.to, read_only=args.read_only, devid=args.devid, direct_io=args.direct_io
+            source,
+            to=args.to,
+            read_only=args.read_only,
+            devid=args.devid,
+            direct_io=args.direct_io,
+            dm_uuid=args.dm_uuid,
         )
     finally:
         if opened >= 0:
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--direct-io", action="store_true", default=None, help="loop device uses O_DIRECT"
+    )
+    p.add_argument(
+        "--dm-uuid",
+        metavar="UUID",
+        help="refuse unless PATH is the device-mapper device with this uuid "
+        "(LVM: LVM-<vg uuid><lv uuid>, `lvs -o vg_uuid,lv_uuid`, dashes removed)",
     )
     p.add_argument(
         "--fd",

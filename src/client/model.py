@@ -47,6 +47,8 @@ class ExportInfo:
     major: int = 0
     minor: int = 0
     diskseq: int = 0
+    dm_name: str = ""  # a device-mapper device's name and uuid (LVM: VG-LV, LVM-<uuids>)
+    dm_uuid: str = ""
     mode: str = ""
     state: str = ""
     since: int = 0  # unix microseconds
@@ -72,6 +74,8 @@ class ExportInfo:
             major=_get(props, "Major", int, 0),
             minor=_get(props, "Minor", int, 0),
             diskseq=_get(props, "Diskseq", int, 0),
+            dm_name=_get(props, "DmName", str, ""),
+            dm_uuid=_get(props, "DmUuid", str, ""),
             mode=_get(props, "Mode", str, ""),
             state=_get(props, "State", str, ""),
             since=_get(props, "Since", int, 0),
@@ -106,6 +110,8 @@ _PROPERTY_NAMES: Final = {
     "major": "Major",
     "minor": "Minor",
     "diskseq": "Diskseq",
+    "dm_name": "DmName",
+    "dm_uuid": "DmUuid",
     "mode": "Mode",
     "state": "State",
     "since": "Since",

@@ -91,6 +91,7 @@ def print_export_detail(info: ExportInfo, as_json: bool, out: TextIO) -> None:
         ("loop_device", info.loop_device or "-"),
         ("major:minor", f"{info.major}:{info.minor}"),
         ("diskseq", diskseq_text(info.diskseq)),
+        *([("dm_name", info.dm_name), ("dm_uuid", info.dm_uuid)] if info.dm_name else []),
         ("mode", info.mode),
         ("state", info.state),
         ("since", since),

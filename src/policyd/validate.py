@@ -30,7 +30,10 @@ XVD_MAJOR = 202
 EXTENDED_VDEV = 1 << 28
 FIRST_HOTPLUG_DISK = 1  # xvdb: xvda is usually the guest's root disk
 LAST_HOTPLUG_DISK = 701  # xvdzz: a bound on the search, far above any real guest
-OPTION_TYPES = {"read-only": "b", "devid": "u", "direct-io": "b"}
+OPTION_TYPES = {"read-only": "b", "devid": "u", "direct-io": "b", "dm-uuid": "s"}
+# a device-mapper uuid as the kernel keeps it (DM_UUID_LEN 129 with its NUL): LVM's is
+# LVM-<vg uuid><lv uuid>, 68 characters
+DM_UUID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ExportOptions:
     read_only: bool = True
     devid: int | None = None
     direct_io: bool = False
+    dm_uuid: str = ""  # the device must be the device-mapper device with this uuid
 
 
 @dataclass(frozen=True)
@@ -182,10 +186,17 @@ def export_options(untrusted_options: object) -> ExportOptions:
         raise InvalidArgument(
             f"devid {devid} is not a whole-disk xvd device number (e.g. 51728 for xvdb)"
         )
+    dm_uuid = values.get("dm-uuid", "")
+    if dm_uuid and not DM_UUID_RE.fullmatch(dm_uuid):
+        raise InvalidArgument(
+            f"dm-uuid {_show(dm_uuid)} is invalid: expected 1-128 printable ASCII characters "
+            "without spaces (LVM's: LVM-<vg uuid><lv uuid>)"
+        )
     return ExportOptions(
         read_only=bool(values.get("read-only", True)),
         devid=devid,
         direct_io=bool(values.get("direct-io", False)),
+        dm_uuid=dm_uuid,
     )
 
 

@@ -26,6 +26,8 @@ PROPS: dict[str, Any] = {
     "Major": 7,
     "Minor": 3,
     "Diskseq": 1234,
+    "DmName": "qubes_dom0-vm--work--private",
+    "DmUuid": "LVM-" + "a" * 64,
     "Mode": "r",
     "State": "waiting-for-blkback",
     "Since": 1_700_000_000_000_000,

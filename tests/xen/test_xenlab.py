@@ -65,6 +65,19 @@ SCENARIOS: dict[str, tuple[int, tuple[str, ...]]] = {
             "vm-export-target-reads",
         ),
     ),
+    # real LVM thin volumes in dom0 (device-mapper identity): xenlab/scenarios/dmlvm.sh
+    "dmlvm": (
+        300,
+        (
+            "dm-lvm-thin-volumes",
+            "dm-stack-up",
+            "dm-script-guest-reads",
+            "dm-export-guest-reads",
+            "dm-renamed-refused",
+            "dm-recreated-refused",
+            "dm-nothing-leaks",
+        ),
+    ),
 }
 
 CHECK_LINE = re.compile(

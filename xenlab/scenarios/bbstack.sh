@@ -4,7 +4,8 @@
 #   dbus-daemon  the system bus at the standard /run/dbus/system_bus_socket: the stock default
 #                policy (dbus/dev/system-default-policy.conf, shared with the host harness) plus
 #                the project's dbus/*.conf, both copied into the run directory by run.sh
-#   broker       as root; config: client_user blockbroker, file_roots = $IMAGE_DIR, majors [7]
+#   broker       as root; config: client_user blockbroker, file_roots = $IMAGE_DIR, majors
+#                [$BB_BLOCK_MAJORS] (default 7: loop; the dmlvm scenario adds device-mapper's)
 #   policyd      as user blockbroker (no supplementary groups) against this dom0's xenstored
 #                (its socket handed to group blockbroker) and the real sysfs (xen-blkback);
 #                the export policy is the project's default (policy/policy.d, via the run dir)
@@ -95,7 +96,7 @@ bb_stack_start() {
   [ -d $RUN/images ] && roots="$roots, \"$RUN/images\""   # host images (9p), e.g. the demo's
   # dom0's root here is the host's / over 9p: no block device behind it (the broker fails
   # closed unless told so); mounted devices are still refused by its O_EXCL probe.
-  printf 'client_user = "blockbroker"\nfile_roots = [%s]\nblock_majors = [7]\nroot_without_block_device = true\n' "$roots" \
+  printf 'client_user = "blockbroker"\nfile_roots = [%s]\nblock_majors = [%s]\nroot_without_block_device = true\n' "$roots" "${BB_BLOCK_MAJORS:-7}" \
     >$BB_DIR/broker.toml
   chmod 0644 $BB_DIR/broker.toml
   (in_host setsid $VENV/bin/blockbroker-broker --config $BB_DIR/broker.toml \

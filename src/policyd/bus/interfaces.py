@@ -112,6 +112,8 @@ EXPORT_SIGNATURES = {
     "Major": "u",
     "Minor": "u",
     "Diskseq": "t",
+    "DmName": "s",
+    "DmUuid": "s",
     "Mode": "s",
     "State": "s",
     "Since": "t",
@@ -133,6 +135,8 @@ def export_values(record: ExportRecord) -> dict[str, Any]:
         "Major": ident.major,
         "Minor": ident.minor,
         "Diskseq": ident.diskseq,
+        "DmName": record.backing.names.dm_name,
+        "DmUuid": record.backing.names.dm_uuid,
         "Mode": record.mode,
         "State": record.state,
         "Since": record.since_us,
@@ -202,6 +206,14 @@ class ExportInterface(ServiceInterface):
     @dbus_property(access=PropertyAccess.READ)
     def Diskseq(self) -> DBusUInt64:
         return self.record.backing.identity.diskseq
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DmName(self) -> DBusStr:
+        return self.record.backing.names.dm_name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def DmUuid(self) -> DBusStr:
+        return self.record.backing.names.dm_uuid
 
     @dbus_property(access=PropertyAccess.READ)
     def Mode(self) -> DBusStr:

@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from policyd import errors, logfmt, modes, validate
 from policyd.brokerclient import Identity
+from policyd.exports import identity
 from policyd.exports.blkback import BlkbackWatcher
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody, fd_name
@@ -167,12 +168,13 @@ class Exporter:
                 frontend, self.backend_domid
             )
             backend = (self.backend_domid, be_name)
+            judged, pinned = identity.policy_path(path, self.sources.sysfs_root)
             await self.policy_check(
-                "export", path, backend, (fe_domid, frontend), not opts.read_only
+                "export", judged, backend, (fe_domid, frontend), not opts.read_only
             )
             with contextlib.ExitStack() as undo:
                 backing = await self.sources.open_path(
-                    path, not opts.read_only, opts.direct_io, undo
+                    path, not opts.read_only, opts.direct_io, undo, opts.dm_uuid, pinned
                 )
                 return await self._export(path, backing, fe_domid, frontend, be_name, opts, undo)
 
@@ -184,7 +186,7 @@ class Exporter:
                 fe_domid, be_name = await self.xenstore.find_export_domains(
                     frontend, self.backend_domid
                 )
-                backing = await self.sources.adopt_fd(fd, not opts.read_only)
+                backing = await self.sources.adopt_fd(fd, not opts.read_only, opts.dm_uuid)
                 if backing.fd != fd:
                     undo.close()  # a shared backing holds its own fd: the caller's is not needed
                 await self.policy_check(
@@ -275,16 +277,17 @@ class Exporter:
     ) -> ExportRecord:
         """The body of Attach for a backend with no export; the caller holds self._lock."""
         with contextlib.ExitStack() as undo:
+            judged, pinned = identity.policy_path(nodes.params, self.sources.sysfs_root)
             await self.policy_check(
                 "attach",
-                nodes.params,
+                judged,
                 (be.backend_domid, be_name),
                 (be.frontend_domid, fe_name),
                 modes.is_writable(nodes.mode),
             )
             self.custody.check_room()
             backing = await self.sources.open_path(
-                nodes.params, modes.is_writable(nodes.mode), False, undo
+                nodes.params, modes.is_writable(nodes.mode), False, undo, pinned=pinned
             )
             number = self.registry.next_number()
             tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())
@@ -596,6 +599,7 @@ class Exporter:
             backend=record.backend_path,
             device=f"{ident.major}:{ident.minor}",
             diskseq=ident.diskseq,
+            **dm_fields(record.backing),
             mode=record.mode,
             shared=len(record.backing.users) > 1,
         )
@@ -644,6 +648,12 @@ def still_attached(record: ExportRecord, nodes: BackendNodes) -> bool:
 def backing_name(backing: Backing) -> str:
     """A held backing's name in the fd store."""
     return fd_name(backing.kind, backing.identity)
+
+
+def dm_fields(backing: Backing) -> dict[str, str]:
+    """A device-mapper device's name and uuid for a log line; none for another device."""
+    names = backing.names
+    return {"dm_name": names.dm_name, "dm_uuid": names.dm_uuid} if names.dm_name else {}
 
 
 def _now_us() -> int:

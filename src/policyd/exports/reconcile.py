@@ -28,8 +28,10 @@ from typing import TypeVar
 
 from policyd import audit, errors, logfmt, modes
 from policyd.brokerclient import Identity
+from policyd.exports import identity
 from policyd.exports.custody import FDNAME_PREFIX
 from policyd.exports.exporter import NO_FD, Exporter, backing_name
+from policyd.exports.identity import NO_NAMES
 from policyd.exports.registry import Backing, BackingKey, ExportRecord, block_key, file_key
 from policyd.exports.sources import device_path
 from policyd.xenstore.store import ExportTag, ManagedBackend, PhysicalDevice, VbdSpec
@@ -186,8 +188,11 @@ async def _backing_for(
     aliases: tuple[BackingKey, ...] = ()
     if kind == "file":
         main_key, aliases = file_key(ident.backing_dev, ident.backing_ino), (main_key,)
+    # a block device's names, re-read from sysfs for its properties (its identity is the
+    # major:minor and diskseq the tag pinned, checked above)
+    names = identity.names_or_empty(ident.major, ident.minor) if kind == "block" else NO_NAMES
     backing = exporter.registry.new_backing(
-        main_key, fd, ident, kind, writable, aliases, device_path(ident)
+        main_key, fd, ident, kind, writable, aliases, device_path(ident), names
     )
     if name == backing_name(backing):
         exporter.custody.adopt(name, fd)

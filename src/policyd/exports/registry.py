@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from policyd.brokerclient import Identity
 from policyd.errors import Busy
+from policyd.exports.identity import NO_NAMES, DeviceNames
 from policyd.names import export_path
 
 BackingKey = tuple[str, int, int]  # ("file", st_dev, st_ino) or ("block", major, minor)
@@ -52,6 +53,8 @@ class Backing:
     # "" for a device in another domain
     device_path: str = ""
     users: set[int] = field(default_factory=set)
+    # what sysfs names the device (dm name and uuid, kernel name): policyd.exports.identity
+    names: DeviceNames = NO_NAMES
 
     @property
     def loop_device(self) -> str:
@@ -136,11 +139,12 @@ class Registry:
         writable: bool,
         aliases: tuple[BackingKey, ...] = (),
         device_path: str = "",
+        names: DeviceNames = NO_NAMES,
     ) -> Backing:
         if key in self._backings:
             raise AssertionError(f"backing {key} is already registered")
         others = tuple(a for a in aliases if a != key)
-        return Backing(key, fd, identity, kind, writable, others, device_path)
+        return Backing(key, fd, identity, kind, writable, others, device_path, names=names)
 
     def resume_numbers(self, last: int) -> None:
         """Start-up: numbers go on after `last`, the highest given out before."""

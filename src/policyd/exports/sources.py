@@ -3,9 +3,11 @@
 Unprivileged policyd code; paths arrive validated (policyd.validate), caller fds unverified.
 policyd never opens a path itself: an lstat (which may be denied) finds a sharing candidate in
 the registry, the broker opens (a regular file as an AUTOCLEAR loop device, a block device with
-its major:minor verified), and its answer is checked against the candidate. Every fresh fd has
-exactly one owner at any time: the caller's ExitStack until the operation succeeds, then the
-registry.
+its major:minor and diskseq verified), and its answer is checked against the candidate. A block
+path (symlinks allowed: /dev/VG/LV, /dev/mapper/NAME, /dev/disk/by-*) is then checked to name the
+device held, by sysfs (policyd.exports.identity: dm name and uuid, kernel name, partition, disk).
+Every fresh fd has exactly one owner at any time: the caller's ExitStack until the operation
+succeeds, then the registry.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import stat
 
 from policyd import errors
 from policyd.brokerclient import Identity
+from policyd.exports import identity
 from policyd.exports.brokercalls import BrokerCalls
+from policyd.exports.identity import NO_NAMES, DeviceNames
 from policyd.exports.registry import Backing, BackingKey, Registry, block_key, file_key
 from policyd.xenstore.store import PhysicalDevice
 
@@ -36,37 +40,52 @@ class Sources:
         self.sysfs_root = sysfs_root  # the real sysfs: it names the devices policyd holds
 
     async def open_path(
-        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
+        self,
+        path: str,
+        writable: bool,
+        direct_io: bool,
+        undo: contextlib.ExitStack,
+        dm_uuid: str = "",
+        pinned: tuple[int, int] | None = None,
     ) -> Backing:
         """The backing to use for `path`: a shared held one, or a fresh one from the broker.
 
         policyd never opens the path itself: an lstat (which may be denied) finds a sharing
-        candidate, and the broker's answer (backing dev/inode, or major:minor) is checked
-        against it. A fresh fd is closed by `undo` unless the caller keeps it.
+        candidate, and the broker's answer (backing dev/inode, or major:minor and diskseq) is
+        checked against it; a block device is checked to be the one the path names (and to
+        have the dm uuid `dm_uuid`, if given) and, if `pinned`, to be that major:minor (the
+        device the export policy judged: identity.policy_path). A fresh fd is closed by `undo`
+        unless the caller keeps it.
         """
+        st: os.stat_result | None
         try:
-            st: os.stat_result | None = os.lstat(path)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                st = os.stat(path)  # a block device's symlink (udev's, LVM's) is followed
+                if not stat.S_ISBLK(st.st_mode):
+                    raise errors.Refused(
+                        f"{path} is a symlink; symlinks are not followed: pass the target"
+                    )
         except (FileNotFoundError, PermissionError):
             # Not visible to policyd (permissions, or its sandbox's private /tmp or read-only
             # /home view): the broker, which sees the real file system, decides.
             st = None
         except OSError as e:
             raise errors.InvalidArgument(f"{path}: {e.strerror}") from None
+        if pinned is not None:
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if st is not None else None
+            if st is None or not stat.S_ISBLK(st.st_mode) or dev != pinned:
+                raise errors.DeviceChanged(
+                    f"{path} led to block device {pinned[0]}:{pinned[1]} when the export "
+                    "policy judged it, and no longer does; retry"
+                )
         if st is None:
-            return await self.open_unseen(path, writable, direct_io, undo)
-        if stat.S_ISLNK(st.st_mode):
-            raise errors.Refused(f"{path} is a symlink; symlinks are not followed: pass the target")
+            return await self.open_unseen(path, writable, direct_io, undo, dm_uuid)
         if stat.S_ISBLK(st.st_mode):
-            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            shared = self.registry.shareable(block_key(*dev), writable)
-            if shared is not None:
-                return shared
-            fd, ident = await self.call(
-                path, lambda: self.broker.open_block(path, writable=writable, expect_dev=dev)
-            )
-            return await self.fresh_block(fd, ident, writable, undo)
+            return await self.open_block_path(path, st, writable, undo, dm_uuid)
         if not stat.S_ISREG(st.st_mode):
             raise errors.InvalidArgument(f"{path} is neither a regular file nor a block device")
+        no_uuid_for_files(path, dm_uuid)
         key = file_key(st.st_dev, st.st_ino)
         shared = self.registry.shareable(key, writable)
         if shared is not None:
@@ -80,8 +99,39 @@ class Sources:
             raise errors.DeviceChanged(f"{path} was replaced while it was being opened; retry")
         return self.fresh_or_shared(key, fd, ident, "file", writable, undo)
 
+    async def open_block_path(
+        self,
+        path: str,
+        st: os.stat_result,
+        writable: bool,
+        undo: contextlib.ExitStack,
+        dm_uuid: str,
+    ) -> Backing:
+        """A block device path policyd could stat: the broker opens it pinned to the
+        major:minor and diskseq seen here (a device removed and recreated in between has
+        another diskseq: DeviceChanged), then sysfs must say the path names the device held."""
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        shared = self.registry.shareable(block_key(*dev), writable)
+        if shared is not None:
+            ident = shared.identity
+            identity.verify(path, ident.major, ident.minor, ident.diskseq, dm_uuid, self.sysfs_root)
+            return shared
+        seen = identity.read_names(*dev, sysfs_root=self.sysfs_root)
+        fd, ident = await self.call(
+            path,
+            lambda: self.broker.open_block(
+                path, writable=writable, expect_dev=dev, expect_diskseq=seen.disk_diskseq
+            ),
+        )
+        return await self.fresh_block(fd, ident, writable, undo, path, dm_uuid)
+
     async def open_unseen(
-        self, path: str, writable: bool, direct_io: bool, undo: contextlib.ExitStack
+        self,
+        path: str,
+        writable: bool,
+        direct_io: bool,
+        undo: contextlib.ExitStack,
+        dm_uuid: str = "",
     ) -> Backing:
         """A path policyd may not stat: try it as a file, then as a block device."""
         try:
@@ -93,23 +143,37 @@ class Sources:
             fd, ident = await self.call(
                 path, lambda: self.broker.open_block(path, writable=writable)
             )
-            return await self.fresh_block(fd, ident, writable, undo)
+            return await self.fresh_block(fd, ident, writable, undo, path, dm_uuid)
+        try:
+            no_uuid_for_files(path, dm_uuid)
+        except errors.PolicydError:
+            os.close(fd)
+            raise
         key = file_key(ident.backing_dev, ident.backing_ino)
         return self.fresh_or_shared(key, fd, ident, "file", writable, undo)
 
     async def fresh_block(
-        self, fd: int, ident: Identity, writable: bool, undo: contextlib.ExitStack
+        self,
+        fd: int,
+        ident: Identity,
+        writable: bool,
+        undo: contextlib.ExitStack,
+        path: str = "",
+        dm_uuid: str = "",
     ) -> Backing:
-        """A block device fresh from the broker; for a loop device, also the file it is bound
-        to (the broker's IDENTIFY), so a file is never written through one name while it is
-        exported under another."""
+        """A block device fresh from the broker, checked to be the one `path` names; for a
+        loop device, also the file it is bound to (the broker's IDENTIFY), so a file is never
+        written through one name while it is exported under another."""
         try:
+            names = identity.verify(
+                path, ident.major, ident.minor, ident.diskseq, dm_uuid, self.sysfs_root
+            )
             alias = await self.loop_file_alias(fd, ident)
         except BaseException:
             os.close(fd)
             raise
         key = block_key(ident.major, ident.minor)
-        return self.fresh_or_shared(key, fd, ident, "block", writable, undo, alias)
+        return self.fresh_or_shared(key, fd, ident, "block", writable, undo, alias, names)
 
     async def loop_file_alias(self, fd: int, ident: Identity) -> BackingKey | None:
         if ident.major != LOOP_MAJOR:
@@ -127,6 +191,7 @@ class Sources:
         writable: bool,
         undo: contextlib.ExitStack,
         alias: BackingKey | None = None,
+        names: DeviceNames = NO_NAMES,
     ) -> Backing:
         """Takes ownership of the fresh `fd`: closed at once if an existing backing is shared
         (or the sharing rules refuse), else by `undo` unless the operation succeeds."""
@@ -146,12 +211,12 @@ class Sources:
             alias = block_key(ident.major, ident.minor)
         aliases = () if alias is None else (alias,)
         return self.registry.new_backing(
-            key, fd, ident, kind, writable, aliases, device_path(ident, self.sysfs_root)
+            key, fd, ident, kind, writable, aliases, device_path(ident, self.sysfs_root), names
         )
 
-    async def adopt_fd(self, fd: int, writable: bool) -> Backing:
-        """A caller-supplied fd, re-verified by the broker. The caller owns (and closes) fd
-        unless the returned backing holds it."""
+    async def adopt_fd(self, fd: int, writable: bool, dm_uuid: str = "") -> Backing:
+        """A caller-supplied fd, re-verified by the broker (and, with `dm_uuid`, by its sysfs
+        dm uuid). The caller owns (and closes) fd unless the returned backing holds it."""
         st = os.fstat(fd)
         if not stat.S_ISBLK(st.st_mode):
             raise errors.InvalidArgument(
@@ -167,6 +232,7 @@ class Sources:
             raise errors.DeviceChanged(
                 f"the broker identifies the fd as {ident.major}:{ident.minor}, not {dev}"
             )
+        names = identity.verify("", *dev, ident.diskseq, dm_uuid, self.sysfs_root)
         shared = self.registry.shareable(block_key(*dev), writable)
         if shared is not None:
             return shared
@@ -182,6 +248,7 @@ class Sources:
             writable,
             aliases,
             device_path(ident, self.sysfs_root),
+            names,
         )
 
     # -- what an authentication prompt shows, before anything is opened ------------------------
@@ -219,6 +286,13 @@ class Sources:
                 return int(f.read(32)) * SECTOR_BYTES
         except (OSError, ValueError):
             return None
+
+
+def no_uuid_for_files(path: str, dm_uuid: str) -> None:
+    if dm_uuid:
+        raise errors.InvalidArgument(
+            f"{path} is a file; the dm-uuid option applies to device-mapper block devices only"
+        )
 
 
 def physical(backing: Backing) -> PhysicalDevice:
