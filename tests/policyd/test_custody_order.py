@@ -21,6 +21,7 @@ from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody
 from policyd.exports.exporter import Exporter, backing_name
 from policyd.exports.fdstore import FdStore
+from policyd.exports.reconcile import resolve_kept
 from policyd.exports.registry import Registry, file_key
 from policyd.exports.sources import Sources
 from policyd.xenstore.store import XenStore
@@ -131,6 +132,7 @@ def test_a_kept_fd_stays_kept_while_xenstore_stays_away(
             custody=custody,
             backend_domid=0,
             sysfs_root=str(tmp_path),
+            resolver=resolve_kept,
         )
         fd = os.open("/dev/null", os.O_RDONLY)
         custody.hold("bb1-file-7-3-2a", fd)

@@ -64,6 +64,9 @@ NO_FD = -1  # a device in another domain (a VM's own, through a request): policy
 Domain = tuple[int, str]  # domid, and its name as read from XenStore ("" if it has none)
 # (operation, dom0 path, backend, frontend, writable) -> None, or PolicyDenied
 PolicyCheck = Callable[[str, str, Domain, Domain, bool], Awaitable[None]]
+# (exporter, export number, fd name, device) -> outcome: policyd.exports.reconcile.resolve_kept,
+# given by policyd.main (reconcile builds on this module, so this module cannot import it)
+Resolver = Callable[["Exporter", int, str, Identity], Awaitable[str]]
 
 
 class Listener(Protocol):
@@ -94,6 +97,7 @@ class Exporter:
         backend_domid: int,
         sysfs_root: str,
         claim_s: float | None = DEFAULT_CLAIM_S,  # None: no pre-attach
+        resolver: Resolver | None = None,  # None: kept fds wait for the next start
     ) -> None:
         self.xenstore = xenstore
         self.broker = broker
@@ -107,6 +111,7 @@ class Exporter:
         self.frontends = FrontendWatch(xenstore, self._frontend_gone)
         self.backends = BackendWatch(backend_domid, self._backend_event, self._subtree_event)
         self.claim_s = claim_s
+        self.resolver = resolver
         # pre-attached exports no script's Attach has claimed yet: backend path -> release timer
         self.unclaimed: dict[str, asyncio.TimerHandle] = {}
         self._releases: set[asyncio.Task[None]] = set()
@@ -147,7 +152,7 @@ class Exporter:
                 export_number=number,
                 fd_name=backing_name(backing),
             )
-            if fresh:
+            if fresh and self.resolver is not None:
                 self._resolve_later(number, backing_name(backing), backing.identity)
             raise
         except asyncio.CancelledError:
@@ -165,11 +170,10 @@ class Exporter:
     async def resolve_unknown(self, number: int, name: str, ident: Identity) -> str:
         """The fd `name` was kept after export `number`'s commit had an unknown outcome: once
         XenStore answers, under the lock, the export is adopted if the commit landed or the fd
-        released if not (policyd.exports.reconcile.resolve_kept). Retried with back-off while
-        XenStore fails; after RESOLVE_WAIT_S the fd stays kept ("kept") for the next start.
-        Returns the outcome, which is also logged."""
-        from policyd.exports.reconcile import resolve_kept  # it imports this module
-
+        released if not (self.resolver: policyd.exports.reconcile.resolve_kept). Retried with
+        back-off while XenStore fails; after RESOLVE_WAIT_S the fd stays kept ("kept") for the
+        next start. Returns the outcome, which is also logged."""
+        assert self.resolver is not None  # only scheduled with one
         pause = RESOLVE_FIRST_S
         deadline = time.monotonic() + RESOLVE_WAIT_S
         tries = 0
@@ -180,12 +184,18 @@ class Exporter:
                 if name not in self.custody.held:
                     return "gone"  # released meanwhile (policyd stopping)
                 try:
-                    outcome = await resolve_kept(self, number, name, ident)
+                    outcome = await self.resolver(self, number, name, ident)
                 except errors.XenStoreError as e:
                     logfmt.warning(
                         "cannot resolve a commit of unknown outcome yet",
                         export_number=number, fd_name=name, tries=tries, error=e,
                     )  # fmt: skip
+                except Exception as e:  # a task's last word: the fd stays kept
+                    logfmt.error(
+                        "resolving a commit of unknown outcome failed; the fd stays kept",
+                        export_number=number, fd_name=name, error=repr(e),
+                    )  # fmt: skip
+                    return "kept"
                 else:
                     logfmt.info(
                         "commit of unknown outcome resolved",

@@ -1,9 +1,10 @@
 """Start-up reconciliation: the fds systemd kept, the backends XenStore names, made one again.
 
-Unprivileged policyd code; runs once, before policyd takes its bus name. What it trusts: the fd
-store's fds (systemd kept them for policyd) re-identified by the broker (device number, diskseq,
-backing file), and the tags policyd wrote in backend dirs (policyd.xenstore.store.ExportTag),
-parsed strictly. For every tagged backend:
+Unprivileged policyd code; runs once, before policyd takes its bus name; at run time, one
+backend and one fd at a time (resolve_kept), for an fd kept after a commit of unknown
+outcome. What it trusts: the fd store's fds (systemd kept them for policyd) re-identified by
+the broker (device number, diskseq, backing file), and the tags policyd wrote in backend dirs
+(policyd.xenstore.store.ExportTag), parsed strictly. For every tagged backend:
   - an fd vouches for its device (same major:minor and diskseq): adopted, with its number,
     source, mode and state (registry, sharing, exclusion, D-Bus object, watches);
   - no fd (no service manager, `systemctl stop` + `start` on systemd 252, a crash before the
