@@ -32,7 +32,7 @@ from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import DEFAULT_STORE_MAX, Custody
 from policyd.exports.exporter import DEFAULT_CLAIM_S, Exporter
 from policyd.exports.fdstore import FdStore, ListenFdsError, take_listen_fds
-from policyd.exports.reconcile import StartupAbort, reconcile
+from policyd.exports.reconcile import StartupAbort, reconcile, resolve_kept
 from policyd.exports.registry import Registry
 from policyd.exports.sources import Sources
 from policyd.names import BUS_NAME
@@ -134,6 +134,7 @@ class Policyd:
             backend_domid=args.backend_domid,
             sysfs_root=args.sysfs_root,
             claim_s=args.pre_attach_claim or None,
+            resolver=resolve_kept,
         )
         self.requests = Requests(
             exporter=self.exporter,

@@ -16,10 +16,12 @@ import pytest
 
 from policyd import errors
 from policyd.brokerclient import AsyncBrokerClient, Identity
+from policyd.exports import exporter as exporter_module
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody
 from policyd.exports.exporter import Exporter, backing_name
 from policyd.exports.fdstore import FdStore
+from policyd.exports.reconcile import resolve_kept
 from policyd.exports.registry import Registry, file_key
 from policyd.exports.sources import Sources
 from policyd.xenstore.store import XenStore
@@ -91,7 +93,7 @@ def test_the_fd_is_stored_before_the_commit_and_unstored_if_it_fails(
         with contextlib.ExitStack() as undo:
             undo.callback(os.close, fd)
             with contextlib.suppress(errors.XenStoreError):
-                await exporter._publish(undo, backing, commit())
+                await exporter._publish(undo, backing, 1, commit())
         after = notes(server)
         if outcome == "failed":  # out of the store, and closed
             assert after == [f"FDSTOREREMOVE=1\nFDNAME={name}"]
@@ -104,3 +106,38 @@ def test_the_fd_is_stored_before_the_commit_and_unstored_if_it_fails(
 
     asyncio.run(scenario())
     server.close()
+
+
+def test_a_kept_fd_stays_kept_while_xenstore_stays_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving an fd kept after a commit of unknown outcome is bounded: while XenStore does
+    not answer it is retried with back-off, then the fd stays held (in the fd store) for the
+    next start's reconciliation."""
+    monkeypatch.setattr(exporter_module, "RESOLVE_FIRST_S", 0.01)
+    monkeypatch.setattr(exporter_module, "RESOLVE_MAX_PAUSE_S", 0.05)
+    monkeypatch.setattr(exporter_module, "RESOLVE_WAIT_S", 0.3)
+    registry = Registry()
+    calls = BrokerCalls(AsyncBrokerClient(str(tmp_path / "no-broker")))
+    custody = Custody(FdStore(""))  # no service manager
+
+    async def scenario() -> str:
+        exporter = Exporter(
+            xenstore=XenStore(str(tmp_path / "no-xenstored"), timeout_s=0.1),
+            broker=calls,
+            registry=registry,
+            sources=Sources(registry, calls),
+            policy_check=no_policy,
+            listener=Listener(),
+            custody=custody,
+            backend_domid=0,
+            sysfs_root=str(tmp_path),
+            resolver=resolve_kept,
+        )
+        fd = os.open("/dev/null", os.O_RDONLY)
+        custody.hold("bb1-file-7-3-2a", fd)
+        return await exporter.resolve_unknown(5, "bb1-file-7-3-2a", Identity(7, 3, 42, 0, 1, 2))
+
+    assert asyncio.run(scenario()) == "kept"
+    assert list(custody.held) == ["bb1-file-7-3-2a"]
+    custody.close_all()

@@ -10,104 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import cast
 
 import pytest
 from harness.stack import Stack
-from pyxs._internal import Op
+from xsrelay import ReplyLosingRelay
 
 from policyd.errors import CommitUnknown, XenStoreError
 from policyd.xenstore.client import Tx
-from policyd.xenstore.connection import HEADER
 from policyd.xenstore.store import XenStore
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
-
-
-class _Half(asyncio.Protocol):
-    """One side of the relay: what it receives goes to `peer`, packet by packet, through
-    `relay.passes` (False: the packet is lost)."""
-
-    def __init__(self, relay: ReplyLosingRelay, from_client: bool) -> None:
-        self.relay, self.from_client = relay, from_client
-        self.transport: asyncio.Transport | None = None
-        self.peer: _Half | None = None
-        self.buffer = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while self.peer is not None and len(self.buffer) >= HEADER.size:
-            op, req_id, _tx, size = HEADER.unpack_from(self.buffer)
-            if len(self.buffer) < HEADER.size + size:
-                return
-            packet = self.buffer[: HEADER.size + size]
-            self.buffer = self.buffer[HEADER.size + size :]
-            if self.relay.passes(self.from_client, op, req_id, packet[HEADER.size :]):
-                assert self.peer is not None and self.peer.transport is not None
-                self.peer.transport.write(packet)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None and self.peer.transport is not None:
-            self.peer.transport.close()
-
-
-class ReplyLosingRelay:
-    def __init__(self, path: Path, xenstored: Path, close_after_loss: bool) -> None:
-        self.path, self.xenstored, self.close_after_loss = path, xenstored, close_after_loss
-        self.commit_req_ids: set[int] = set()
-        self.lost = 0
-        self.clients: list[_Half] = []
-        self.links: list[asyncio.Task[None]] = []
-        self._server: asyncio.AbstractServer | None = None
-
-    def passes(self, from_client: bool, op: int, req_id: int, payload: bytes) -> bool:
-        if from_client:
-            if op == Op.TRANSACTION_END and payload == b"T\0":
-                self.commit_req_ids.add(req_id)
-            return True
-        if req_id not in self.commit_req_ids:
-            return True
-        self.lost += 1
-        if self.close_after_loss:
-            for half in self.clients:
-                if half.transport is not None:
-                    half.transport.close()
-        return False
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def accept() -> _Half:
-            client = _Half(self, from_client=True)
-            self.clients.append(client)
-            self.links.append(loop.create_task(self._link(client)))
-            return client
-
-        self._server = await loop.create_unix_server(accept, str(self.path))
-
-    async def _link(self, client: _Half) -> None:
-        """Give an accepted client its own connection to oxenstored; until then what the
-        client sends waits in its buffer."""
-        loop = asyncio.get_running_loop()
-        _, upstream = await loop.create_unix_connection(
-            lambda: _Half(self, from_client=False), str(self.xenstored)
-        )
-        client.peer, upstream.peer = upstream, client
-        client.data_received(b"")
-
-    async def stop(self) -> None:
-        for client in self.clients:
-            for half in (client, client.peer):
-                if half is not None and half.transport is not None:
-                    half.transport.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        await asyncio.gather(*self.links)
-        await asyncio.sleep(0)
 
 
 async def with_relay(

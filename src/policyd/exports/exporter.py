@@ -53,10 +53,20 @@ PRE_ATTACH_SCRIPT = "blockbroker-block"
 # how long a pre-attached export waits for its script's Attach before it is released: libxl
 # spawns the script within its device-init timeout (10 s) of writing the nodes
 DEFAULT_CLAIM_S = 60.0
+# an fd kept after a commit of unknown outcome is resolved once XenStore answers again: first
+# try after RESOLVE_FIRST_S (the dropped connection's commit, if xenstored got it, is applied
+# by then), pauses doubling up to RESOLVE_MAX_PAUSE_S, given up after RESOLVE_WAIT_S (the fd
+# stays kept, in the fd store, and the next start reconciles it)
+RESOLVE_FIRST_S = 0.2
+RESOLVE_MAX_PAUSE_S = 5.0
+RESOLVE_WAIT_S = 60.0
 NO_FD = -1  # a device in another domain (a VM's own, through a request): policyd holds no fd
 Domain = tuple[int, str]  # domid, and its name as read from XenStore ("" if it has none)
 # (operation, dom0 path, backend, frontend, writable) -> None, or PolicyDenied
 PolicyCheck = Callable[[str, str, Domain, Domain, bool], Awaitable[None]]
+# (exporter, export number, fd name, device) -> outcome: policyd.exports.reconcile.resolve_kept,
+# given by policyd.main (reconcile builds on this module, so this module cannot import it)
+Resolver = Callable[["Exporter", int, str, Identity], Awaitable[str]]
 
 
 class Listener(Protocol):
@@ -87,6 +97,7 @@ class Exporter:
         backend_domid: int,
         sysfs_root: str,
         claim_s: float | None = DEFAULT_CLAIM_S,  # None: no pre-attach
+        resolver: Resolver | None = None,  # None: kept fds wait for the next start
     ) -> None:
         self.xenstore = xenstore
         self.broker = broker
@@ -100,12 +111,16 @@ class Exporter:
         self.frontends = FrontendWatch(xenstore, self._frontend_gone)
         self.backends = BackendWatch(backend_domid, self._backend_event, self._subtree_event)
         self.claim_s = claim_s
+        self.resolver = resolver
         # pre-attached exports no script's Attach has claimed yet: backend path -> release timer
         self.unclaimed: dict[str, asyncio.TimerHandle] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        self._resolving: set[asyncio.Task[str]] = set()  # fds kept after unknown commits
         self._lock = asyncio.Lock()
 
     def shutdown(self) -> None:
+        for task in self._resolving:
+            task.cancel()  # their fds stay in the store: the next start reconciles them
         self.backends.stop()
         for handle in self.unclaimed.values():
             handle.cancel()
@@ -115,33 +130,97 @@ class Exporter:
         self.xenstore.close()
         self.broker.close()
 
-    async def _publish(self, undo: contextlib.ExitStack, backing: Backing, step: Awaitable[T]) -> T:
-        """Run the step that names a device in XenStore (its commit). Once it succeeded, the
-        fds in `undo` are held whatever happens next (a failure after it leaks, never frees).
-        If the commit's outcome is unknown, or the step is cancelled while it may be in
-        flight, XenStore may name the device now: closing its fd would let AUTOCLEAR free the
-        number for reuse under that name (the race blockbroker exists to close). So a fresh
-        backing's fd is held (in custody, so in the fd store: the next start reconciles it
-        against XenStore), and the error is still reported."""
-        self._hold_fresh(backing, undo)
+    async def _publish(
+        self, undo: contextlib.ExitStack, backing: Backing, number: int, step: Awaitable[T]
+    ) -> T:
+        """Run the step that names a device in XenStore (its commit) for export `number`. Once
+        it succeeded, the fds in `undo` are held whatever happens next (a failure after it
+        leaks, never frees). If the commit's outcome is unknown, or the step is cancelled
+        while it may be in flight, XenStore may name the device now: closing its fd would let
+        AUTOCLEAR free the number for reuse under that name (the race blockbroker exists to
+        close). So a fresh backing's fd is held (in custody, so in the fd store), and the
+        error is still reported. After CommitUnknown (its connection dropped) the fd is
+        resolved as soon as XenStore answers again (resolve_unknown); after a cancel
+        (policyd stopping) the next start reconciles it."""
+        fresh = self._hold_fresh(backing, undo)
         try:
             result = await step
-        except (errors.CommitUnknown, asyncio.CancelledError):
+        except errors.CommitUnknown:
             undo.pop_all()  # held in custody (and the store) from now on
-            logfmt.warning("commit outcome unknown: keeping the device's fd")
+            logfmt.warning(
+                "commit outcome unknown: keeping the device's fd",
+                export_number=number,
+                fd_name=backing_name(backing),
+            )
+            if fresh and self.resolver is not None:
+                self._resolve_later(number, backing_name(backing), backing.identity)
+            raise
+        except asyncio.CancelledError:
+            undo.pop_all()
+            logfmt.warning("commit cancelled in flight: keeping the device's fd")
             raise
         undo.pop_all()
         return result
 
-    def _hold_fresh(self, backing: Backing, undo: contextlib.ExitStack) -> None:
+    def _resolve_later(self, number: int, name: str, ident: Identity) -> None:
+        task = asyncio.get_running_loop().create_task(self.resolve_unknown(number, name, ident))
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
+
+    async def resolve_unknown(self, number: int, name: str, ident: Identity) -> str:
+        """The fd `name` was kept after export `number`'s commit had an unknown outcome: once
+        XenStore answers, under the lock, the export is adopted if the commit landed or the fd
+        released if not (self.resolver: policyd.exports.reconcile.resolve_kept). Retried with
+        back-off while XenStore fails; after RESOLVE_WAIT_S the fd stays kept ("kept") for the
+        next start. Returns the outcome, which is also logged."""
+        assert self.resolver is not None  # only scheduled with one
+        pause = RESOLVE_FIRST_S
+        deadline = time.monotonic() + RESOLVE_WAIT_S
+        tries = 0
+        while True:
+            await asyncio.sleep(pause)
+            tries += 1
+            async with self._lock:
+                if name not in self.custody.held:
+                    return "gone"  # released meanwhile (policyd stopping)
+                try:
+                    outcome = await self.resolver(self, number, name, ident)
+                except errors.XenStoreError as e:
+                    logfmt.warning(
+                        "cannot resolve a commit of unknown outcome yet",
+                        export_number=number, fd_name=name, tries=tries, error=e,
+                    )  # fmt: skip
+                except Exception as e:  # a task's last word: the fd stays kept
+                    logfmt.error(
+                        "resolving a commit of unknown outcome failed; the fd stays kept",
+                        export_number=number, fd_name=name, error=repr(e),
+                    )  # fmt: skip
+                    return "kept"
+                else:
+                    logfmt.info(
+                        "commit of unknown outcome resolved",
+                        export_number=number, fd_name=name, outcome=outcome, tries=tries,
+                    )  # fmt: skip
+                    return outcome
+            if time.monotonic() + pause > deadline:
+                logfmt.warning(
+                    "XenStore stays unavailable: the fd stays kept for the next start",
+                    export_number=number, fd_name=name, tries=tries,
+                )  # fmt: skip
+                return "kept"
+            pause = min(pause * 2, RESOLVE_MAX_PAUSE_S)
+
+    def _hold_fresh(self, backing: Backing, undo: contextlib.ExitStack) -> bool:
         """A fresh backing's fd goes to the fd store before any node names its device, so a
         crash at any later point finds it there (start-up releases it if no node names it);
-        if the step fails, `undo` takes it out of the store again before closing it."""
+        if the step fails, `undo` takes it out of the store again before closing it. True if
+        it was held here (False: shared, held already, or no fd)."""
         name = backing_name(backing)
         if backing.fd == NO_FD or backing.users or name in self.custody.held:
-            return
+            return False
         self.custody.hold(name, backing.fd)
         undo.callback(self.custody.unhold, name)
+        return True
 
     async def watch_backends(self) -> None:
         """Start-up, after reconciliation: watch the backend tree for libxl's new backends."""
@@ -213,7 +292,7 @@ class Exporter:
         number = self.registry.next_number()
         tag = ExportTag(number, "export", source, self.backend_domid, _now_us())
         spec = VbdSpec(self.backend_domid, fe_domid, source, mode, physical(backing), tag)
-        devid = await self._publish(undo, backing, self.xenstore.add_vbd(spec, opts.devid))
+        devid = await self._publish(undo, backing, number, self.xenstore.add_vbd(spec, opts.devid))
         record = self._record(
             number,
             source,
@@ -294,7 +373,10 @@ class Exporter:
             # once the trio is written, the fd is held
             phys = physical(backing)
             await self._publish(
-                undo, backing, self.xenstore.write_physical_device(be.path, phys, nodes, tag)
+                undo,
+                backing,
+                number,
+                self.xenstore.write_physical_device(be.path, phys, nodes, tag),
             )
             record = self._record(
                 number,

@@ -1,9 +1,10 @@
 """Start-up reconciliation: the fds systemd kept, the backends XenStore names, made one again.
 
-Unprivileged policyd code; runs once, before policyd takes its bus name. What it trusts: the fd
-store's fds (systemd kept them for policyd) re-identified by the broker (device number, diskseq,
-backing file), and the tags policyd wrote in backend dirs (policyd.xenstore.store.ExportTag),
-parsed strictly. For every tagged backend:
+Unprivileged policyd code; runs once, before policyd takes its bus name; at run time, one
+backend and one fd at a time (resolve_kept), for an fd kept after a commit of unknown
+outcome. What it trusts: the fd store's fds (systemd kept them for policyd) re-identified by
+the broker (device number, diskseq, backing file), and the tags policyd wrote in backend dirs
+(policyd.xenstore.store.ExportTag), parsed strictly. For every tagged backend:
   - an fd vouches for its device (same major:minor and diskseq): adopted, with its number,
     source, mode and state (registry, sharing, exclusion, D-Bus object, watches);
   - no fd (no service manager, `systemctl stop` + `start` on systemd 252, a crash before the
@@ -65,33 +66,7 @@ async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summar
     names = await xenstore.domain_names() if backends else {}
     backings: dict[DeviceKey, Backing] = {}
     for be in backends:
-        try:
-            backing = await _backing_for(exporter, be, held, backings, summary)
-            _check_sharing(exporter, be, backing)
-        except errors.PolicydError as e:
-            await _fail(exporter, be, e, summary)
-            continue
-        record = ExportRecord(
-            number=be.number or exporter.registry.next_number(),
-            source=be.source,
-            backing=backing,
-            backend_domid=be.backend_domid,
-            backend_domain=names.get(be.backend_domid, ""),
-            frontend_domid=be.frontend_domid,
-            frontend_domain=names.get(be.frontend_domid, ""),
-            devid=be.devid,
-            backend_path=be.path,
-            mode=be.mode,
-            since_us=be.since_us,
-            wrote_vbd=be.kind != "attach",
-        )
-        if not be.number:  # untagged (a version before tags): numbered now, and tagged
-            since = time.time_ns() // 1000
-            tag = ExportTag(record.number, be.kind, be.source, home, since)
-            await xenstore.write_tag(be.path, tag)
-            record.since_us = since
-        await exporter.adopt(record)
-        summary.adopted += 1
+        await adopt_backend(exporter, be, held, backings, names, summary)
     used = {b.fd for b in backings.values()}
     for fd, name, _ in held.values():
         if fd not in used:
@@ -107,6 +82,76 @@ async def reconcile(exporter: Exporter, stored: list[tuple[int, str]]) -> Summar
         released_fds=summary.released_fds,
     )
     return summary
+
+
+async def adopt_backend(
+    exporter: Exporter,
+    be: ManagedBackend,
+    held: dict[DeviceKey, tuple[int, str, Identity]],
+    backings: dict[DeviceKey, Backing],
+    names: dict[int, str],
+    summary: Summary,
+) -> bool:
+    """Reconcile one tagged backend: adopted (True) with the fd in `held` that vouches for
+    its device, or re-opened; or failed (False): its nodes are removed (_fail). Start-up runs
+    it for every backend; at run time Exporter.resolve_unknown runs it, under the exporter's
+    lock, for the backend a commit of unknown outcome wrote."""
+    try:
+        backing = await _backing_for(exporter, be, held, backings, summary)
+        _check_sharing(exporter, be, backing)
+    except errors.PolicydError as e:
+        await _fail(exporter, be, e, summary)
+        return False
+    record = ExportRecord(
+        number=be.number or exporter.registry.next_number(),
+        source=be.source,
+        backing=backing,
+        backend_domid=be.backend_domid,
+        backend_domain=names.get(be.backend_domid, ""),
+        frontend_domid=be.frontend_domid,
+        frontend_domain=names.get(be.frontend_domid, ""),
+        devid=be.devid,
+        backend_path=be.path,
+        mode=be.mode,
+        since_us=be.since_us,
+        wrote_vbd=be.kind != "attach",
+    )
+    if not be.number:  # untagged (a version before tags): numbered now, and tagged
+        since = time.time_ns() // 1000
+        tag = ExportTag(record.number, be.kind, be.source, exporter.backend_domid, since)
+        await exporter.xenstore.write_tag(be.path, tag)
+        record.since_us = since
+    await exporter.adopt(record)
+    summary.adopted += 1
+    return True
+
+
+async def resolve_kept(exporter: Exporter, number: int, name: str, ident: Identity) -> str:
+    """Run time, under the exporter's lock: the fd `name` (device `ident`) was kept after the
+    commit of export `number` had an unknown outcome. XenStore is read again: if the commit
+    landed (a backend tagged `number` whose trio names this device and diskseq) the export is
+    adopted as start-up would ("adopted"; "failed" if it cannot be: its nodes are removed and
+    the fd released); if not, nothing names the device and the fd is released ("released").
+    "kept": a new export of the same device holds it under the same name; the next start
+    reconciles it.
+    XenStoreError propagates: the caller retries, the fd stays kept."""
+    if any(backing_name(r.backing) == name for r in exporter.registry):
+        return "kept"  # an export opened the device again meanwhile: its fd is the one stored
+    backends = await exporter.xenstore.managed_backends(exporter.backend_domid)
+    key: DeviceKey = (ident.major, ident.minor, ident.diskseq)
+    mine = [b for b in backends if b.number == number and b.kind != "vm"]
+    outcome = "released"
+    # the trio names this major:minor: adopted if the diskseq and nodes are as written, else
+    # failed (its nodes removed) before the fd goes
+    if mine and (mine[0].major, mine[0].minor) == key[:2]:
+        names = await exporter.xenstore.domain_names()
+        held = {key: (exporter.custody.held[name], name, ident)}
+        backings: dict[DeviceKey, Backing] = {}
+        if await adopt_backend(exporter, mine[0], held, backings, names, Summary()):
+            return "adopted"
+        outcome = "failed"
+    exporter.custody.release(name)
+    return outcome
 
 
 async def _identify(
