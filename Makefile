@@ -173,8 +173,10 @@ lab-systemd: deb
 		DEB_VERSION=$$(dpkg-parsechangelog -S Version)+next
 	xenlab/lab-systemd.sh $(DEB_DIR)/blockbroker_*.deb dist/deb-next/blockbroker_*.deb
 
-demo: install
-	BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
+# DEMO_DOM0=systemd: on the systemd dom0 with the package (`make deb`) installed by apt instead.
+DEMO_DOM0 ?= busybox
+demo: $(if $(filter systemd,$(DEMO_DOM0)),deb,install)
+	DEMO_DOM0=$(DEMO_DOM0) BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
