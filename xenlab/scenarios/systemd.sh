@@ -226,5 +226,8 @@ for p in /etc/blockbroker /run/blockbroker /usr/lib/blockbroker /var/lib/blockbr
   [ -e $p ] && left="$left $p"
 done
 pgrep -f blockbroker >/dev/null && left="$left processes:$(pgrep -f blockbroker | tr '\n' ,)"
+xenstore-exists /local/domain/0/blockbroker 2>/dev/null && left="$left xenstore:/local/domain/0/blockbroker"
+nodes=$(xenstore-ls -f /local/domain 2>/dev/null | grep -c 'blockbroker')
+[ "$nodes" = 0 ] || left="$left xenstore-nodes:$nodes"
 [ "$(loop_count)" = "$loops0" ] || left="$left loops:$(loop_count)-vs-$loops0"
 expect sd-apt-purge "rc=$rc in $(elapsed_ms $t0) ms; left:${left:- nothing}" sh -c "[ $rc = 0 ] && [ -z '$left' ]"
