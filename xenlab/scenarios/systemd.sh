@@ -9,6 +9,8 @@ IMAGE_DIR=/var/lib/blockbroker/images   # the packaged broker.toml's file root
 export DEBIAN_FRONTEND=noninteractive
 bb() { blockbroker "$@"; }
 active() { [ "$(systemctl is-active "$1" 2>/dev/null)" = active ]; }
+# COMMAND's arguments are expanded once, by the caller: to poll a value, pass
+# eval '[ "$(...)" ... ]' (single quotes: expanded again on each try)
 wait_until() {  # wait_until SECONDS COMMAND...: poll every 0.2 s
   deadline=$(awk -v t="$(now)" -v s="$1" 'BEGIN {print t + s}'); shift
   until "$@" >/dev/null 2>&1; do
@@ -65,7 +67,7 @@ expect sd-broker-socket-activated "$(journalctl -b -q -u blockbroker-broker.serv
 expect sd-policyd-dbus-activated "$(journalctl -b -q -u dbus.service -o cat | grep -m1 BlockBroker1); policyd $(systemctl is-active blockbroker-policyd.service)" \
   sh -c "journalctl -b -q -u dbus.service -o cat | grep -q \"Activating via systemd: service name='org.qubes.BlockBroker1'\" && systemctl is-active -q blockbroker-policyd.service"
 xl destroy sdb1 >/dev/null 2>&1
-wait_until 30 test "$(loops_of $IMAGE_DIR/boot.img)" = 0
+wait_until 30 eval '[ "$(loops_of $IMAGE_DIR/boot.img)" = 0 ]'
 expect sd-destroy-frees-loop "loop devices on boot.img: $(loops_of $IMAGE_DIR/boot.img)" \
   test "$(loops_of $IMAGE_DIR/boot.img)" = 0
 
@@ -99,7 +101,7 @@ expect sd-kill-policyd-back "active again (Type=dbus: name owned) $back_ms ms af
   sh -c "echo '$rec' | grep -q 'adopted=1' && echo '$rec' | grep -q 'failed=0' && echo '$rec' | grep -q 'stored_fds=[1-9]'"
 expect sd-kill-policyd-listed "before: $before | after: $after" test -n "$before" -a "$before" = "$after"
 n=$(guest_console sdx1 | grep -c "^GUEST reread $disk ")
-wait_until 30 test "$(guest_console sdx1 | grep -c "^GUEST reread $disk ")" -gt "$n"
+wait_until 30 eval '[ "$(guest_console sdx1 | grep -c "^GUEST reread $disk ")" -gt "$n" ]'
 reread=$(guest_console sdx1 | grep "^GUEST reread $disk " | tail -1 | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p')
 expect sd-kill-policyd-guest-reads "re-read after the restart: $reread" test "$reread" = "$shared_md5"
 
@@ -124,7 +126,7 @@ got=$(guest_disk_md5 sdx2 xvda 120)
 expect sd-upgrade-second-guest "sdx2 read xvda md5=$got, image md5=$third_md5" \
   test -n "$got" -a "$got" = "$third_md5"
 rereads() { guest_console "$1" | grep -c '^GUEST reread '; }
-wait_until 30 test "$(rereads sdx2)" -gt 0
+wait_until 30 eval '[ "$(rereads sdx2)" -gt 0 ]'
 next=$(ls $RUN/debs-next/blockbroker_*.deb 2>/dev/null | head -1)
 if [ -z "$next" ]; then
   check sd-upgrade-installed FAIL "no newer build in $RUN/debs-next (make lab-systemd builds one with DEB_VERSION)"
@@ -150,7 +152,7 @@ else
     test "$n_exports" -ge 3 -a "$before" = "$after"
   # two more re-reads of every disk after the upgrade; every re-read since it began (during
   # and after) must show the right bytes
-  wait_until 60 test "$(rereads sdx1)" -ge $((r1 + 4)) -a "$(rereads sdx2)" -ge $((r2 + 2))
+  wait_until 60 eval '[ "$(rereads sdx1)" -ge $((r1 + 4)) ] && [ "$(rereads sdx2)" -ge $((r2 + 2)) ]'
   bad=$( { guest_console sdx1 | grep '^GUEST reread ' | tail -n +$((r1 + 1)) |
              sed -e "s/^GUEST reread $disk md5=$shared_md5 .*//" -e "s/^GUEST reread $disk2 md5=$rw_md5 .*//"
            guest_console sdx2 | grep '^GUEST reread ' | tail -n +$((r2 + 1)) |
@@ -159,14 +161,14 @@ else
     test -z "$bad" -a "$(rereads sdx1)" -ge $((r1 + 4)) -a "$(rereads sdx2)" -ge $((r2 + 2))
 fi
 xl destroy sdx2 >/dev/null 2>&1
-wait_until 30 test "$(loops_of $IMAGE_DIR/third.img)" = 0
+wait_until 30 eval '[ "$(loops_of $IMAGE_DIR/third.img)" = 0 ]'
 expect sd-upgrade-destroy-frees-loop "after the upgrade: xl destroy sdx2 (blockbroker-block remove); loops on third.img: $(loops_of $IMAGE_DIR/third.img); listed: $(bb list --json | grep -c export)" \
   test "$(loops_of $IMAGE_DIR/third.img)" = 0
 
 # -- 9. detach (after the upgrade: the new policyd detaches what the old one exported), destroy
 bb detach "$export1" >/dev/null 2>&1; bb detach "$export2" >/dev/null 2>&1
 wait_until 30 sh -c "guest_console() { cat $CONSOLE_DIR/guest-sdx1.log; }; guest_console | grep -q 'GUEST gone $disk' && guest_console | grep -q 'GUEST gone $disk2'"
-wait_until 30 test "$(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img)))" = 0
+wait_until 30 eval '[ "$(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img)))" = 0 ]'
 expect sd-detach "guest: $(guest_console sdx1 | grep '^GUEST gone' | tr '\n' ' '); loops on the images: $(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img))); listed: $(bb list --json | grep -c export)" \
   sh -c "[ $(($(loops_of $IMAGE_DIR/shared.img) + $(loops_of $IMAGE_DIR/second.img))) = 0 ] && guest_console() { cat $CONSOLE_DIR/guest-sdx1.log; } && guest_console | grep -q 'GUEST gone $disk'"
 xl destroy sdx1 >/dev/null 2>&1
