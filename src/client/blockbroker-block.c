@@ -193,14 +193,14 @@ extern char **environ;
 static int bus = -1;
 static int64_t started_ms;  /* CLOCK_MONOTONIC */
 static int64_t deadline_ms; /* started_ms + REPLY_TIMEOUT_MS, or + ACTIVATION_TIMEOUT_MS */
-static int activating;      /* GetNameOwner said no one owns BROKER_NAME: dbus-daemon activates it */
+static int activating;      /* GetNameOwner: no one owns BROKER_NAME, dbus-daemon activates it */
 static unsigned char rx[MAX_MSG]; /* received bytes not yet consumed; rx[0] starts a message */
 static size_t rx_len;
 static int rx_big_endian; /* the message at rx[0] is big-endian */
 static unsigned char tx[4096]; /* outgoing, little-endian; the bounded inputs fit */
 static size_t tx_len;
 static size_t tx_msg; /* where the message being built starts in tx */
-_Static_assert(sizeof tx > 2 * MAX_XENBUS_PATH + 1024, "tx fits AUTH, Hello, the call, GetNameOwner");
+_Static_assert(sizeof tx > 2 * MAX_XENBUS_PATH + 1024, "tx fits AUTH and the 3 calls");
 static char err_name[MAX_TEXT]; /* set by fail() or an error reply */
 static char err_msg[MAX_TEXT + 4];
 
