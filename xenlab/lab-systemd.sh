@@ -21,6 +21,10 @@ mkdir -p "$run_dir/debs" "$run_dir/debs-next" && cp "$deb" "$run_dir/debs/"
 [ -f "$next" ] && cp "$next" "$run_dir/debs-next/"
 XENLAB_FLAVOUR=systemd "$LAB_SRC/run.sh" -d "$run_dir" "systemd=${LAB_SYSTEMD_LIMIT:-600}"
 status=$?
+# the checks as the scenario recorded them (on the console they carry the journal's prefix,
+# so run.sh does not pass them on): one line each, before the verdict; tests/xen reads them
+echo "checks ($run_dir/results):"
+grep -h '^XENLAB CHECK ' "$run_dir/results" 2>/dev/null
 if [ $status = 0 ]; then echo "LAB-SYSTEMD OK"; exit 0; fi
 reason=$(cat "$run_dir/results" "$run_dir/console.log" 2>/dev/null |
   grep -m1 -o 'XENLAB FATAL.*\|XENLAB CHECK [^ ]* FAIL.*' | cut -c1-300)
