@@ -1,5 +1,6 @@
 # blockbroker: every target installs what it needs itself, idempotently, on Debian 12 as root.
 #   make test    all lanes: lint, unit, host integration (root, real daemons), real Xen lab
+#                (both dom0 flavours: the busybox one and the package under systemd, lab-systemd)
 #   make demo    the main job in the real Xen lab under QEMU
 #   make bench   benchmarks (see docs/benchmarks.md)
 #   make chaos   random work, SIGKILLed daemons (systemd units), hostile loop users; invariants (CYCLES=N)
@@ -15,12 +16,13 @@ PY := $(VENV)/bin/python
 # Debian packages the project needs; tests and the lab use the real daemons these ship.
 # lvm2 and thin-provisioning-tools: the Xen lab's dmlvm scenario runs the host's lvm (chrooted)
 # against the lab dom0's device-mapper (a thin pool on a loop-backed PV; docs/xenlab.md).
+# mmdebstrap and e2fsprogs (mkfs.ext4 -d): the systemd dom0's image (xenlab/build-systemd.sh).
 # blockbroker-gtk: PyGObject, GTK 4 and libadwaita from Debian; its test: Xvfb and AT-SPI.
 # polkitd also ships pkttyagent and polkit-agent-helper-1 (the prompt tests' real agent); passwd
 # (useradd, chpasswd: their throwaway user) is in every Debian system.
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev libcap-dev libseccomp2 libseccomp-dev \
 	dbus-daemon dbus-bin polkitd xen-utils-4.17 xenstore-utils util-linux mount systemd \
-	qemu-system-x86 busybox-static cpio kmod clang-14 libfuzzer-14-dev libclang-rt-14-dev \
+	qemu-system-x86 busybox-static cpio kmod mmdebstrap e2fsprogs clang-14 libfuzzer-14-dev libclang-rt-14-dev \
 	python3-gi gir1.2-gtk-4.0 gir1.2-adw-1 xvfb at-spi2-core python3-pyatspi gir1.2-atspi-2.0 \
 	lvm2 thin-provisioning-tools
 SOURCES := $(shell find src -name '*.py' -o -name '*.typed') pyproject.toml
@@ -125,12 +127,19 @@ deb-deps:
 	fi
 	@dpkg-checkbuilddeps 2>/dev/null || DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -qq ./
 
+# DEB_VERSION=V builds the package as version V (debian/changelog's top entry rewritten in the
+# build copy only; the tree stays as it is): a test build, e.g. the newer package `make
+# lab-systemd` upgrades to. DEB_DIR=DIR builds into DIR instead of dist/deb.
+DEB_VERSION ?=
 deb: deb-deps
+	@[ -z "$(DEB_VERSION)" ] || echo "$(DEB_VERSION)" | grep -Eqx '[0-9][A-Za-z0-9.+~]*' || \
+		{ echo "DEB_VERSION must be a native package version ([0-9][A-Za-z0-9.+~]*), got '$(DEB_VERSION)'"; exit 1; }
 	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
 	tar --exclude=./build --exclude=./dist --exclude=./.git --exclude='__pycache__' --exclude='*.egg-info' \
 		--exclude=./debian/blockbroker --exclude=./debian/blockbroker-gtk \
 		--exclude=./debian/build --exclude=./debian/.debhelper --exclude=./debian/tmp \
 		-cf - . | tar -C $(DEB_DIR)/src -xf -
+	[ -z "$(DEB_VERSION)" ] || sed -i '1s/^blockbroker ([^)]*)/blockbroker ($(DEB_VERSION))/' $(DEB_DIR)/src/debian/changelog
 	cd $(DEB_DIR)/src && dpkg-buildpackage -b -us -uc
 	lintian --fail-on error --info $(DEB_DIR)/blockbroker_*.deb $(DEB_DIR)/blockbroker-gtk_*.deb
 	desktop-file-validate desktop/org.qubes.BlockBrokerGtk.desktop
@@ -170,12 +179,17 @@ fuzz: install
 # PV guests sharing one loop device, policyd SIGKILLed and restarted (both exports recovered),
 # then detached. Runs blockbroker from $(VENV). Ends with `DEMO OK` or `DEMO FAILED <why>`.
 # the Debian package in the systemd dom0 (docs/xenlab.md, "The systemd dom0"); prints last
-# LAB-SYSTEMD OK or LAB-SYSTEMD FAILED <reason>. Not part of `make test`.
+# LAB-SYSTEMD OK or LAB-SYSTEMD FAILED <reason>. Two builds of the tree: the package, and the
+# same as version <version>+next in dist/deb-next, which the lab upgrades to under load.
 lab-systemd: deb
-	xenlab/lab-systemd.sh
+	$(MAKE) --no-print-directory deb DEB_DIR=dist/deb-next \
+		DEB_VERSION=$$(dpkg-parsechangelog -S Version)+next
+	xenlab/lab-systemd.sh $(DEB_DIR)/blockbroker_*.deb dist/deb-next/blockbroker_*.deb
 
-demo: install
-	BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
+# DEMO_DOM0=systemd: on the systemd dom0 with the package (`make deb`) installed by apt instead.
+DEMO_DOM0 ?= busybox
+demo: $(if $(filter systemd,$(DEMO_DOM0)),deb,install)
+	DEMO_DOM0=$(DEMO_DOM0) BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
 
 clean:
 	rm -rf build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -305,3 +305,19 @@ def test_lintian_has_no_errors(deb: Path, gtk_deb: Path) -> None:
     # each warning is justified in docs/packaging.md; a new one must be added there
     documented = (REPO / "docs/packaging.md").read_text()
     assert all(f"`{tag}`" in documented for tag in tags), tags
+
+
+@pytest.mark.parametrize("version", ["1.0-1", "next", "1.0 x", "1.0;true"])
+def test_deb_version_must_be_a_native_version(version: str) -> None:
+    """DEB_VERSION (a test build's version, e.g. the lab's upgrade) is checked before anything is
+    built: a Debian revision or anything not a native version is refused."""
+    result = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "deb", f"DEB_VERSION={version}", "DEB_DIR=/nonexistent"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "DEB_VERSION must be a native package version" in result.stdout + result.stderr
+    assert not Path("/nonexistent").exists()

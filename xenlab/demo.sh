@@ -6,6 +6,9 @@
 # (both exports recovered), detach both, nothing left), prints the timeline and ends with
 # `DEMO OK`, or `DEMO FAILED <reason>` and exit status 1. BLOCKBROKER_VENV: the host's venv to run
 # blockbroker from (default /opt/blockbroker/venv; `make demo PREFIX=...` sets it).
+# DEMO_DOM0=systemd: the same demo as an administrator gets it (scenarios/demo-systemd.sh): the
+# systemd dom0, the package DEMO_DEB (default: dist/deb/blockbroker_*.deb, `make deb`) installed
+# with apt, the daemons started by systemd, policyd's SIGKILL recovered through the fd store.
 set -uo pipefail
 LAB_SRC=$(cd "$(dirname "$0")" && pwd)
 CACHE=${XENLAB_CACHE:-/var/cache/blockbroker/xenlab}
@@ -19,7 +22,16 @@ image=$run_dir/images/demo.img
 md5sum <"$image" | cut -d' ' -f1 >"$image.md5"
 echo "host image $image (16 MiB) md5=$(cat "$image.md5")"
 
-"$LAB_SRC/run.sh" -d "$run_dir" demo=900 | grep -v '^XENLAB T+'
+case ${DEMO_DOM0:-busybox} in
+  busybox) scenario=demo; flavour=busybox ;;
+  systemd)
+    scenario=demo-systemd; flavour=systemd
+    deb=${DEMO_DEB:-$(ls -t "$LAB_SRC"/../dist/deb/blockbroker_*_*.deb 2>/dev/null | head -1)}
+    [ -f "$deb" ] || failed "no package for the systemd dom0 (make deb)"
+    mkdir -p "$run_dir/debs" && cp "$deb" "$run_dir/debs/" ;;
+  *) failed "DEMO_DOM0 is busybox or systemd, not '$DEMO_DOM0'" ;;
+esac
+XENLAB_FLAVOUR=$flavour "$LAB_SRC/run.sh" -d "$run_dir" $scenario=900 | grep -v '^XENLAB T+'
 rc=${PIPESTATUS[0]}
 echo
 echo "timeline (dom0 uptime, s):"

@@ -18,8 +18,9 @@
  *         each tool is killed after 4 s, and with this script if libxl kills it (no orphaned
  *         writer re-creates a backend dir libxl removed).
  * remove: Detach(XENBUS_PATH); a backend policyd does not know (Error.NotFound) is success.
- * Exit: 0 ok; 1 failed (error reply, no bus, no reply in 8 s, bad reply; local failures carry
- * libdbus's names: org.freedesktop.DBus.Error.NoServer, NoReply, ...); 2 usage.
+ * Exit: 0 ok; 1 failed (error reply, no bus, no reply in 8 s (30 s while dbus-daemon activates
+ * policyd for this call), bad reply; local failures carry libdbus's names:
+ * org.freedesktop.DBus.Error.NoServer, NoReply, ...); 2 usage.
  *
  * Layout: limits and protocol constants; error state; the bus socket (connect, send, receive);
  * building the outgoing messages; parsing the incoming ones; the call; the failure report; main.
@@ -51,6 +52,11 @@
 #ifndef REPLY_TIMEOUT_MS /* overall deadline, well under libxl's 40 s hotplug timeout; only the
                           * tests' sanitizer build shortens it (-DREPLY_TIMEOUT_MS=...) */
 #define REPLY_TIMEOUT_MS 8000
+#endif
+#ifndef ACTIVATION_TIMEOUT_MS /* the deadline instead when dbus-daemon is activating policyd for
+                               * this call: its own activation bound (service_start_timeout,
+                               * 25 s) plus the call, still under libxl's 40 s */
+#define ACTIVATION_TIMEOUT_MS 30000
 #endif
 #define MAX_MSG 65536       /* largest message accepted (dbus-daemon's replies here are < 1 KiB) */
 #define MAX_AUTH_LINE 256   /* "OK <32 hex digits>\r\n" is 37 bytes */
@@ -150,6 +156,7 @@ static const struct basic_type basic_types[] = {
 #define BROKER_MANAGER "org.qubes.BlockBroker1.Manager"
 #define HELLO_SERIAL 1u
 #define CALL_SERIAL 2u
+#define OWNER_SERIAL 3u /* GetNameOwner(BROKER_NAME), sent after the call: is it being activated? */
 
 #define DEFAULT_SYSTEM_BUS "unix:path=/run/dbus/system_bus_socket"
 
@@ -163,6 +170,7 @@ static const struct basic_type basic_types[] = {
 #define ERR_LIMITS_EXCEEDED DBUS_ERR("LimitsExceeded")
 #define ERR_INCONSISTENT DBUS_ERR("InconsistentMessage")
 #define ERR_BROKER_NOT_FOUND "org.qubes.BlockBroker1.Error.NotFound"
+#define ERR_NAME_HAS_NO_OWNER DBUS_ERR("NameHasNoOwner")
 
 /* The commands libxl gives: which method each calls, and what its failure means. */
 struct command {
@@ -194,14 +202,16 @@ static const struct command commands[] = {
 
 extern char **environ;
 static int bus = -1;
-static int64_t deadline_ms; /* CLOCK_MONOTONIC */
+static int64_t started_ms;  /* CLOCK_MONOTONIC */
+static int64_t deadline_ms; /* started_ms + REPLY_TIMEOUT_MS, or + ACTIVATION_TIMEOUT_MS */
+static int activating;      /* GetNameOwner: no one owns BROKER_NAME, dbus-daemon activates it */
 static unsigned char rx[MAX_MSG]; /* received bytes not yet consumed; rx[0] starts a message */
 static size_t rx_len;
 static int rx_big_endian; /* the message at rx[0] is big-endian */
 static unsigned char tx[4096]; /* outgoing, little-endian; the bounded inputs fit */
 static size_t tx_len;
 static size_t tx_msg; /* where the message being built starts in tx */
-_Static_assert(sizeof tx > 2 * MAX_XENBUS_PATH + 1024, "tx fits AUTH, Hello and the call");
+_Static_assert(sizeof tx > 2 * MAX_XENBUS_PATH + 1024, "tx fits AUTH and the 3 calls");
 static char err_name[MAX_TEXT]; /* set by fail() or an error reply */
 static char err_msg[MAX_TEXT + 4];
 
@@ -264,8 +274,12 @@ static int64_t now_ms(void)
 static int wait_for_bus(short events)
 {
 	int64_t left_ms = deadline_ms - now_ms();
-	if (left_ms <= 0)
+	if (left_ms <= 0) {
+		if (activating)
+			return fail(ERR_NO_REPLY, "no reply within %d ms (policyd was being "
+				    "activated)", ACTIVATION_TIMEOUT_MS);
 		return fail(ERR_NO_REPLY, "no reply within %d ms", REPLY_TIMEOUT_MS);
+	}
 	struct pollfd p = {.fd = bus, .events = events};
 	if (poll(&p, 1, (int)left_ms) < 0 && errno != EINTR)
 		return fail(ERR_DISCONNECTED, "poll: %s", strerror(errno));
@@ -772,6 +786,22 @@ static int parse_header_fields(struct message *m)
 	return align(&at, BODY_ALIGN, m->body_at);
 }
 
+/* The answer to GetNameOwner, which dbus-daemon handles after the call: NameHasNoOwner means
+ * the call is waiting for policyd's activation (Python start-up and start-up reconciliation,
+ * seconds on a slow machine), so the deadline becomes ACTIVATION_TIMEOUT_MS from the start.
+ * dbus-daemon itself answers the call with an error if the activation fails or outlasts its
+ * own service_start_timeout. Any other answer (an owner, or no answer) keeps REPLY_TIMEOUT_MS:
+ * a running policyd must answer within it. */
+static void note_owner_reply(const struct message *m)
+{
+	if (m->type != MSG_ERROR || !m->has_error_name ||
+	    m->error_name_len != LITERAL_LEN(ERR_NAME_HAS_NO_OWNER) ||
+	    memcmp(rx + m->error_name_at, ERR_NAME_HAS_NO_OWNER, m->error_name_len))
+		return;
+	activating = 1;
+	deadline_ms = started_ms + ACTIVATION_TIMEOUT_MS;
+}
+
 /* Whether a reply answers us: any reply to the call, or an error to Hello (after which the
  * call cannot succeed). Hello's own return is of no interest. */
 static int answers_us(const struct message *m)
@@ -821,6 +851,8 @@ static int await_reply(void)
 			return -1;
 		if (!m.has_reply_serial)
 			return bad_message("a reply without REPLY_SERIAL");
+		if (m.reply_serial == OWNER_SERIAL)
+			note_owner_reply(&m);
 		if (!answers_us(&m)) {
 			if (discard(m.wire_len) < 0)
 				return -1;
@@ -862,8 +894,10 @@ static int read_auth_reply(const char *uid)
 	return 0;
 }
 
-/* AUTH EXTERNAL (the real uid), BEGIN, Hello and the call in one write, as sd-bus pipelines
- * them (dbus-daemon reads them in order); then the auth reply "OK <guid>" and the messages. */
+/* AUTH EXTERNAL (the real uid), BEGIN, Hello, the call and GetNameOwner in one write, as
+ * sd-bus pipelines them (dbus-daemon reads them in order: when it reaches GetNameOwner, the
+ * call is either with policyd or waiting for its activation); then the auth reply
+ * "OK <guid>" and the messages. */
 static int call(const char *member, const char *arg)
 {
 	char uid[16];
@@ -872,6 +906,7 @@ static int call(const char *member, const char *arg)
 	put_auth(uid);
 	put_call(HELLO_SERIAL, DBUS_NAME, DBUS_PATH, DBUS_NAME, "Hello", NULL);
 	put_call(CALL_SERIAL, BROKER_NAME, BROKER_PATH, BROKER_MANAGER, member, arg);
+	put_call(OWNER_SERIAL, DBUS_NAME, DBUS_PATH, DBUS_NAME, "GetNameOwner", BROKER_NAME);
 	if (send_tx() < 0)
 		return -1;
 	if (read_auth_reply(uid) < 0)
@@ -1047,7 +1082,8 @@ int main(int argc, char **argv)
 		return 1;
 	signal(SIGPIPE, SIG_IGN); /* and send(MSG_NOSIGNAL): a closed bus is an error, not a kill */
 	signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would make waitpid fail: nothing written */
-	deadline_ms = now_ms() + REPLY_TIMEOUT_MS;
+	started_ms = now_ms();
+	deadline_ms = started_ms + REPLY_TIMEOUT_MS;
 	int result = connect_bus();
 	if (result == 0)
 		result = call(cmd->method, path);

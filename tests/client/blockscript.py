@@ -24,6 +24,8 @@ BLOCK_SCRIPT = VENV / "bin" / "blockbroker-block"
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = Path("src/client/blockbroker-block.c")  # relative to REPO, as the Makefile builds it
 SANITIZER_TIMEOUT_MS = 1500  # the sanitizer build's reply deadline (the shipped one is 8000)
+# and its deadline while policyd is being activated (the shipped one is 30000)
+SANITIZER_ACTIVATION_TIMEOUT_MS = 3000
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "exitcode=86:abort_on_error=0:detect_leaks=1",
     "UBSAN_OPTIONS": "halt_on_error=1:exitcode=87:print_stacktrace=1",
@@ -69,6 +71,7 @@ def build_sanitized(directory: Path) -> Path:
             "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
             "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror",
             f"-DREPLY_TIMEOUT_MS={SANITIZER_TIMEOUT_MS}",
+            f"-DACTIVATION_TIMEOUT_MS={SANITIZER_ACTIVATION_TIMEOUT_MS}",
         ],
     )  # fmt: skip
 
@@ -191,10 +194,10 @@ def _decode(buf: bytes) -> tuple[Call, int] | None:
 class FakeBus:
     """A stand-in for dbus-daemon, for one client connection, used only because the real
     dbus-daemon never sends malformed replies: it reads the client's AUTH line, answers `auth`
-    (closing unless that starts with OK), then reads BEGIN and the two method calls (Hello and
-    Attach/Detach) into `calls`, sends `replies`, and then closes (`hold=False`) or stays silent
-    until the client hangs up (`hold=True`). Listens on `path`, or on the abstract socket name
-    `abstract` if that is given."""
+    (closing unless that starts with OK), then reads BEGIN and the three method calls (Hello,
+    Attach/Detach, GetNameOwner) into `calls`, sends `replies`, and then closes (`hold=False`)
+    or stays silent until the client hangs up (`hold=True`). Listens on `path`, or on the
+    abstract socket name `abstract` if that is given."""
 
     path: Path
     replies: bytes = b""
@@ -255,7 +258,7 @@ class FakeBus:
             buf += chunk
         assert buf.startswith(b"BEGIN\r\n"), buf[:40]
         buf = buf[len(b"BEGIN\r\n") :]
-        while len(self.calls) < 2:
+        while len(self.calls) < 3:
             decoded = _decode(buf)
             if decoded is None:
                 chunk = conn.recv(65536)

@@ -46,7 +46,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	rx_len = 0;
 	err_name[0] = 0;
 	err_msg[0] = 0;
-	deadline_ms = now_ms() + REPLY_TIMEOUT_MS;
+	started_ms = now_ms();
+	deadline_ms = started_ms + REPLY_TIMEOUT_MS;
+	activating = 0;
 	int r = read_auth_reply("0");
 	if (r == 0)
 		r = await_reply();
