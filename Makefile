@@ -177,7 +177,7 @@ fuzz: install
 
 # Real Xen 4.17 under QEMU (docs/xenlab.md): a host image exported through blockbroker to two
 # PV guests sharing one loop device, policyd SIGKILLed and restarted (both exports recovered),
-# then detached. Runs blockbroker from $(VENV). Ends with `DEMO OK` or `DEMO FAILED <why>`.
+# then detached. Ends with `DEMO OK` or `DEMO FAILED <why>`.
 # the Debian package in the systemd dom0 (docs/xenlab.md, "The systemd dom0"); prints last
 # LAB-SYSTEMD OK or LAB-SYSTEMD FAILED <reason>. Two builds of the tree: the package, and the
 # same as version <version>+next in dist/deb-next, which the lab upgrades to under load.
@@ -186,9 +186,10 @@ lab-systemd: deb
 		DEB_VERSION=$$(dpkg-parsechangelog -S Version)+next
 	xenlab/lab-systemd.sh $(DEB_DIR)/blockbroker_*.deb dist/deb-next/blockbroker_*.deb
 
-# DEMO_DOM0=systemd: on the systemd dom0 with the package (`make deb`) installed by apt instead.
-DEMO_DOM0 ?= busybox
-demo: $(if $(filter systemd,$(DEMO_DOM0)),deb,install)
+# The demo runs on the systemd dom0 with the package (`make deb`) installed by apt: what an
+# administrator gets. DEMO_DOM0=busybox: on the fast busybox dom0, blockbroker from $(VENV).
+DEMO_DOM0 ?= systemd
+demo: install $(if $(filter systemd,$(DEMO_DOM0)),deb)
 	DEMO_DOM0=$(DEMO_DOM0) BLOCKBROKER_VENV=$(VENV) xenlab/demo.sh
 
 clean:

@@ -1,14 +1,15 @@
 #!/bin/bash
 # xenlab/demo.sh (make demo): blockbroker in real Xen, end to end, in one lab boot.
-# Makes a disk image on the host, boots the lab with the "demo" scenario (xenlab/scenarios/demo.sh:
-# export the image through blockbroker to a PV guest that reads it and prints its md5, share it
-# read-only with a second guest through the same loop device, SIGKILL policyd and start it again
-# (both exports recovered), detach both, nothing left), prints the timeline and ends with
-# `DEMO OK`, or `DEMO FAILED <reason>` and exit status 1. BLOCKBROKER_VENV: the host's venv to run
-# blockbroker from (default /opt/blockbroker/venv; `make demo PREFIX=...` sets it).
-# DEMO_DOM0=systemd: the same demo as an administrator gets it (scenarios/demo-systemd.sh): the
-# systemd dom0, the package DEMO_DEB (default: dist/deb/blockbroker_*.deb, `make deb`) installed
-# with apt, the daemons started by systemd, policyd's SIGKILL recovered through the fd store.
+# Makes a disk image on the host, boots the lab with the demo scenario (export the image through
+# blockbroker to a PV guest that reads it and prints its md5, share it read-only with a second
+# guest through the same loop device, SIGKILL policyd and let it come back (both exports
+# recovered), detach both, nothing left), prints the timeline and ends with `DEMO OK`, or
+# `DEMO FAILED <reason>` and exit status 1.
+# DEMO_DOM0=systemd (the default; scenarios/demo-systemd.sh): the demo as an administrator gets
+# it: the systemd dom0, the package DEMO_DEB (default: dist/deb/blockbroker_*.deb, `make deb`)
+# installed with apt, the daemons started by systemd, policyd's SIGKILL recovered through the fd
+# store. DEMO_DOM0=busybox (scenarios/demo.sh): the busybox dom0 running blockbroker from the
+# host's venv BLOCKBROKER_VENV (default /opt/blockbroker/venv; `make demo PREFIX=...` sets it).
 set -uo pipefail
 LAB_SRC=$(cd "$(dirname "$0")" && pwd)
 CACHE=${XENLAB_CACHE:-/var/cache/blockbroker/xenlab}
@@ -22,7 +23,7 @@ image=$run_dir/images/demo.img
 md5sum <"$image" | cut -d' ' -f1 >"$image.md5"
 echo "host image $image (16 MiB) md5=$(cat "$image.md5")"
 
-case ${DEMO_DOM0:-busybox} in
+case ${DEMO_DOM0:-systemd} in
   busybox) scenario=demo; flavour=busybox ;;
   systemd)
     scenario=demo-systemd; flavour=systemd

@@ -25,7 +25,7 @@ if guest_create bbs1 "format=raw, vdev=xvda, access=ro, script=blockbroker-block
     "xl create ${create_ms} ms; guest md5=$got image md5=$boot_md5; diskseq=$diskseq" \
     test -n "$got" -a "$got" = "$boot_md5"
   xl destroy bbs1
-  bb_wait "the loop device to go" 10 test "$(loop_count)" = "$loops_before"
+  bb_wait "the loop device to go" 10 eval '[ "$(loop_count)" = "$loops_before" ]'
   expect bb-script-destroy-frees-loop "loop devices before=$loops_before after=$(loop_count)" \
     test "$(loop_count)" = "$loops_before"
 else
@@ -73,7 +73,7 @@ expect bb-detach-one-keeps-other \
 
 bb detach "$export2"
 guest_wait bbx2 "^GUEST gone $disk2" 30 >/dev/null
-bb_wait "the shared loop device to go" 15 test "$(loops_of $IMAGE_DIR/shared.img)" = 0
+bb_wait "the shared loop device to go" 15 eval '[ "$(loops_of $IMAGE_DIR/shared.img)" = 0 ]'
 expect bb-detach-all-frees-loop "loops on shared.img=$(loops_of $IMAGE_DIR/shared.img); exports left: $(bb list --json | grep -c .)" \
   test "$(loops_of $IMAGE_DIR/shared.img)" = 0
 xl destroy bbx1; xl destroy bbx2
@@ -219,7 +219,7 @@ bb detach "$rs_sh_a"; rs_d1=$?
 guest_wait rsa "^GUEST gone $rs_sh_a_disk" 30 >/dev/null
 bb detach "$rs_rw"; rs_d2=$?
 guest_wait rsb "^GUEST gone $rs_rw_disk" 30 >/dev/null
-bb_wait "rs-rw.img's loop device to go" 15 test "$(loops_of $IMAGE_DIR/rs-rw.img)" = 0
+bb_wait "rs-rw.img's loop device to go" 15 eval '[ "$(loops_of $IMAGE_DIR/rs-rw.img)" = 0 ]'
 rs_be_b=$(echo "$rs_after" | grep "\"export\":\"$rs_sh_b\"" | json_field backend_path)
 expect bb-restart-detach-cli \
   "detach rc=$rs_d1,$rs_d2; rsa lost $rs_sh_a_disk: $(guest_console rsa | grep -c "^GUEST gone $rs_sh_a_disk"); rsb lost $rs_rw_disk: $(guest_console rsb | grep -c "^GUEST gone $rs_rw_disk"); loops on rs-shared=$(loops_of $IMAGE_DIR/rs-shared.img) rs-rw=$(loops_of $IMAGE_DIR/rs-rw.img); rsb's shared backend state=$(xenstore-read $rs_be_b/state 2>&1)" \

@@ -53,7 +53,7 @@ guest_wait demo1 "^GUEST gone $d1" 60 >/dev/null || demo_failed "demo1 still has
 step "detached demo1's export: its disk is gone, demo2's stays, loop device kept"
 bb detach $e2 >/dev/null || demo_failed "detach $e2"
 guest_wait demo2 "^GUEST gone $d2" 60 >/dev/null || demo_failed "demo2 still has $d2"
-bb_wait "the loop device to be freed" 30 test "$(loops_of $IMG)" = 0 ||
+bb_wait "the loop device to be freed" 30 eval '[ "$(loops_of $IMG)" = 0 ]' ||
   demo_failed "loop device still bound after both detaches: $(losetup -a)"
 left=$(bb list --json | grep -c .)
 [ "$left" = 0 ] || demo_failed "$left exports left"

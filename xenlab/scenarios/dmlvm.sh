@@ -125,7 +125,7 @@ refused dm-recreated-refused \
 
 # -- 5. nothing leaks: the guest gone, no export, no vbd node, no dm device open, no loop
 xl destroy dms1 2>/dev/null
-bb_wait "the script's export to go" 20 test "$(exports_listed)" = 0
+bb_wait "the script's export to go" 20 eval '[ "$(exports_listed)" = 0 ]'
 opens=""
 for name in $DM bb--vg-vm--work--old; do opens="$opens $name=$(dm_open $name)"; done
 expect dm-nothing-leaks \
