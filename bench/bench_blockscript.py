@@ -54,6 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchstats import pct  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
 from harness import xenstore  # noqa: E402
 from harness.names import DBUS_IFACE, DBUS_NAME, DBUS_PATH, MANAGER_IFACE, PROPS_IFACE  # noqa: E402
@@ -123,11 +124,6 @@ def timed(argv: Sequence[str], env: dict[str, str], log: Path, expect: int = 0) 
     if status != expect:
         raise RuntimeError(f"{argv} exited {status}; see {log}:\n{log.read_text()[-2000:]}")
     return elapsed * 1e3
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchstats import summary  # noqa: E402
 from harness import xenstore  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
@@ -35,20 +35,6 @@ DISKS = int(os.environ.get("BENCH_STORM_DISKS", "4"))
 ROUNDS = int(os.environ.get("BENCH_STORM_ROUNDS", "5"))
 FIRST_DEVID = 51712  # xvda
 DAEMON_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50_ms": round(statistics.median(values) * 1e3, 2),
-        "p99_ms": round(pct(values, 0.99) * 1e3, 2),
-        "max_ms": round(max(values) * 1e3, 2),
-    }
 
 
 def storm(stack: Stack, script: str, action: str, backends: list[str], log: Path) -> dict[str, Any]:

@@ -24,45 +24,23 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from dbus_fast import MessageType, Variant  # noqa: E402
+from benchstats import call, summary  # noqa: E402
+from dbus_fast import Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-from harness import rawbus, xenstore  # noqa: E402
+from harness import xenstore  # noqa: E402
 from harness.names import EXPORT_IFACE  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
 N = int(os.environ.get("BENCH_N", "200"))
 WARMUP = 5
 ATTACH_FE, ATTACH_DEVID = 1, 51728  # xvdb in domain "work"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50_ms": round(statistics.median(values) * 1e3, 3),
-        "p99_ms": round(pct(values, 0.99) * 1e3, 3),
-        "max_ms": round(max(values) * 1e3, 3),
-    }
-
-
-async def call(bus: MessageBus, member: str, sig: str, body: list[Any], **kw: str) -> Any:
-    reply = await rawbus.call(bus, member, sig, body, **kw)
-    if reply.message_type is not MessageType.METHOD_RETURN:
-        raise RuntimeError(f"{member}: {reply.error_name} {reply.body}")
-    return reply.body[0] if reply.body else None
 
 
 async def detach(bus: MessageBus, export: str) -> None:

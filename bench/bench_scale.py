@@ -33,7 +33,6 @@ import json
 import os
 import re
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -43,9 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from dbus_fast import MessageType, Variant  # noqa: E402
+from benchstats import call, summary  # noqa: E402
+from dbus_fast import Variant  # noqa: E402
 from dbus_fast.aio import MessageBus  # noqa: E402
-from harness import rawbus  # noqa: E402
 from harness.names import EXPORT_IFACE, MANAGER, OM_IFACE  # noqa: E402
 from harness.stack import Stack, StackConfig  # noqa: E402
 
@@ -54,28 +53,6 @@ DOMAINS = int(os.environ.get("BENCH_DOMAINS", "100"))
 CHECKPOINTS = [int(x) for x in os.environ.get("BENCH_CHECKPOINTS", "1,100,500,1000").split(",")]
 LIST_N = int(os.environ.get("BENCH_LIST_N", "15"))
 NOFILE = 4096  # as dbus/blockbroker-policyd.service's LimitNOFILE=
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def ms(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50_ms": round(statistics.median(values) * 1e3, 3),
-        "p99_ms": round(pct(values, 0.99) * 1e3, 3),
-        "min_ms": round(min(values) * 1e3, 3),
-        "max_ms": round(max(values) * 1e3, 3),
-    }
-
-
-async def call(bus: MessageBus, member: str, sig: str, body: list[Any], **kw: str) -> Any:
-    reply = await rawbus.call(bus, member, sig, body, **kw)
-    if reply.message_type is not MessageType.METHOD_RETURN:
-        raise RuntimeError(f"{member}: {reply.error_name} {reply.body}")
-    return reply.body[0] if reply.body else None
 
 
 def policyd_pid(stack: Stack) -> int:
@@ -179,12 +156,12 @@ class Scale:
         point = {
             "exports": len(self.exports),
             "rss_mb": rss_mb(policyd_pid(self.stack)),
-            "export": ms(here),
-            "export_baseline": ms(there),
-            "managed_objects": ms(mo),
+            "export": summary(here),
+            "export_baseline": summary(there),
+            "managed_objects": summary(mo),
             "managed_objects_count": count,
-            "list_api": ms(await self.list_api_times()),
-            "list_cli": ms(self.list_cli_times()),
+            "list_api": summary(await self.list_api_times()),
+            "list_cli": summary(self.list_cli_times()),
         }
         print(
             f"{label:>6} exports={point['exports']:>5} rss={point['rss_mb']:>6} MB "
@@ -284,13 +261,15 @@ def run_stack(result: dict[str, Any], systemd: bool) -> None:
             finally:
                 for fd in held:
                     os.close(fd)
-            result[f"reconcile_{key}"] = ms(times)
+            result[f"reconcile_{key}"] = summary(times)
             result[f"reconcile_{key}_log"] = reconciled_line(stack)
             after = asyncio.run(session(scale, scale.loop_devices))
             assert sorted(after) == sorted(devices), "exports lost or changed in the restart"
         finally:
             asyncio.run(session(scale, scale.shrink))
-        result[f"reconcile_{key}_empty"] = ms(restarts(stack, restart, "restart, empty", count))
+        result[f"reconcile_{key}_empty"] = summary(
+            restarts(stack, restart, "restart, empty", count)
+        )
 
 
 def main() -> int:
