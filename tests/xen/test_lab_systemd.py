@@ -49,6 +49,7 @@ CHECKS = (
     "sd-detach",
     "sd-vmexport-approved",
     "sd-vmexport-target-reads",
+    "sd-remove-refused",
     "sd-apt-purge",
 )
 # two package builds (~1 min), the image if it changed (~1.5 min), the run (~5 min), margin

@@ -213,7 +213,22 @@ xl destroy vmexb >/dev/null 2>&1; xl destroy vmexa >/dev/null 2>&1
 wait_until 30 sh -c "! blockbroker list --json | grep -q export"
 rm -f $VMRULE
 
-# -- 11. apt purge: nothing left
+# -- 11. apt remove while a guest uses a disk: refused (prerm), the guest keeps reading it
+rm_md5=$(make_image $IMAGE_DIR/remove.img REMOVE 2)
+guest_create sdr1 "format=raw, vdev=xvda, access=ro, script=blockbroker-block, target=$IMAGE_DIR/remove.img" \
+  "xenlab.wait=xvda xenlab.then=watch xenlab.reread=3"
+first=$(guest_disk_md5 sdr1 xvda 120)
+apt-get remove -y -q blockbroker >$RUN/apt-remove.log 2>&1; rc=$?
+n=$(guest_console sdr1 | grep -c "^GUEST reread xvda ")
+wait_until 30 eval '[ "$(guest_console sdr1 | grep -c "^GUEST reread xvda ")" -gt "$n" ]'
+reread=$(guest_console sdr1 | grep "^GUEST reread xvda " | tail -1 | sed -n 's/.*md5=\([0-9a-f]*\).*/\1/p')
+status=$(dpkg-query -W -f '${Status}' blockbroker 2>/dev/null)
+expect sd-remove-refused "apt-get remove rc=$rc ($(grep -m1 'refusing' $RUN/apt-remove.log)); package: $status; policyd $(systemctl is-active blockbroker-policyd.service); guest md5 $first, re-read after: $reread, image $rm_md5" \
+  sh -c "[ $rc != 0 ] && grep -q 'refusing to remove' $RUN/apt-remove.log && [ '$status' = 'install ok installed' ] && systemctl is-active -q blockbroker-policyd.service && [ '$first' = '$rm_md5' ] && [ '$reread' = '$rm_md5' ]"
+xl destroy sdr1 >/dev/null 2>&1
+wait_until 30 eval '[ "$(loops_of $IMAGE_DIR/remove.img)" = 0 ]'
+
+# -- 12. apt purge: nothing left
 rm -f $IMAGE_DIR/*.img   # the administrator's images: purge never deletes them
 t0=$(now)
 apt-get purge -y -q blockbroker >$RUN/apt-purge.log 2>&1; rc=$?
