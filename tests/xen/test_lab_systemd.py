@@ -12,13 +12,13 @@ packages, the image or the boot fail, every test fails with that reason: this la
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness.labchecks import parse_checks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,10 +54,6 @@ CHECKS = (
 )
 # two package builds (~1 min), the image if it changed (~1.5 min), the run (~5 min), margin
 BUDGET_S = 1800
-
-CHECK_LINE = re.compile(
-    r"^XENLAB CHECK (?P<name>[a-z0-9-]+) (?P<status>PASS|FAIL) ?(?P<detail>.*)$"
-)
 
 pytestmark = [pytest.mark.xen, pytest.mark.root]
 
@@ -100,10 +96,7 @@ def lab() -> LabRun:
     except subprocess.TimeoutExpired as exc:
         return LabRun(-1, f"make lab-systemd did not finish in {BUDGET_S}s: {exc}", BUDGET_S)
     run = LabRun(proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
-    for line in proc.stdout.splitlines():
-        match = CHECK_LINE.match(line.strip())
-        if match:
-            run.checks[match["name"]] = (match["status"], match["detail"])
+    run.checks = parse_checks(proc.stdout)
     return run
 
 

@@ -9,12 +9,12 @@ no package download), every test fails with that reason: this lane never skips s
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from harness.labchecks import parse_checks
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_LAB = REPO / "xenlab" / "run.sh"
@@ -80,10 +80,6 @@ SCENARIOS: dict[str, tuple[int, tuple[str, ...]]] = {
     ),
 }
 
-CHECK_LINE = re.compile(
-    r"^XENLAB CHECK (?P<name>[a-z0-9-]+) (?P<status>PASS|FAIL) ?(?P<detail>.*)$"
-)
-
 pytestmark = [pytest.mark.xen, pytest.mark.root]
 
 
@@ -110,10 +106,7 @@ def run_lab() -> LabRun:
     except subprocess.TimeoutExpired as exc:
         return LabRun(returncode=-1, output=f"xenlab/run.sh did not finish in {budget}s: {exc}")
     lab = LabRun(returncode=proc.returncode, output=proc.stdout + proc.stderr)
-    for line in proc.stdout.splitlines():
-        match = CHECK_LINE.match(line.strip())
-        if match:
-            lab.checks[match["name"]] = (match["status"], match["detail"])
+    lab.checks = parse_checks(proc.stdout)
     return lab
 
 
