@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from harness.stack import Stack, StackConfig
 from pyxs._internal import Op
 from xsfake import CLOSE, TX_ID, HostileXenstored, frame
 
-from policyd.errors import CommitUnknown, XenStoreError
+from policyd.errors import CommitUnknown, NotFound, XenStoreError
 from policyd.xenstore.client import BATCH_MAX, Tx
 from policyd.xenstore.connection import (
     WATCH_EVENTS_MAX,
@@ -419,6 +420,77 @@ def test_real_conflict_is_retried(stack: Stack, node: str) -> None:
     run_clean(scenario)
     assert attempts == ["1", "10"]
     assert stack.xs_read(counter) == "11"
+
+
+@pytest.mark.root
+@pytest.mark.daemon
+def test_real_transaction_ahead_serves_the_first_attempt_only(stack: Stack, node: str) -> None:
+    """A transaction started ahead (transaction_ahead: Attach starts it while the broker
+    opens the device) is the first attempt's: a write by another client after its start makes
+    that commit conflict, and the retry runs in a transaction of its own, which sees it."""
+    counter = f"{node}/counter"
+    stack.xs_write(counter, "1")
+    attempts: list[str | None] = []
+
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path))
+
+        async def increment(tx: Tx) -> float:
+            value = await tx.read(counter)
+            attempts.append(value)
+            await tx.write(counter, str(int(value or "0") + 1))
+            return time.monotonic()
+
+        try:
+            async with xs.transaction_ahead() as ahead:
+                await asyncio.sleep(0.05)  # what the caller awaits meanwhile (the broker)
+                stack.xs_write(counter, "10")  # another client, after the start
+                before = time.monotonic()
+                tx_done = await xs.transact(increment, ahead)
+            assert tx_done > before and ahead.taken
+            assert await xs.reads(lambda tx: tx.read(counter)) == "11"  # the turn is free
+        finally:
+            xs.close()
+
+    run_clean(scenario)
+    assert attempts == ["1", "10"]  # the ahead snapshot, then a fresh transaction
+
+
+@pytest.mark.root
+@pytest.mark.daemon
+def test_real_unused_transaction_ahead_is_rolled_back(stack: Stack, node: str) -> None:
+    """Attach failed between the start and the body (the broker refused): the transaction is
+    rolled back on the same connection, which stays up; cancelled instead, the connection is
+    dropped (ending the transaction) and the next operation connects again. Nothing left."""
+    stack.xs_write(f"{node}/x", "kept")
+
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path))
+        try:
+            await read(xs)
+            conn = xs._conn
+            with pytest.raises(NotFound):
+                async with xs.transaction_ahead():
+                    await asyncio.sleep(0)
+                    raise NotFound("the broker refused")
+            assert xs._conn is conn and xs.connected
+            await xs.transact(lambda tx: tx.write(f"{node}/x", "after"))
+
+            async def cancelled() -> None:
+                async with xs.transaction_ahead():
+                    await asyncio.sleep(10)
+
+            task = asyncio.ensure_future(cancelled())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not xs.connected
+            assert await xs.reads(lambda tx: tx.read(f"{node}/x")) == "after"
+        finally:
+            xs.close()
+
+    run_clean(scenario)
 
 
 @pytest.mark.root

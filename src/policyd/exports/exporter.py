@@ -114,6 +114,8 @@ class Exporter:
         self.resolver = resolver
         # pre-attached exports no script's Attach has claimed yet: backend path -> release timer
         self.unclaimed: dict[str, asyncio.TimerHandle] = {}
+        # when a pre-attach's trio commit was sent (time.monotonic()), until its claim
+        self._checked_at: dict[str, float] = {}
         self._releases: set[asyncio.Task[None]] = set()
         self._resolving: set[asyncio.Task[str]] = set()  # fds kept after unknown commits
         self._lock = asyncio.Lock()
@@ -321,7 +323,12 @@ class Exporter:
 
     async def attach(self, untrusted_path: str) -> ExportRecord:
         be = self._own_backend_path(untrusted_path)
+        asked = time.monotonic()  # the request is here: what it finds must be no older
         async with self._lock:
+            existing = self.registry.by_backend_path(be.path)
+            if existing is not None and self._checked_since(be.path, asked):
+                self._claim(be.path)  # pre-attached, and checked after this request came
+                return existing
             try:
                 nodes, fe_name, be_name = await self.xenstore.read_backend(be)
             except errors.PolicydError:
@@ -352,9 +359,16 @@ class Exporter:
         await self._detach(record, status=True)
 
     async def _attach_new(
-        self, be: validate.BackendPath, nodes: BackendNodes, fe_name: str, be_name: str
+        self,
+        be: validate.BackendPath,
+        nodes: BackendNodes,
+        fe_name: str,
+        be_name: str,
+        *,
+        pre: bool = False,
     ) -> ExportRecord:
-        """The body of Attach for a backend with no export; the caller holds self._lock."""
+        """The body of Attach for a backend with no export; the caller holds self._lock.
+        `pre`: a pre-attach, whose transaction's start is noted for its claim."""
         with contextlib.ExitStack() as undo:
             judged, pinned = identity.policy_path(nodes.params, self.sources.sysfs_root)
             await self.policy_check(
@@ -365,19 +379,24 @@ class Exporter:
                 modes.is_writable(nodes.mode),
             )
             self.custody.check_room()
-            backing = await self.sources.open_path(
-                nodes.params, modes.is_writable(nodes.mode), False, undo, pinned=pinned
-            )
-            number = self.registry.next_number()
-            tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())
-            # once the trio is written, the fd is held
-            phys = physical(backing)
-            await self._publish(
-                undo,
-                backing,
-                number,
-                self.xenstore.write_physical_device(be.path, phys, nodes, tag),
-            )
+            # the trio's transaction starts while the broker opens the device (no other
+            # XenStore operation in between: the context holds XenStore's turn)
+            async with self.xenstore.transaction_ahead() as ahead:
+                backing = await self.sources.open_path(
+                    nodes.params, modes.is_writable(nodes.mode), False, undo, pinned=pinned
+                )
+                number = self.registry.next_number()
+                tag = ExportTag(number, "attach", nodes.params, self.backend_domid, _now_us())
+                # once the trio is written, the fd is held
+                phys = physical(backing)
+                checked = await self._publish(
+                    undo,
+                    backing,
+                    number,
+                    self.xenstore.write_physical_device(be.path, phys, nodes, tag, ahead),
+                )
+            if pre:
+                self._checked_at[be.path] = checked
             record = self._record(
                 number,
                 nodes.params,
@@ -409,7 +428,7 @@ class Exporter:
             found = await self.xenstore.read_backend_if(be, PRE_ATTACH_SCRIPT)
             if found is None or found[0].physical_device:
                 return None
-            record = await self._attach_new(be, *found)
+            record = await self._attach_new(be, *found, pre=True)
             assert self.claim_s is not None  # only the watch calls this, and only if set
             self.unclaimed[be.path] = asyncio.get_running_loop().call_later(
                 self.claim_s, self._claim_expired, be.path
@@ -418,9 +437,20 @@ class Exporter:
             return record
 
     def _claim(self, be_path: str) -> None:
+        self._checked_at.pop(be_path, None)
         handle = self.unclaimed.pop(be_path, None)
         if handle is not None:
             handle.cancel()
+
+    def _checked_since(self, be_path: str, asked: float) -> bool:
+        """Whether the unclaimed pre-attach at `be_path` wrote its trio in a transaction whose
+        commit was sent after `asked`. That transaction checked that the backend exists with
+        the params and mode the export was made for and wrote its device; its commit succeeds
+        only if none of that changed before it is applied, which is after it was sent. So
+        the nodes were as the export needs (still_attached) at a moment after `asked`: what
+        the script's Attach, which arrived at `asked`, would read itself. It gets the export
+        without reading them again."""
+        return be_path in self.unclaimed and self._checked_at.get(be_path, asked) > asked
 
     async def _backend_event(self, be_dir: str, flags: int) -> None:
         """BackendWatch: something changed below `be_dir` (flags: on the dir itself, on its
@@ -451,11 +481,9 @@ class Exporter:
         async with self._lock:
             if self.registry.get(record.number) is not record:
                 return  # detached meanwhile
-            online = await self.xenstore.read_one(f"{record.backend_path}/online")
-            if online != "0":
-                return
-            logfmt.info("libxl is removing the backend", backend=record.backend_path)
-            await self._detach(record, status=record.backend_path in self.unclaimed)
+            status = record.backend_path in self.unclaimed
+            if await self._detach(record, status=status, if_offline=True):
+                logfmt.info("libxl is removing the backend", backend=record.backend_path)
 
     def _claim_expired(self, be_path: str) -> None:
         why = f"no hotplug script claimed it in {self.claim_s:g} s"
@@ -527,9 +555,13 @@ class Exporter:
                 raise errors.NotFound(f"{record.object_path} is already detached")
             await self._detach(record)
 
-    async def _detach(self, record: ExportRecord, status: bool = False) -> None:
+    async def _detach(
+        self, record: ExportRecord, status: bool = False, if_offline: bool = False
+    ) -> bool:
         """The body of Detach; the caller holds self._lock. `status`: an Attach export's
-        hotplug-status goes too (no hotplug script reported it: a pre-attach's)."""
+        hotplug-status goes too (no hotplug script reported it: a pre-attach's). `if_offline`
+        (an Attach export): only if its backend's `online` node is 0, checked in the
+        transaction that removes the trio; False if it was not (nothing done)."""
         spec = VbdSpec(
             record.backend_domid,
             record.frontend_domid,
@@ -546,7 +578,10 @@ class Exporter:
         keep = False
         if not record.wrote_vbd:  # Attach's: libxl owns the dir, policyd only the trio
             try:
-                await self.xenstore.remove_physical_device(record.backend_path, status)
+                if not await self.xenstore.remove_physical_device(
+                    record.backend_path, status, if_offline=if_offline
+                ):
+                    return False
             except errors.XenStoreError as e:
                 # libxl removes the backend dir itself (libxl's remove must not fail over
                 # it), but until then the trio may still name the device: its fd is kept
@@ -563,6 +598,7 @@ class Exporter:
             backend=record.backend_path,
             released=released,
         )
+        return True
 
     async def export_foreign(
         self,

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import functools
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -52,12 +53,15 @@ class Tx:
     """String-typed operations inside one transaction (tx_id), or outside any (tx_id 0: reads
     only, each a consistent value but no snapshot across them), bounded by one deadline."""
 
-    __slots__ = ("_conn", "_deadline", "tx_id")
+    __slots__ = ("_conn", "_deadline", "commit_sent", "tx_id")
 
     def __init__(self, conn: XsConnection, tx_id: int, deadline: float) -> None:
         self._conn = conn
         self.tx_id = tx_id
         self._deadline = deadline
+        # time.monotonic() just before its commit was sent (transact sets it): a commit that
+        # succeeds vouches for what the transaction read as of a moment after this
+        self.commit_sent = 0.0
 
     # -- pipelined ----------------------------------------------------------------------------
 
@@ -123,7 +127,7 @@ class Tx:
 
     async def rm_many(self, paths: Sequence[str]) -> None:
         """Remove each path and its children; a path that does not exist is no error."""
-        for reply in await self.batch([(Op.RM, _path(p) + NUL) for p in paths]):
+        for reply in await self.batch([rm_request(p) for p in paths]):
             if not _enoent(reply):
                 _ok(reply)
 
@@ -139,6 +143,10 @@ def mkdir_requests(path: str, perms: list[str]) -> list[tuple[int, bytes]]:
         (Op.MKDIR, raw + NUL),
         (Op.SET_PERMS, raw + NUL + b"".join(p.encode() + NUL for p in perms)),
     ]
+
+
+def rm_request(path: str) -> tuple[int, bytes]:
+    return (Op.RM, _path(path) + NUL)
 
 
 def read_request(path: str) -> tuple[int, bytes]:
@@ -185,6 +193,18 @@ def _text(path: str, raw: bytes) -> str:
     if not text.isprintable():
         raise XenStoreValueError(f"{path}: value contains control characters")
     return text
+
+
+class TxAhead:
+    """A transaction started ahead of its body (XsClient.transaction_ahead): its
+    TRANSACTION_START is on its way while the caller awaits something else."""
+
+    __slots__ = ("conn", "start", "taken")
+
+    def __init__(self, conn: XsConnection, start: asyncio.Future[list[Reply]]) -> None:
+        self.conn = conn
+        self.start = start
+        self.taken = False  # by transact(), which ends it
 
 
 class XsClient:
@@ -346,18 +366,60 @@ class XsClient:
             except (PyXSError, ValueError) as e:  # an error reply; a request pyxs refuses
                 raise XenStoreError(f"XenStore operation failed: {e}") from None
 
-    async def transact(self, body: Callable[[Tx], Awaitable[T]]) -> T:
+    @contextlib.asynccontextmanager
+    async def transaction_ahead(self) -> AsyncIterator[TxAhead]:
+        """Take the turn and start a transaction at once, for a transact(body, ahead) inside
+        this context: its TRANSACTION_START round trip overlaps what the caller awaits in
+        between (Attach: the broker's request). The turn is held throughout, so the caller
+        makes no other XenStore operation inside. Not taken by a transact(), it is rolled back
+        on the way out; on a cancellation or a bug, the connection is dropped instead (which
+        ends the transaction in xenstored)."""
+        async with self._turn_taken():
+            deadline = self._deadline()
+            conn = await self._connection(deadline)
+            start = asyncio.ensure_future(conn.request([(Op.TRANSACTION_START, NUL)], 0, deadline))
+            ahead = TxAhead(conn, start)
+            try:
+                yield ahead
+            except PolicydError:
+                if not ahead.taken:
+                    await self._end_unused(ahead)
+                raise
+            except BaseException:
+                if not ahead.taken:
+                    start.cancel()
+                    conn.abort(XenStoreError("a XenStore transaction was abandoned"))
+                raise
+            if not ahead.taken:
+                await self._end_unused(ahead)
+
+    async def _end_unused(self, ahead: TxAhead) -> None:
+        try:
+            tx_id = self._started(ahead.conn, (await ahead.start)[0])
+        except XenStoreError:
+            return  # no transaction (refused, or the connection failed and ended it)
+        await self._rollback(ahead.conn, tx_id, self._deadline())
+
+    async def transact(self, body: Callable[[Tx], Awaitable[T]], ahead: TxAhead | None = None) -> T:
         """Run body in a transaction; retried when the commit conflicts. Error.XenStore when
         anything fails before the commit is sent; CommitUnknown when the connection fails or
         the commit's deadline passes after it was sent (it may have been applied). Cancelled
         at any point, the connection is dropped, which ends the transaction in xenstored; a
-        commit cancelled in flight may have been applied (callers holding fds keep them)."""
-        async with self._turn_taken():
+        commit cancelled in flight may have been applied (callers holding fds keep them).
+        `ahead` (from transaction_ahead(), whose context holds the turn): the first attempt
+        runs in that transaction."""
+        async with contextlib.nullcontext() if ahead is not None else self._turn_taken():
             for _attempt in range(MAX_TX_ATTEMPTS):
                 deadline = self._deadline()
-                conn = await self._connection(deadline)
+                first, ahead = ahead, None  # an ahead transaction serves the first attempt
+                conn = first.conn if first is not None else await self._connection(deadline)
                 try:
-                    tx = Tx(conn, await self._start(conn, deadline), deadline)
+                    if first is not None:
+                        first.taken = True
+                        tx_id = self._started(conn, (await first.start)[0])
+                    else:
+                        tx_id = await self._start(conn, deadline)
+                    tx = Tx(conn, tx_id, deadline)
                     try:
                         result = await body(tx)
                     except PolicydError:
@@ -368,6 +430,7 @@ class XsClient:
                         raise XenStoreError(f"XenStore operation failed: {e}") from None
                     # the commit gets a deadline of its own: a slow body must not turn a
                     # commit xenstored answers normally into CommitUnknown
+                    tx.commit_sent = time.monotonic()
                     committed = await self._commit(conn, tx.tx_id, self._deadline())
                 except PolicydError:
                     raise  # rolled back, or nothing to roll back, or the commit's outcome
@@ -382,7 +445,12 @@ class XsClient:
         )
 
     async def _start(self, conn: XsConnection, deadline: float) -> int:
-        reply = (await conn.request([(Op.TRANSACTION_START, NUL)], 0, deadline))[0]
+        return self._started(
+            conn, (await conn.request([(Op.TRANSACTION_START, NUL)], 0, deadline))[0]
+        )
+
+    def _started(self, conn: XsConnection, reply: Reply) -> int:
+        """TRANSACTION_START's reply: the transaction's id (anything else drops `conn`)."""
         if isinstance(reply, PyXSError):
             raise XenStoreError(f"xenstored refused to start a transaction: {reply}")
         untrusted_id = reply.rstrip(NUL)

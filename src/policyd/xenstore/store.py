@@ -28,15 +28,23 @@ from policyd.errors import (
 from policyd.xenstore.client import (
     BATCH_MAX,
     Tx,
+    TxAhead,
     XsClient,
     exists_request,
     is_enoent,
     mkdir_requests,
     read_request,
+    rm_request,
     write_request,
 )
 
 __all__ = ["BackendNodes", "PhysicalDevice", "Tx", "VbdSpec", "XenStore"]
+
+
+class _StillOnline(NotFound):
+    """remove_physical_device(if_offline=True) found the backend online: rolled back."""
+
+
 MAX_DOMAINS = 4096
 MAX_ERROR_CHARS = 512  # hotplug-error written at start-up
 MAX_RECORDS = 65536  # VMs' device exports: far above what one dom0 runs
@@ -237,14 +245,21 @@ class XenStore(XsClient):
         return await self.reads(body)
 
     async def write_physical_device(
-        self, be_path: str, phys: PhysicalDevice, nodes: BackendNodes, tag: ExportTag
-    ) -> None:
+        self,
+        be_path: str,
+        phys: PhysicalDevice,
+        nodes: BackendNodes,
+        tag: ExportTag,
+        ahead: TxAhead | None = None,
+    ) -> float:
         """The trio and hotplug-status = connected (what a hotplug script's success() writes),
         in one transaction, sent as one batch behind the check that the backend still exists
         and still has the params and mode Attach read (`nodes`); if not, the transaction is
-        rolled back: nothing is written."""
+        rolled back: nothing is written. Returns when its commit was sent (time.monotonic()):
+        the check held at a moment after that. `ahead`: the first attempt's transaction,
+        started already (XsClient.transaction_ahead)."""
 
-        async def body(tx: Tx) -> None:
+        async def body(tx: Tx) -> Tx:
             written = [*physical_nodes(phys), ("hotplug-status", "connected")]
             exists, params, mode, *replies = await tx.batch(
                 [
@@ -264,15 +279,40 @@ class XenStore(XsClient):
                 raise DeviceChanged(
                     f"{be_path}: params or mode changed while attaching; nothing was written"
                 )
+            return tx
 
-        await self.transact(body)
+        return (await self.transact(body, ahead)).commit_sent
 
-    async def remove_physical_device(self, be_path: str, status: bool = False) -> None:
+    async def remove_physical_device(
+        self, be_path: str, status: bool = False, *, if_offline: bool = False
+    ) -> bool:
         """Remove the trio and the export's tag, and with `status` hotplug-status (a node
-        already gone, or the whole backend, is no error)."""
+        already gone, or the whole backend, is no error). With `if_offline`, only if the
+        backend's `online` node is 0 (libxl is removing the device): read in the same
+        transaction and batch as the removals, which is rolled back if it is not (False:
+        nothing was removed)."""
         names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
         names += ["hotplug-status"] if status else []
-        await self.transact(lambda tx: tx.rm_many([f"{be_path}/{n}" for n in names]))
+        paths = [f"{be_path}/{n}" for n in names]
+        if not if_offline:
+            await self.transact(lambda tx: tx.rm_many(paths))
+            return True
+
+        async def body(tx: Tx) -> None:
+            online, *removed = await tx.batch(
+                [read_request(f"{be_path}/online"), *(rm_request(p) for p in paths)]
+            )
+            for reply in removed:
+                if isinstance(reply, PyXSError) and not is_enoent(reply):
+                    raise reply  # Error.XenStore, rolled back
+            if online != b"0":
+                raise _StillOnline(be_path)  # rolled back: nothing removed
+
+        try:
+            await self.transact(body)
+        except _StillOnline:
+            return False
+        return True
 
     async def write_tag(self, be_path: str, tag: ExportTag) -> None:
         """Tag a backend found untagged (left by a version before tags), if it still exists."""
