@@ -410,7 +410,7 @@ class Exporter:
                 wrote_vbd=False,
                 since_us=tag.since_us,
             )
-            self._register(record)
+            self._register(record, announce_later=pre)
         return record
 
     # -- pre-attach (policyd.exports.preattach) -----------------------------------------------
@@ -697,16 +697,22 @@ class Exporter:
             wrote_vbd=wrote_vbd,
         )
 
-    def _register(self, record: ExportRecord) -> None:
+    def _register(self, record: ExportRecord, announce_later: bool = False) -> None:
         backing = record.backing
         fresh = not backing.users
         self.registry.add(record)
         if fresh and backing.fd != NO_FD and backing_name(backing) not in self.custody.held:
             self.custody.hold(backing_name(backing), backing.fd)
-        self._publish_record(record, "exported")
+        self._publish_record(record, "exported", announce_later)
 
-    def _publish_record(self, record: ExportRecord, event: str) -> None:
-        """A registered export: its blkback state, a log line, its D-Bus object, the watch."""
+    def _publish_record(
+        self, record: ExportRecord, event: str, announce_later: bool = False
+    ) -> None:
+        """A registered export: its blkback state, a log line, its D-Bus object, the watch.
+        `announce_later` (a pre-attach): the D-Bus object and its signals come in a later turn
+        of the event loop, behind the reply to the script's Attach if that is waiting for
+        this export (its task was woken first). No message that follows that reply can be
+        handled before them: an answer of policyd's names no object it has not exported."""
         remote = record.backing.kind == "vm"  # dom0's sysfs cannot see another domain's blkback
         record.state = STATE_BACKEND_IN_VM if remote else self.blkback.initial_state()
         ident = record.backing.identity
@@ -721,10 +727,18 @@ class Exporter:
             mode=record.mode,
             shared=len(record.backing.users) > 1,
         )
-        self.listener.export_added(record)
-        self.listener.export_count_changed(len(self.registry))
+        if announce_later:
+            asyncio.get_running_loop().call_later(0, self._announce, record)
+        else:
+            self._announce(record)
         if not remote:
             self.blkback.watch(record)
+
+    def _announce(self, record: ExportRecord) -> None:
+        """The export's D-Bus object and the count; nothing if it is gone already."""
+        if self.registry.get(record.number) is record:
+            self.listener.export_added(record)
+            self.listener.export_count_changed(len(self.registry))
 
     def _unregister(self, record: ExportRecord, keep_fd: bool = False) -> bool:
         """The twin of _register: the export is gone from the registry and the bus. Its fd is
