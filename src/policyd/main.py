@@ -189,14 +189,16 @@ async def run(args: argparse.Namespace) -> int:
         logfmt.error("cannot own the bus name", name=BUS_NAME, reply=reply)
         return 1
     # Once D-Bus is served: until then a block script finds no socket and calls over D-Bus,
-    # where its call waits for the name.
+    # where its call waits for the name. A socket that cannot be made is logged, not fatal:
+    # D-Bus serves the script all the same.
     block = None
     if args.block_socket is not None:
         block = BlockSocket(Path(args.block_socket), daemon.service)
         try:
             block.start()
-        except BlockSocketError as e:
-            raise StartupError(str(e)) from e
+        except (BlockSocketError, OSError) as e:
+            logfmt.error("block socket not served; the block script will use D-Bus", error=e)
+            block = None
     logfmt.info(
         "ready",
         name=BUS_NAME,
@@ -205,7 +207,7 @@ async def run(args: argparse.Namespace) -> int:
         xenstore=args.xenstore_path,
         sysfs=args.sysfs_root,
         backend_domid=args.backend_domid,
-        block_socket=args.block_socket or "",
+        block_socket="" if block is None else args.block_socket,
     )
     disconnected = loop.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     stopped = loop.create_task(stop.wait())

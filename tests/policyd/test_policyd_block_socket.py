@@ -17,12 +17,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from harness.loops import loops_of
 from harness.rawbus import as_user
-from harness.stack import Stack
+from harness.stack import Stack, StackConfig
 from policydlab import (
     XVDA,
     XVDB,
@@ -153,8 +153,8 @@ def test_non_root_peer_is_refused_before_its_request_is_read(stack: Stack) -> No
         capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    (reply, after, sent), (reply2, after2) = json.loads(result.stdout)
-    reply = bytes.fromhex(reply)
+    (first, after, sent), (reply2, _) = json.loads(result.stdout)
+    reply = bytes.fromhex(first)
     assert reply.startswith(b"BB1 error " + E + b"AccessDenied "), reply
     assert b"needs uid 0" in reply and b"the caller is uid " in reply
     assert (after, sent) == ("", "not sent")  # closed
@@ -260,7 +260,7 @@ def test_connections_beyond_the_limit_get_busy_unread(stack: Stack) -> None:
     assert_clean(stack, image)
 
 
-def test_restart_replaces_a_stale_socket(stack: Stack, tmp_path: Path) -> None:
+def test_restart_replaces_a_stale_socket(stack: Stack) -> None:
     """policyd unlinks its socket when it stops and replaces a stale one when it starts."""
     stack.stop_policyd()
     assert not stack.block_socket.exists()
@@ -270,3 +270,20 @@ def test_restart_replaces_a_stale_socket(stack: Stack, tmp_path: Path) -> None:
     stack.start_policyd()
     reply = request(stack, b"BB1 detach " + BE)
     assert reply.startswith(b"BB1 error " + E + b"NotFound "), reply
+
+
+def test_a_socket_that_cannot_be_made_leaves_dbus_serving(
+    stack_factory: Callable[[StackConfig], Stack],
+) -> None:
+    """--block-socket in a directory that does not exist: logged, and D-Bus serves Attach."""
+    config = StackConfig(
+        domains={"work": 1}, policyd_args=["--block-socket", "/nonexistent/dir/block.sock"]
+    )
+    other = stack_factory(config)
+    assert other.has_owner("org.qubes.BlockBroker1")
+    assert any("block socket not served" in line for line in log_lines(other, "level="))
+    api = Api(other.bus_address)
+    try:
+        assert api.err("Detach", "s", [BE.decode()]) == "NotFound"
+    finally:
+        api.close()
