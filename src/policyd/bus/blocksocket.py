@@ -151,7 +151,6 @@ class BlockSocket:
         self.request_timeout_s = request_timeout_s
         self._sock: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
-        self._accepting: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -181,7 +180,7 @@ class BlockSocket:
         self._inode = (st.st_dev, st.st_ino)
         sock.listen(LISTEN_BACKLOG)
         self._sock = sock
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all)
 
     async def stop(self, drain_s: float = 5.0) -> None:
         """Stop accepting (the path goes first, so a script that comes now uses D-Bus), then
@@ -192,10 +191,8 @@ class BlockSocket:
                 os.unlink(self.path)
         except OSError:
             pass
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
         if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
         if self._serving:
@@ -205,21 +202,34 @@ class BlockSocket:
     def connections(self) -> int:
         return len(self._serving)
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
+    def _accept_all(self) -> None:
+        """The listening socket is readable: accept what waits (it is non-blocking; one reader
+        callback for good, rather than a future and an epoll change per accept)."""
+        sock = self._sock
+        if sock is None:
+            return
         loop = asyncio.get_running_loop()
-        while True:
+        for _ in range(LISTEN_BACKLOG):
             try:
-                conn, _ = await loop.sock_accept(sock)
-            except OSError as e:  # EMFILE and the like: wait, do not spin
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: the connection waits; do not spin
                 logfmt.warning("block socket: accept failed", error=e)
-                await asyncio.sleep(0.1)
-                continue
+                loop.remove_reader(sock.fileno())
+                loop.call_later(0.1, self._resume_accepting, sock)
+                return
+            conn.setblocking(False)
             if len(self._serving) >= self.max_connections:
                 self._refuse_busy(conn)
                 continue
             task = loop.create_task(self._serve(conn))
             self._serving.add(task)
             task.add_done_callback(self._serving.discard)
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if self._sock is sock:
+            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_all)
 
     def _refuse_busy(self, conn: socket.socket) -> None:
         with conn:
@@ -228,6 +238,15 @@ class BlockSocket:
                 "this request was not read (use D-Bus)"
             )
             _send(conn, encode_reply(busy, busy=True))
+
+    async def _receive(self, conn: socket.socket) -> bytes:
+        """The request packet (MAX_REQUEST + 1 bytes at most: a longer one shows). The script
+        sends it right after connecting, so it is usually there already: no wait then."""
+        try:
+            return conn.recv(MAX_REQUEST + 1)
+        except (BlockingIOError, InterruptedError):
+            receiving = asyncio.get_running_loop().sock_recv(conn, MAX_REQUEST + 1)
+            return await asyncio.wait_for(receiving, self.request_timeout_s)
 
     async def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -245,11 +264,8 @@ class BlockSocket:
             _refused(peer, e)
             _send(conn, encode_reply(e))
             return
-        loop = asyncio.get_running_loop()
         try:
-            data = await asyncio.wait_for(
-                loop.sock_recv(conn, MAX_REQUEST + 1), self.request_timeout_s
-            )
+            data = await self._receive(conn)
         except TimeoutError:
             late = errors.InvalidArgument(f"no request within {self.request_timeout_s:g} s")
             _refused(peer, late)
