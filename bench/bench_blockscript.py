@@ -12,8 +12,11 @@ from that commit to the script's exit; the result is checked in XenStore and the
 suites on the shared cores hits all of them alike.
 
 Measured, on the same stack and nodes:
-  blockbroker-block        the shipped one: a static C program (src/client/blockbroker-block.c,
-                           raw D-Bus; policyd's Attach writes hotplug-status=connected itself)
+  blockbroker-block        the shipped one: a static C program (src/client/blockbroker-block.c;
+                           policyd's Attach writes hotplug-status=connected itself), through
+                           policyd's block socket (the stack starts policyd with --block-socket)
+  ... via D-Bus            the same binary with BLOCKBROKER_BLOCK_SOCKET naming a missing path:
+                           its fallback, raw D-Bus through dbus-daemon
   ... no pre-attach/detach the same binary, the backend's `script` node under another name
                            (policyd does not pre-attach) and no online = 0 before `remove`: the
                            script's own Attach and Detach do all the work
@@ -26,7 +29,8 @@ Measured, on the same stack and nodes:
   policyd Attach/Detach    the two calls over one open connection, no process spawned, no
                            pre-attach: the service's own share of the script's time
 and spawn floors (true, sh -c true, python3 -S -I -c pass, one xenstore-write, a dbus-send
-round trip, and blockbroker-block refusing its arguments: its own exec-to-exit cost), and the
+round trip, blockbroker-block refusing its arguments: its own exec-to-exit cost, and its
+`remove` of a backend policyd does not know, answered NotFound at once, on each path), and the
 round trips no implementation of the issue's design can avoid, each over an open connection from
 this process: a D-Bus call to policyd (Properties.Get: through dbus-daemon and back), the
 caller-uid lookup policyd must make for every new connection (GetConnectionUnixUser), and one
@@ -80,6 +84,9 @@ LOSETUP_TARGET = 1.5  # and at most 1.5x `losetup -f --show -r` + `losetup -d`
 # Attach does all the work, as before pre-attach
 NO_PRE_ATTACH = "/etc/xen/scripts/blockbroker-block.no-pre-attach"
 PREVIOUS = "previous sh+dbus-send"
+VIA_DBUS = "blockbroker-block via D-Bus (no direct socket)"
+# the fallback's trigger: a block socket path where there is none
+NO_BLOCK_SOCKET = {"BLOCKBROKER_BLOCK_SOCKET": "/nonexistent/blockbroker-policyd/block.sock"}
 # the fewest XenStore round trips any implementation could make per disk: Attach one read batch
 # and one transaction (start, batch, commit: the issue asks for one), Detach one pipelined
 # removal (policyd's own Detach uses a transaction: 3)
@@ -161,6 +168,7 @@ def script_iteration(
     log: Path,
     script_node: str | None = None,
     libxl_remove: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Iteration:
     """One libxl-like add + remove of a hotplug script, checked in XenStore. The add is timed
     from the moment the backend's nodes are committed (libxl's write, which policyd's
@@ -169,9 +177,9 @@ def script_iteration(
     of a removal (online = 0 and state Closing, one transaction; libxl then waits for blkback
     to close before it runs the script, which this host has no blkback for) to the script's
     exit; without `libxl_remove` the script runs with no such write (policyd's pre-detach
-    watches for it)."""
+    watches for it). `extra_env` goes on top of the stack's environment."""
     env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    env.update(XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
+    env.update(XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend", **(extra_env or {}))
 
     def run() -> Sample:
         be = write_vbd(stack, str(image), script_node or argv[-1])
@@ -339,6 +347,11 @@ def main() -> int:
         candidates: list[tuple[str, Iteration, int]] = [
             ("blockbroker-block", script_iteration(stack, [str(BLOCK_SCRIPT)], image, log), N),
             (
+                VIA_DBUS,
+                script_iteration(stack, [str(BLOCK_SCRIPT)], image, log, extra_env=NO_BLOCK_SOCKET),
+                N,
+            ),
+            (
                 "blockbroker-block, no pre-attach/detach",
                 script_iteration(stack, [str(BLOCK_SCRIPT)], image, log, NO_PRE_ATTACH, False),
                 N,
@@ -389,6 +402,11 @@ def main() -> int:
             results[name] = {"run": summary(bench_floor(argv, env, log, N))}
         usage_error = bench_floor([str(BLOCK_SCRIPT), "nothing"], env, log, N, expect=2)
         results["blockbroker-block usage error (exec to exit)"] = {"run": summary(usage_error)}
+        unknown = dict(env, XENBUS_PATH=f"backend/vbd/{FE}/{DEVID + 16}")
+        for name, extra in (("block socket", {}), ("D-Bus", NO_BLOCK_SOCKET)):
+            argv = [str(BLOCK_SCRIPT), "remove"]
+            floor_run = bench_floor(argv, {**unknown, **extra}, log, N)
+            results[f"blockbroker-block remove NotFound, {name}"] = {"run": summary(floor_run)}
         for name, samples in asyncio.run(round_trips(stack, N)).items():
             results[name] = {"run": summary(samples)}
         stack.xs_rm("/bench-floor")
@@ -399,19 +417,19 @@ def main() -> int:
     ratio_add = xen["add"]["p50_ms"] / ours["add"]["p50_ms"]
     ratio_disk = xen["per_disk"]["p50_ms"] / ours["per_disk"]["p50_ms"]
     print(
-        f"{'':30s} {'add p50':>9s} {'add p99':>9s} {'rm p50':>9s} {'rm p99':>9s} {'disk p50':>9s}"
+        f"{'':48s} {'add p50':>9s} {'add p99':>9s} {'rm p50':>9s} {'rm p99':>9s} {'disk p50':>9s}"
     )
     for name, r in results.items():
         if "add" in r:
             print(
-                f"{name:34s} {r['add']['p50_ms']:9.2f} {r['add']['p99_ms']:9.2f} "
+                f"{name:48s} {r['add']['p50_ms']:9.2f} {r['add']['p99_ms']:9.2f} "
                 f"{r['remove']['p50_ms']:9.2f} {r['remove']['p99_ms']:9.2f} "
                 f"{r['per_disk']['p50_ms']:9.2f}   (n={r['add']['n']}, "
                 f"failed adds {r['add']['failures']:g})"
             )
         else:
             run = r["run"]
-            print(f"{name:34s} {run['p50_ms']:9.2f} {run['p99_ms']:9.2f}   (floor, n={run['n']})")
+            print(f"{name:48s} {run['p50_ms']:9.2f} {run['p99_ms']:9.2f}   (floor, n={run['n']})")
     print(
         f"xen block / blockbroker-block: add {ratio_add:.1f}x, add+remove {ratio_disk:.1f}x "
         f"(target {TARGET_RATIO:g}x: {'met' if ratio_disk >= TARGET_RATIO else 'NOT met'})"
@@ -440,6 +458,16 @@ def main() -> int:
         f"without pre-attach {no_pre['per_disk']['p50_ms'] / losetup:.2f}x, "
         f"xen block / it {ratio_no_pre:.1f}x"
     )
+    via_dbus = results[VIA_DBUS]
+    direct_gain = {
+        k: via_dbus[k]["p50_ms"] - ours[k]["p50_ms"] for k in ("add", "remove", "per_disk")
+    }
+    vs_losetup_dbus = via_dbus["per_disk"]["p50_ms"] / losetup
+    print(
+        f"block socket vs D-Bus, p50 saved: add {direct_gain['add']:.2f} ms, remove "
+        f"{direct_gain['remove']:.2f} ms, per disk {direct_gain['per_disk']:.2f} ms; "
+        f"via D-Bus / losetup per disk {vs_losetup_dbus:.2f}x"
+    )
     load = (load_before, os.getloadavg()[0])
     print(f"1-minute load average: {load[0]:.2f} at start, {load[1]:.2f} at end (2 cores)")
     result = {
@@ -453,6 +481,8 @@ def main() -> int:
         "losetup_target": LOSETUP_TARGET,
         "losetup_target_met": vs_losetup <= LOSETUP_TARGET,
         "ratio_per_disk_no_pre_attach_p50": round(ratio_no_pre, 2),
+        "direct_saves_p50_ms": {k: round(v, 3) for k, v in direct_gain.items()},
+        "ratio_to_losetup_per_disk_via_dbus_p50": round(vs_losetup_dbus, 2),
         "floor_per_disk_ms": round(floor, 3),
         "target_budget_per_disk_ms": round(budget, 3),
     }

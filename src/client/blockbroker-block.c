@@ -2,28 +2,38 @@
  *   XENBUS_PATH=[/local/domain/<be>/]backend/vbd/<fe>/<devid> blockbroker-block add|remove
  *
  * Trust: runs as root, spawned by libxl once per disk (libxl waits for it). It trusts its
- * environment (libxl's) and talks only to the system bus (dbus-daemon); it re-validates nothing
- * policyd validates (policyd checks XENBUS_PATH and reads params/mode from XenStore itself).
- * What arrives on the bus socket (replies relayed by dbus-daemon, signals) is parsed with every
- * length, offset, alignment and padding checked, 64 KiB at most for the reply (other messages
- * are read past), either byte order; only an error's name and message leave the parser, as
- * printable ASCII, truncated, backslashes doubled for xenstore-write. Fuzzed
- * under ASan/UBSan by tests/client/test_blockscript_wire.py. Static C, raw D-Bus: libxl's wait
- * is each disk's share of a domain start (why, and what it replaced: docs/client.md).
+ * environment (libxl's) and talks only to policyd: first on policyd's block socket
+ * (BLOCKBROKER_BLOCK_SOCKET, default /run/blockbroker-policyd/block.sock; "" skips it), else,
+ * if that cannot be connected to or policyd answers `busy` (nothing was read), over the system
+ * bus (dbus-daemon, which also activates a policyd that is not running). It re-validates
+ * nothing policyd validates (policyd checks XENBUS_PATH and reads params/mode from XenStore
+ * itself). What arrives on the bus socket (replies relayed by dbus-daemon, signals) is parsed
+ * with every length, offset, alignment and padding checked, 64 KiB at most for the reply (other
+ * messages are read past), either byte order; the block socket's one reply packet is at most
+ * 1 KiB, its words checked; only an error's name and message leave either parser, as printable
+ * ASCII, truncated, backslashes doubled for xenstore-write. Fuzzed under ASan/UBSan by
+ * tests/client/test_blockscript_wire.py and tests/fuzz/blockscript_fuzz.c. Static C, raw
+ * D-Bus: libxl's wait is each disk's share of a domain start (why, and what it replaced:
+ * docs/client.md; the block socket: docs/architecture.md).
  *
- * add:    Attach(XENBUS_PATH); policyd writes the physical-device trio and hotplug-status in one
- *         transaction, so success writes nothing. Failure: `blockbroker-block add <path>:
- *         <ErrorName>: <message>` on stderr and, if the backend dir still exists (a write would
- *         re-create a dir libxl removed), xenstore-write hotplug-error and hotplug-status=error;
+ * add:    Attach(XENBUS_PATH) (block socket: "BB1 attach <XENBUS_PATH>"); policyd writes the
+ *         physical-device trio and hotplug-status in one transaction, so success writes nothing.
+ *         Failure: `blockbroker-block add <path>: <ErrorName>: <message>` on stderr and, if
+ *         the backend dir still exists (a write would re-create a dir libxl removed),
+ *         xenstore-write hotplug-error and hotplug-status=error;
  *         each tool is killed after 4 s, and with this script if libxl kills it (no orphaned
  *         writer re-creates a backend dir libxl removed).
- * remove: Detach(XENBUS_PATH); a backend policyd does not know (Error.NotFound) is success.
+ * remove: Detach(XENBUS_PATH) ("BB1 detach ..."); a backend policyd does not know
+ *         (Error.NotFound) is success.
  * Exit: 0 ok; 1 failed (error reply, no bus, no reply in 8 s (30 s while dbus-daemon activates
  * policyd for this call), bad reply; local failures carry libdbus's names:
- * org.freedesktop.DBus.Error.NoServer, NoReply, ...); 2 usage.
+ * org.freedesktop.DBus.Error.NoServer, NoReply, ...); 2 usage. Once policyd has read a request
+ * on the block socket its reply is final (it may have acted on it): the same deadline, no D-Bus
+ * retry.
  *
  * Layout: limits and protocol constants; error state; the bus socket (connect, send, receive);
- * building the outgoing messages; parsing the incoming ones; the call; the failure report; main.
+ * building the outgoing messages; parsing the incoming ones; the call; the direct path (the
+ * block socket); the failure report; main.
  */
 #define _GNU_SOURCE
 #include <endian.h>
@@ -176,14 +186,15 @@ static const struct basic_type basic_types[] = {
 struct command {
 	const char *name;
 	const char *method;
+	const char *direct_op; /* the operation's word on the block socket */
 	const char *error_meaning_success; /* a reply with this error name counts as done, or NULL */
 	int writes_hotplug_error;          /* on failure, tell libxl through XenStore */
 };
 
 static const struct command commands[] = {
-	{"add", "Attach", NULL, 1},
+	{"add", "Attach", "attach", NULL, 1},
 	/* the backend is unknown to policyd: nothing to detach */
-	{"remove", "Detach", ERR_BROKER_NOT_FOUND, 0},
+	{"remove", "Detach", "detach", ERR_BROKER_NOT_FOUND, 0},
 };
 
 /* The Xen tools run on the failure path find only system directories (the tests' build
@@ -914,6 +925,136 @@ static int call(const char *member, const char *arg)
 	return await_reply();
 }
 
+/* --- The direct path: policyd's block socket (policyd.bus.blocksocket) ------------------------ */
+
+/* One SOCK_SEQPACKET connection, one request packet, one reply packet. policyd checks the
+ * caller is uid 0 (SO_PEERCRED) and runs exactly Manager.Attach/Detach; its replies:
+ *   "BB1 ok" [" <object path>"]          the call's return
+ *   "BB1 error <ErrorName> <message>"    the call's D-Bus error, final
+ *   "BB1 busy <ErrorName> <message>"     over policyd's connection limit, request unread */
+#define DEFAULT_BLOCK_SOCKET "/run/blockbroker-policyd/block.sock"
+#define DIRECT_MAGIC "BB1"
+#define DIRECT_OK "BB1 ok"
+#define DIRECT_ERROR "BB1 error "
+#define DIRECT_BUSY "BB1 busy "
+#define MAX_DIRECT_REPLY 1024 /* policyd's bound (blocksocket.MAX_REPLY) */
+#define USE_DBUS 1            /* nothing was sent, or policyd did not read it: call over D-Bus */
+
+static unsigned char direct_rx[MAX_DIRECT_REPLY + 1]; /* one more: a longer packet shows */
+
+/* Whether buf (n bytes) starts with the string literal's bytes. */
+#define STARTS_WITH(buf, n, lit) \
+	((n) >= LITERAL_LEN(lit) && !memcmp((buf), (lit), LITERAL_LEN(lit)))
+
+/* The reply packet buf (n bytes): 0 for ok; -1 with err_* set for an error or a malformed or
+ * empty (closed) reply; USE_DBUS with err_* set for busy. */
+static int parse_direct_reply(const unsigned char *buf, size_t n)
+{
+	char shown[64];
+	size_t at;
+	int busy = 0;
+	if (n == 0)
+		return fail(ERR_DISCONNECTED, "policyd closed the block socket without a reply");
+	if (n == LITERAL_LEN(DIRECT_OK) && STARTS_WITH(buf, n, DIRECT_OK))
+		return 0;
+	if (STARTS_WITH(buf, n, DIRECT_OK " "))
+		return 0; /* the export's object path follows; nothing here needs it */
+	if (STARTS_WITH(buf, n, DIRECT_ERROR)) {
+		at = LITERAL_LEN(DIRECT_ERROR);
+	} else if (STARTS_WITH(buf, n, DIRECT_BUSY)) {
+		at = LITERAL_LEN(DIRECT_BUSY);
+		busy = 1;
+	} else {
+		sanitize(shown, sizeof shown, buf, n);
+		return bad_message("not a block-socket reply: '%s'", shown);
+	}
+	const unsigned char *name = buf + at;
+	const unsigned char *space = memchr(name, ' ', n - at);
+	size_t name_len = space ? (size_t)(space - name) : n - at;
+	if (name_len == 0)
+		return bad_message("a block-socket error reply without an error name");
+	sanitize(err_name, sizeof err_name, name, name_len);
+	if (space)
+		sanitize(err_msg, sizeof err_msg, space + 1, n - at - name_len - 1);
+	else
+		snprintf(err_msg, sizeof err_msg, "(no message)");
+	return busy ? USE_DBUS : -1;
+}
+
+/* Connects `bus` to the block socket; -1 (bus closed again) if there is none to use. */
+static int connect_direct(void)
+{
+	const char *path = getenv("BLOCKBROKER_BLOCK_SOCKET");
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	if (!path)
+		path = DEFAULT_BLOCK_SOCKET;
+	size_t n = strlen(path);
+	if (n == 0 || n >= sizeof sa.sun_path)
+		return -1;
+	memcpy(sa.sun_path, path, n + 1);
+	bus = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (bus < 0)
+		return -1;
+	/* ENOENT, ECONNREFUSED: no policyd (D-Bus activation starts one); EAGAIN: its listen
+	 * queue is full; anything else: not usable. Nothing was sent either way. */
+	if (connect(bus, (const struct sockaddr *)&sa,
+		    (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1)) == 0)
+		return 0;
+	close(bus);
+	bus = -1;
+	return -1;
+}
+
+/* Reads the one reply packet into direct_rx; its length in *n. USE_DBUS if policyd closed the
+ * connection with the request unread: the kernel reports ECONNRESET (before any queued reply)
+ * only when the closing end still had unread packets, and the script sends just the one, so
+ * policyd never saw it (it is stopping, or over its connection limit). */
+static int receive_direct(size_t *n)
+{
+	for (;;) {
+		ssize_t r = recv(bus, direct_rx, sizeof direct_rx, MSG_DONTWAIT | MSG_TRUNC);
+		if (r >= 0) {
+			if ((size_t)r >= sizeof direct_rx)
+				return fail(ERR_LIMITS_EXCEEDED, "a block-socket reply of %zd bytes "
+					    "(at most %d)", r, MAX_DIRECT_REPLY);
+			*n = (size_t)r;
+			return 0;
+		}
+		if (errno == ECONNRESET)
+			return USE_DBUS;
+		if (errno != EAGAIN && errno != EINTR)
+			return fail(ERR_DISCONNECTED, "reading from the block socket: %s",
+				    strerror(errno));
+		if (wait_for_bus(POLLIN) < 0)
+			return -1;
+	}
+}
+
+/* The call on the block socket: 0 done; -1 failed, err_* set (final: once policyd has read the
+ * request, it may have acted on it); USE_DBUS: no socket, the request could not be sent, or
+ * policyd closed without reading it or answered busy. */
+static int direct_call(const struct command *cmd, const char *path)
+{
+	char request[MAX_XENBUS_PATH + 32];
+	size_t n = 0;
+	if (connect_direct() < 0)
+		return USE_DBUS;
+	int len = snprintf(request, sizeof request, DIRECT_MAGIC " %s %s", cmd->direct_op, path);
+	for (;;) {
+		ssize_t r = send(bus, request, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (r == len)
+			break;
+		if (r >= 0 || (errno != EAGAIN && errno != EINTR))
+			return USE_DBUS; /* a packet is sent whole or not at all: this one was not */
+		if (wait_for_bus(POLLOUT) < 0)
+			return -1;
+	}
+	int received = receive_direct(&n);
+	if (received != 0)
+		return received;
+	return parse_direct_reply(direct_rx, n);
+}
+
 /* --- The failure report: stderr and XenStore ------------------------------------------------- */
 
 /* Runs a Xen tool on the failure path (PATH fixed, XENSTORED_PATH inherited); 0: it exited 0.
@@ -1084,11 +1225,17 @@ int main(int argc, char **argv)
 	signal(SIGCHLD, SIG_DFL); /* an inherited SIG_IGN would make waitpid fail: nothing written */
 	started_ms = now_ms();
 	deadline_ms = started_ms + REPLY_TIMEOUT_MS;
-	int result = connect_bus();
-	if (result == 0)
-		result = call(cmd->method, path);
+	int result = direct_call(cmd, path);
 	if (bus >= 0)
 		close(bus);
+	bus = -1;
+	if (result == USE_DBUS) {
+		result = connect_bus();
+		if (result == 0)
+			result = call(cmd->method, path);
+		if (bus >= 0)
+			close(bus);
+	}
 	if (succeeded(cmd, result))
 		return 0;
 	report_failure(cmd, path);

@@ -6,7 +6,7 @@ and the broker's socket. Ready = it owns org.qubes.BlockBroker1 on the bus.
     blockbroker-policyd --broker-socket PATH [--xenstore-path PATH] [--sysfs-root DIR]
                         [--bus-address ADDR] [--backend-domid 0]
                         [--policy-dir /etc/blockbroker/policy.d] [--request-expiry 300]
-                        [--pre-attach-claim 60]
+                        [--pre-attach-claim 60] [--block-socket PATH]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dbus_fast.constants import NameFlag
 
 from policyd import logfmt, validate
 from policyd.brokerclient import AsyncBrokerClient
+from policyd.bus.blocksocket import BlockSocket, BlockSocketError
 from policyd.bus.connection import PolicydBus
 from policyd.bus.objects import BusObjects
 from policyd.bus.service import Service, StartupError
@@ -88,7 +89,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "before the hotplug script asks) waits for the script before it is released "
         "(default %(default)s; 0: no pre-attach)",
     )
+    p.add_argument(
+        "--block-socket",
+        default=None,
+        help="serve the libxl block script's Attach and Detach (uid 0 only) on this "
+        "SOCK_SEQPACKET socket too, beside D-Bus (default: off; see docs/architecture.md)",
+    )
     args = p.parse_args(argv)
+    if args.block_socket is not None and not os.path.isabs(args.block_socket):
+        p.error("--block-socket must be an absolute path")
     if not 0 <= args.pre_attach_claim <= 3600:
         p.error("--pre-attach-claim must be 0-3600 seconds")
     if not 1 <= args.request_expiry <= MAX_EXPIRY_S:
@@ -179,6 +188,17 @@ async def run(args: argparse.Namespace) -> int:
     if reply != RequestNameReply.PRIMARY_OWNER:
         logfmt.error("cannot own the bus name", name=BUS_NAME, reply=reply)
         return 1
+    # Once D-Bus is served: until then a block script finds no socket and calls over D-Bus,
+    # where its call waits for the name. A socket that cannot be made is logged, not fatal:
+    # D-Bus serves the script all the same.
+    block = None
+    if args.block_socket is not None:
+        block = BlockSocket(Path(args.block_socket), daemon.service)
+        try:
+            block.start()
+        except (BlockSocketError, OSError) as e:
+            logfmt.error("block socket not served; the block script will use D-Bus", error=e)
+            block = None
     logfmt.info(
         "ready",
         name=BUS_NAME,
@@ -187,6 +207,7 @@ async def run(args: argparse.Namespace) -> int:
         xenstore=args.xenstore_path,
         sysfs=args.sysfs_root,
         backend_domid=args.backend_domid,
+        block_socket="" if block is None else args.block_socket,
     )
     disconnected = loop.create_task(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
     stopped = loop.create_task(stop.wait())
@@ -194,6 +215,8 @@ async def run(args: argparse.Namespace) -> int:
     logfmt.info("stopping", exports=len(daemon.registry), bus_lost=disconnected.done())
     for task in (disconnected, stopped):
         task.cancel()
+    if block is not None:
+        await block.stop()
     daemon.stop()
     bus.disconnect()
     daemon.exporter.shutdown()

@@ -278,6 +278,57 @@ class FakeBus:
                 self.received_after += chunk
 
 
+@dataclass
+class FakeBlockSocket:
+    """A stand-in for policyd's block socket (SOCK_SEQPACKET), for one client connection, used
+    only because policyd never sends malformed replies: it reads the request packet into
+    `request`, sends `reply` as one packet (None: sends nothing, `close`: closes at once), then
+    stays silent until the client hangs up (`hold=True`) or closes."""
+
+    path: Path
+    reply: bytes | None = b"BB1 ok"
+    hold: bool = False
+    close: bool = False
+    request: bytes | None = None
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._listener.bind(str(self.path))
+        self._listener.listen(1)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> FakeBlockSocket:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(timeout=30)
+        self._listener.close()
+        self.path.unlink(missing_ok=True)
+        if self.error is not None:
+            raise self.error
+
+    def _serve(self) -> None:
+        try:
+            self._listener.settimeout(20)
+            conn, _ = self._listener.accept()
+            conn.settimeout(20)
+            with conn:
+                if self.close:
+                    return
+                self.request = conn.recv(65536)
+                if self.reply is not None:
+                    big = max(len(self.reply) + 4096, 1 << 16)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, big)
+                    conn.send(self.reply)
+                if self.hold:
+                    while conn.recv(65536):
+                        pass
+        except BaseException as e:  # reported by __exit__
+            self.error = e
+
+
 def run_script(
     binary: Path,
     command: str,
@@ -296,6 +347,9 @@ def run_script(
         "XENBUS_BASE_PATH": "backend",
         "DBUS_SYSTEM_BUS_ADDRESS": bus_address,
         "XENSTORED_PATH": "/nonexistent/xenstored-socket",
+        # no block socket unless a test gives one (FakeBlockSocket): the script falls back to
+        # the bus, and never reaches a system policyd's socket
+        "BLOCKBROKER_BLOCK_SOCKET": "/nonexistent/blockbroker-policyd/block.sock",
         **SANITIZER_ENV,
         **(extra_env or {}),
     }

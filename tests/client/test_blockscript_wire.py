@@ -1,5 +1,6 @@
-"""blockbroker-block's parser against a hostile bus: malformed, oversized, misdirected and random
-replies must each end in exit 1 with one clear stderr line, never a crash.
+"""blockbroker-block's parsers against a hostile bus and a hostile block socket: malformed,
+oversized, misdirected and random replies must each end in exit 1 with one clear stderr line,
+never a crash; a request sent on the block socket is never sent again over the bus.
 
 Unit lane, no root. The bus is FakeBus (tests/client/blockscript.py), a stand-in for
 dbus-daemon used only because the real one never sends malformed replies. Every case runs
@@ -11,6 +12,7 @@ also print no sanitizer report. Without gcc this lane skips, and fails under CI.
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
 import time
@@ -24,6 +26,7 @@ from blockscript import (
     SANITIZER_ENV,
     SANITIZER_REPORT,
     SANITIZER_TIMEOUT_MS,
+    FakeBlockSocket,
     FakeBus,
     Field,
     build_sanitized,
@@ -492,3 +495,154 @@ def test_random_replies(sanitized: Path, tmp_path: Path, replies: bytes) -> None
         result = run_script(sanitized, "add", bus.address, timeout=20)
     assert result.returncode == 1, (replies, result.returncode, result.stderr)
     one_line(result.stderr)
+
+
+# --- the block socket (policyd.bus.blocksocket): the direct path, tried before the bus ---------
+
+
+def direct(
+    binary: Path, tmp_path: Path, block: FakeBlockSocket, command: str = "add", bus: bytes = b""
+) -> tuple[subprocess.CompletedProcess[str], FakeBus]:
+    """Runs the script with `block` as its block socket and a FakeBus (replying `bus`) that it
+    must reach only if the block socket sent it there."""
+    fake_bus = FakeBus(tmp_path / "bus", bus)
+    with block, fake_bus:
+        result = run_script(
+            binary, command, fake_bus.address,
+            extra_env={"BLOCKBROKER_BLOCK_SOCKET": str(block.path)},
+        )  # fmt: skip
+        if not fake_bus.calls:  # the bus was not used: let its thread end
+            socket.socket(socket.AF_UNIX).connect(str(fake_bus.path))
+    return result, fake_bus
+
+
+def test_direct_success_sends_one_request_and_not_the_bus(binary: Path, tmp_path: Path) -> None:
+    block = FakeBlockSocket(tmp_path / "block.sock", b"BB1 ok /org/qubes/BlockBroker1/export/3")
+    result, bus = direct(binary, tmp_path, block)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert block.request == f"BB1 attach {BE}".encode()
+    assert bus.calls == []
+
+
+def test_direct_remove_not_found_is_success(binary: Path, tmp_path: Path) -> None:
+    reply = b"BB1 error org.qubes.BlockBroker1.Error.NotFound no export for " + BE.encode()
+    result, bus = direct(binary, tmp_path, FakeBlockSocket(tmp_path / "b", reply), "remove")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert bus.calls == []
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (b"BB1 error org.qubes.BlockBroker1.Error.Busy try later",
+         "org.qubes.BlockBroker1.Error.Busy: try later"),
+        (b"BB1 error a.B", "a.B: (no message)"),
+        (b"BB1 error a.B \x1b[31m\xff", "a.B: ?[31m?"),
+        (b"BB1 error  no name", f"{D}InconsistentMessage: a block-socket error reply without an "
+         "error name"),
+        (b"BB1 error ", f"{D}InconsistentMessage: a block-socket error reply without an error "
+         "name"),
+        (b"BB1 okay", f"{D}InconsistentMessage: not a block-socket reply: 'BB1 okay'"),
+        (b"BB2 ok", f"{D}InconsistentMessage: not a block-socket reply: 'BB2 ok'"),
+        (b"\0" * 10, f"{D}InconsistentMessage: not a block-socket reply: '??????????'"),
+        (b"", f"{D}Disconnected: policyd closed the block socket without a reply"),
+        (b"BB1 error a.B " + b"x" * 1011, f"{D}LimitsExceeded: a block-socket reply of 1025 "
+         "bytes (at most 1024)"),
+        (b"BB1 ok " + b"x" * 5000, f"{D}LimitsExceeded: a block-socket reply of 5007 bytes "
+         "(at most 1024)"),
+    ],
+    ids=["error", "no-message", "unprintable", "no-name", "empty-name", "okay", "magic",
+         "nuls", "empty", "1025", "5007"],
+)  # fmt: skip
+def test_direct_failures_are_final(
+    binary: Path, tmp_path: Path, reply: bytes, expected: str
+) -> None:
+    """Once the request is sent, whatever comes back is the answer: no second try on the bus."""
+    result, bus = direct(binary, tmp_path, FakeBlockSocket(tmp_path / "b", reply))
+    assert result.returncode == 1, result.stderr
+    assert one_line(result.stderr) == expected
+    assert bus.calls == []
+
+
+def test_direct_close_without_reply_is_final(binary: Path, tmp_path: Path) -> None:
+    block = FakeBlockSocket(tmp_path / "b", None)
+    result, bus = direct(binary, tmp_path, block)
+    assert one_line(result.stderr) == (
+        f"{D}Disconnected: policyd closed the block socket without a reply"
+    )
+    assert block.request is not None and bus.calls == []
+
+
+def test_direct_silence_hits_the_deadline(sanitized: Path, tmp_path: Path) -> None:
+    start = time.monotonic()
+    block = FakeBlockSocket(tmp_path / "b", None, hold=True)
+    result, bus = direct(sanitized, tmp_path, block)
+    elapsed = time.monotonic() - start
+    assert one_line(result.stderr) == f"{D}NoReply: no reply within {SANITIZER_TIMEOUT_MS} ms"
+    assert SANITIZER_TIMEOUT_MS / 1000 <= elapsed < SANITIZER_TIMEOUT_MS / 1000 + 5
+    assert bus.calls == []
+
+
+def test_busy_falls_back_to_the_bus(binary: Path, tmp_path: Path) -> None:
+    """policyd's `busy`: the request was not read, so the bus gets it."""
+    busy = b"BB1 busy org.qubes.BlockBroker1.Error.Busy not read (use D-Bus)"
+    block = FakeBlockSocket(tmp_path / "b", busy)
+    result, bus = direct(binary, tmp_path, block, bus=HELLO_REPLY + method_return())
+    assert (result.returncode, result.stderr) == (0, "")
+    assert block.request is not None
+    assert bus.calls[1].fields[3] == b"Attach"
+
+
+def test_busy_then_bus_error_reports_the_bus_error(binary: Path, tmp_path: Path) -> None:
+    busy = b"BB1 busy org.qubes.BlockBroker1.Error.Busy not read (use D-Bus)"
+    reply = error_reply(b"org.qubes.BlockBroker1.Error.Refused", b"outside the roots")
+    result, _ = direct(binary, tmp_path, FakeBlockSocket(tmp_path / "b", busy), bus=reply)
+    assert one_line(result.stderr) == "org.qubes.BlockBroker1.Error.Refused: outside the roots"
+
+
+def test_closed_with_the_request_unread_falls_back(binary: Path, tmp_path: Path) -> None:
+    """A socket that accepts and closes without reading: the request was either not sent
+    (EPIPE) or dropped unread (the script's recv gets ECONNRESET); either way the bus gets it."""
+    block = FakeBlockSocket(tmp_path / "b", close=True)
+    result, bus = direct(binary, tmp_path, block, bus=HELLO_REPLY + method_return())
+    assert (result.returncode, result.stderr) == (0, "")
+    assert bus.calls[1].fields[3] == b"Attach"
+
+
+@pytest.mark.parametrize("kind", ["missing", "stale", "not-a-socket", "empty"])
+def test_no_block_socket_uses_the_bus(binary: Path, tmp_path: Path, kind: str) -> None:
+    where = tmp_path / "block.sock"
+    if kind == "stale":  # policyd gone: bound, nobody listening (ECONNREFUSED)
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stale.bind(str(where))
+        stale.close()
+    elif kind == "not-a-socket":
+        where.write_text("")
+    env = {"BLOCKBROKER_BLOCK_SOCKET": "" if kind == "empty" else str(where)}
+    with FakeBus(tmp_path / "bus", HELLO_REPLY + method_return()) as bus:
+        result = run_script(binary, "add", bus.address, extra_env=env)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert bus.calls[1].fields[3] == b"Attach"
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(reply=st.one_of(st.binary(max_size=1100), st.builds(lambda b: b"BB1 " + b, st.binary())))
+def test_random_direct_replies(sanitized: Path, tmp_path: Path, reply: bytes) -> None:
+    """Any reply packet: exit 0 (an ok) or 1 with one line, or a busy that goes to the bus;
+    no sanitizer report, no hang."""
+    block = FakeBlockSocket(tmp_path / "fuzz-block.sock", reply)
+    result, bus = direct(sanitized, tmp_path, block, bus=HELLO_REPLY + method_return())
+    assert not SANITIZER_REPORT.search(result.stderr), result.stderr
+    within = len(reply) <= 1024
+    if within and (reply == b"BB1 ok" or reply.startswith(b"BB1 ok ")):
+        assert result.returncode == 0 and bus.calls == []
+    elif within and reply.startswith(b"BB1 busy ") and reply[9:10] not in (b"", b" "):
+        assert result.returncode == 0 and bus.calls, result.stderr
+    else:
+        assert result.returncode == 1
+        one_line(result.stderr)
+        assert bus.calls == []

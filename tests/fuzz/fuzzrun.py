@@ -4,9 +4,9 @@ Test tooling, no privileges needed; it writes only below --workdir and, for a cr
 input into tests/fuzz/regressions/<target>/ (where test_fuzz_regressions.py replays it as a
 failing test until the bug is fixed). Python targets (tests/fuzz/fuzztargets.py) run under
 atheris, each in its own process with its modules instrumented; the C target is
-blockbroker-block's D-Bus reply parser (tests/fuzz/blockscript_fuzz.c), built with clang's
-libFuzzer, ASan and UBSan. Each target starts from its seeds in tests/fuzz/corpus/<target>/ and
-from what earlier runs found in --workdir. See docs/fuzzing.md.
+blockbroker-block's reply parsers, D-Bus and block socket (tests/fuzz/blockscript_fuzz.c),
+built with clang's libFuzzer, ASan and UBSan. Each target starts from its seeds in
+tests/fuzz/corpus/<target>/ and from what earlier runs found in --workdir. See docs/fuzzing.md.
 
     tests/fuzz/fuzzrun.py [--runs N] [--max-seconds S] [--targets a,b] [--workdir DIR]
 
@@ -46,6 +46,7 @@ PY_TARGETS: dict[str, tuple[tuple[str, ...], int]] = {
     "dbus_args": (("policyd.validate", "policyd.requests.vmdevice"), 1024),
     "xs_values": (("policyd.validate", "policyd.xenstore.store", "policyd.xenstore.client"), 512),
     "xs_wire": (("policyd.xenstore.connection",), 9000),
+    "block_socket": (("policyd.bus.blocksocket",), 1200),
 }
 C_MAX_LEN = 80000  # above the script's 64 KiB rx: long messages are discarded, not held
 ALL_TARGETS = [*PY_TARGETS, C_TARGET]

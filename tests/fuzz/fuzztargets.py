@@ -22,6 +22,9 @@ Properties checked, beyond "no crash":
 - xs_values: XenStore values (_text), domid, mode, backend_type, backend_path and the start-up
   tag parser parse_managed raise only XenStoreError/InvalidArgument (parse_managed: never; a
   malformed backend becomes `problem`); what they accept satisfies their grammar.
+- block_socket: policyd's block-socket request parser (parse_request) raises only
+  InvalidArgument; an accepted request re-encodes to the same bytes; encode_reply of any error
+  message is one printable-ASCII packet within MAX_REPLY.
 - xs_wire: XsConnection's reply parser never raises, files replies only with a waiting request
   of the same op (or ERROR) and transaction, and gives the same outcome however the byte stream
   is split into reads.
@@ -43,6 +46,7 @@ from pyxs.exceptions import PyXSError
 from broker import protocol
 from client import bridge
 from policyd import brokerclient, errors, modes, validate
+from policyd.bus import blocksocket
 from policyd.policy import engine, parser, tags, tokens
 from policyd.policy.errors import PolicySyntaxError, TagsSyntaxError
 from policyd.requests import vmdevice
@@ -421,7 +425,28 @@ def xs_wire(data: bytes) -> None:
     check(whole == split, f"the outcome does not depend on how reads split the stream: {cuts}")
 
 
+# --- block_socket: the block script's direct path to policyd ---------------------------------
+
+
+def block_socket(data: bytes) -> None:
+    request = invalid_argument(lambda: blocksocket.parse_request(data))
+    if request is not None:
+        check(request.member in ("Attach", "Detach"), "a Manager method")
+        check(request.encode() == data, "re-encodes to the same bytes")
+        # the exporter's validation of the path raises only InvalidArgument, as on D-Bus
+        invalid_argument(lambda: validate.backend_path(request.untrusted_path))
+    # a reply carries any error text as one bounded, printable packet
+    text = data.decode("utf-8", "surrogateescape")
+    for busy in (False, True):
+        reply = blocksocket.encode_reply(errors.NotFound(text), busy=busy)
+        check(len(reply) <= blocksocket.MAX_REPLY, "reply within MAX_REPLY")
+        check(all(0x20 <= b < 0x7F for b in reply), "reply is printable ASCII")
+        head = b"BB1 busy " if busy else b"BB1 error "
+        check(reply.startswith(head + b"org.qubes.BlockBroker1.Error.NotFound "), "reply head")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
+    "block_socket": block_socket,
     "frame": frame,
     "policy": policy,
     "bridge": bridge_request,

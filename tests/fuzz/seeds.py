@@ -77,6 +77,15 @@ def seeds() -> dict[str, list[bytes]]:
             auth + dbus(hello) + dbus(signal) + dbus(ok),
             auth + dbus(hello) + dbus(error),
             auth,
+            # policyd's block socket (its replies: policyd.bus.blocksocket.encode_reply)
+            b"BB1 ok /org/qubes/BlockBroker1/export/7",
+            b"BB1 error org.qubes.BlockBroker1.Error.NotFound no export for backend/vbd/1/51712",
+            b"BB1 busy org.qubes.BlockBroker1.Error.Busy this request was not read (use D-Bus)",
+        ],
+        "block_socket": [
+            b"BB1 attach /local/domain/0/backend/vbd/1/51712",
+            b"BB1 detach backend/vbd/3/768",
+            b"BB1 attach backend/vbd/1/51712 extra",
         ],
     }
 

@@ -69,6 +69,9 @@ class StackConfig:
     # (user blockbroker) can read it even when this dir is under a 0700 parent like tmp_path.
     policy_dir: Path = REPO / "policy" / "policy.d"
     policyd_args: list[str] = field(default_factory=list)  # more policyd options
+    # policyd's --block-socket (Stack.block_socket, in a 0700 dir of policyd's user): the block
+    # script's direct path. Off: the script finds no socket there and calls over D-Bus.
+    block_socket: bool = True
     start_timeout_s: float = field(
         default_factory=lambda: _env_float("BLOCKBROKER_STACK_TIMEOUT", 20.0)
     )
@@ -105,6 +108,8 @@ class Stack:
         self.bus_dir = self.stack_dir / "bus"
         self.broker_config = self.stack_dir / "broker.toml"
         self.broker_socket = self.stack_dir / "broker.sock"
+        self.policyd_run_dir = self.stack_dir / "policyd-run"  # like RuntimeDirectory=, 0700
+        self.block_socket = self.policyd_run_dir / "block.sock"
         self.policy_dir = self.stack_dir / "policy.d"
         self.polkit_dir = self.stack_dir / "polkit"
         self.polkit_rules_dir = self.polkit_dir / "rules.d"
@@ -346,6 +351,10 @@ class Stack:
             shutil.copytree(self.config.policy_dir, self.policy_dir)
             for path in [self.policy_dir, *self.policy_dir.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
+        if not self.policyd_run_dir.exists():
+            self.policyd_run_dir.mkdir(mode=0o700)
+            pw = pwd.getpwnam(SERVICE_USER)
+            os.chown(self.policyd_run_dir, pw.pw_uid, pw.pw_gid)
         if self.manager is not None:
             self._start_policyd_unit(self.manager)
             return
@@ -398,6 +407,7 @@ class Stack:
             self.bus_address,
             "--policy-dir",
             str(self.policy_dir),
+            *(["--block-socket", str(self.block_socket)] if self.config.block_socket else []),
             *self.config.policyd_args,
         ]
 
@@ -429,6 +439,8 @@ class Stack:
             BLOCKBROKER_STACK_DIR=str(self.stack_dir),
             BLOCKBROKER_IMAGE_DIR=str(self.image_dir),
             BLOCKBROKER_BROKER_SOCKET=str(self.broker_socket),
+            # always set, so a script run here never reaches a system policyd's socket
+            BLOCKBROKER_BLOCK_SOCKET=str(self.block_socket),
             PATH=f"{self.config.venv / 'bin'}:{env.get('PATH', DAEMON_PATH)}",
         )
         return env

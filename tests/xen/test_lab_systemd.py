@@ -35,6 +35,7 @@ CHECKS = (
     "sd-broker-socket-activated",
     "sd-policyd-dbus-activated",
     "sd-destroy-frees-loop",
+    "sd-block-socket",
     "sd-export-guest-reads",
     "sd-kill-policyd-back",
     "sd-kill-policyd-listed",

@@ -8,7 +8,8 @@
 #                [$BB_BLOCK_MAJORS] (default 7: loop; the dmlvm scenario adds device-mapper's)
 #   policyd      as user blockbroker (no supplementary groups) against this dom0's xenstored
 #                (its socket handed to group blockbroker) and the real sysfs (xen-blkback);
-#                the export policy is the project's default (policy/policy.d, via the run dir)
+#                the export policy is the project's default (policy/policy.d, via the run dir);
+#                its block socket at /run/blockbroker-policyd/block.sock (the script's default)
 # libxl runs hotplug scripts from dom0's own /etc/xen/scripts: blockbroker-block, a static
 # binary, is installed there itself (no chroot), and finds the bus at /run/dbus, dom0's /run.
 BB_DIR=/run/xenlab-bb
@@ -44,11 +45,16 @@ bb_has_name() {
 
 bb_broker_listening() { [ -S $BB_DIR/broker.sock ]; }
 
-# bb_policyd_start: start policyd (its log appended to $RUN/policyd.log) and wait for its name
+# bb_policyd_start: start policyd (its log appended to $RUN/policyd.log) and wait for its name.
+# Its block socket is where the packaged unit puts it (RuntimeDirectory=, 0700), the block
+# script's default BLOCKBROKER_BLOCK_SOCKET: the script finds it without being told.
 bb_policyd_start() {
+  in_host sh -c 'mkdir -p /run/blockbroker-policyd && chown blockbroker:blockbroker \
+    /run/blockbroker-policyd && chmod 0700 /run/blockbroker-policyd'
   (in_host setsid setpriv --reuid=blockbroker --regid=blockbroker --clear-groups \
     /usr/bin/env PYTHONUNBUFFERED=1 $VENV/bin/blockbroker-policyd \
     --broker-socket $BB_DIR/broker.sock --sysfs-root /sys --policy-dir $RUN/policy.d \
+    --block-socket /run/blockbroker-policyd/block.sock \
     >>$RUN/policyd.log 2>&1 &)
   bb_wait "policyd to own org.qubes.BlockBroker1" 120 bb_has_name || {
     tail -20 $RUN/policyd.log >&2; return 1

@@ -70,6 +70,17 @@ xl destroy sdb1 >/dev/null 2>&1
 wait_until 30 eval '[ "$(loops_of $IMAGE_DIR/boot.img)" = 0 ]'
 expect sd-destroy-frees-loop "loop devices on boot.img: $(loops_of $IMAGE_DIR/boot.img)" \
   test "$(loops_of $IMAGE_DIR/boot.img)" = 0
+# the block script's direct path: policyd's socket in its RuntimeDirectory (0600 in a 0700 dir,
+# user blockbroker); with no bus to reach, a remove of a backend policyd does not know is
+# answered there (NotFound: success); the journal names block-socket callers (xl destroy's
+# remove above, answered NotFound after policyd's pre-detach)
+sock=/run/blockbroker-policyd/block.sock
+XENBUS_PATH=backend/vbd/32000/51712 DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent/bus \
+  /etc/xen/scripts/blockbroker-block remove >$RUN/sd-block-socket.log 2>&1; rc=$?
+modes="$(stat -c '%a %U' $sock 2>&1), dir $(stat -c '%a %U' ${sock%/*} 2>&1)"
+lines=$(journalctl -b -q -u blockbroker-policyd.service -o cat | grep -c 'via=block-socket')
+expect sd-block-socket "socket $modes; remove with no bus rc=$rc $(head -c 300 $RUN/sd-block-socket.log); $lines journal lines via=block-socket" \
+  sh -c "[ $rc = 0 ] && [ '$modes' = '600 blockbroker, dir 700 blockbroker' ] && [ $lines -gt 0 ]"
 
 # -- 5. blockbroker export into a running guest (it re-reads its disks every 4 s)
 shared_md5=$(make_image $IMAGE_DIR/shared.img SHARED 2)
@@ -238,7 +249,7 @@ left=""
 systemctl list-units --all --no-legend 'blockbroker*' 2>/dev/null | grep -q . && left="$left loaded-units"
 for u in blockbroker; do getent passwd $u >/dev/null && left="$left user:$u"; done
 for g in blockbroker blockbroker-qrexec; do getent group $g >/dev/null && left="$left group:$g"; done
-for p in /etc/blockbroker /run/blockbroker /usr/lib/blockbroker /var/lib/blockbroker /usr/bin/blockbroker \
+for p in /etc/blockbroker /run/blockbroker /run/blockbroker-policyd /usr/lib/blockbroker /var/lib/blockbroker /usr/bin/blockbroker \
          /etc/xen/scripts/blockbroker-block /usr/share/dbus-1/system.d/org.qubes.BlockBroker1.conf; do
   [ -e $p ] && left="$left $p"
 done

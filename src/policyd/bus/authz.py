@@ -1,7 +1,8 @@
 """Who may call what: the access rules of the D-Bus methods, the caller's identity, polkit.
 
 Unprivileged policyd code; the caller's identity comes from the bus daemon
-(GetConnectionUnixUser on the message's unique sender name), never from the message body. Each
+(GetConnectionUnixUser on the message's unique sender name), or, on the block socket
+(policyd.bus.blocksocket), from the kernel (SO_PEERCRED), never from the message body. Each
 method's access rule and polkit action are in its row of policyd.bus.service.METHODS; this
 module applies them (authorize). polkit's subject is the caller's bus name (policyd.bus.polkit).
 """
@@ -154,9 +155,18 @@ async def authorize(
     if access is Access.ROOT_OR_POLKIT:
         await _ask_interactively(ask, undescribed)
         return uid
-    raise AccessDenied(
-        f"{member} needs uid 0 (polkit action {action}); the caller is uid {uid}: run it as root"
-    )
+    require_root(uid, member, action)
+    return uid
+
+
+def require_root(uid: int, member: str, action: str) -> None:
+    """Access.ROOT for a caller whose uid is known (from the bus daemon, or SO_PEERCRED on
+    policyd's block socket): AccessDenied unless it is uid 0."""
+    if uid != ROOT_UID:
+        raise AccessDenied(
+            f"{member} needs uid 0 (polkit action {action}); the caller is uid {uid}: "
+            "run it as root"
+        )
 
 
 async def _ask_interactively(

@@ -9,7 +9,9 @@ polkit action, handler, and the polkit details of the object the call concerns: 
 authentication prompt shows, policyd.bus.prompts), as the broker's DISPATCH is its protocol;
 the service refuses to start if it does not match the interfaces' declarations. Received fds
 are owned here: each is either handed to the exporter or closed when the call ends, whatever
-the message was.
+the message was. The block script's direct path (policyd.bus.blocksocket) runs Attach and
+Detach through the same rows and the same `perform` (authorization, audit caller, handler,
+named errors); only the caller's identity comes from SO_PEERCRED instead of the bus daemon.
 """
 
 from __future__ import annotations
@@ -153,9 +155,9 @@ class Service:
     async def _call(self, msg: Message, key: tuple[str, str]) -> None:
         fds = ReceivedFds(msg.unix_fds)
         route = ROUTES[key]
-        uid: int | None = None
-        try:
-            args = [msg.path, *msg.body]
+        args = [msg.path, *msg.body]
+
+        async def authorize() -> Authorized:
             # What polkit's prompt shows (and its rules see). A call whose object cannot be
             # described (wrong signature, invalid arguments, no such object) is not worth a
             # prompt: authz asks polkit without interaction; if it passes, the error stands.
@@ -180,23 +182,87 @@ class Service:
                 cache=self.callers,
                 undescribed=undescribed,
             )
-            audit.CALLER.set(audit.Caller(uid, msg.sender or ""))
-            if undescribed is not None:
-                raise undescribed
-            body = await route.handler(self, args, fds)
-            reply = Message.new_method_return(msg, route.out_signature, body)
-        except errors.PolicydError as e:
-            logfmt.info("call refused", method=key[1], uid=uid, error=e.name, detail=e.text)
-            reply = Message.new_error(msg, e.dbus_name, e.text)
-        except Exception:
-            logfmt.error("call failed", method=key[1], uid=uid, exc=True)
-            reply = Message.new_error(
-                msg, errors.Internal().dbus_name, "internal error in policyd; see its log"
-            )
-        finally:
-            fds.close_rest()
+            return Authorized(audit.Caller(uid, msg.sender or ""), undescribed)
+
+        result = await self.perform(route, authorize, args, fds)
+        if isinstance(result, errors.PolicydError):
+            reply = Message.new_error(msg, result.dbus_name, result.text)
+        else:
+            reply = Message.new_method_return(msg, route.out_signature, result)
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             self.bus.send(reply)
+
+    async def perform(
+        self,
+        route: Method,
+        authorize: Callable[[], Awaitable[Authorized]],
+        args: list[Any],
+        fds: ReceivedFds,
+    ) -> list[Any] | errors.PolicydError:
+        """One call, whatever its transport (D-Bus above, the block socket in block_call):
+        the transport's `authorize` establishes the caller or raises AccessDenied; the handler
+        runs as that caller (audit.CALLER). Returns the reply's body, or the named error to
+        answer (logged here; anything unexpected is logged and answered as Error.Internal,
+        without a traceback). The fds are closed at the end unless the handler took them."""
+        caller: audit.Caller | None = None
+        try:
+            authorized = await authorize()
+            caller = authorized.caller
+            audit.CALLER.set(caller)
+            if authorized.refusal is not None:
+                raise authorized.refusal
+            return await route.handler(self, args, fds)
+        except errors.PolicydError as e:
+            logfmt.info(
+                "call refused",
+                method=route.name,
+                uid=None if caller is None else caller.uid,
+                **_peer(caller),
+                error=e.name,
+                detail=e.text,
+            )
+            return e
+        except Exception:
+            logfmt.error(
+                "call failed",
+                method=route.name,
+                uid=None if caller is None else caller.uid,
+                **_peer(caller),
+                exc=True,
+            )
+            return errors.Internal("internal error in policyd; see its log")
+        finally:
+            fds.close_rest()
+
+    async def block_call(
+        self,
+        member: str,
+        untrusted_path: str,
+        peer: audit.Caller,
+        send_reply: Callable[[list[Any] | errors.PolicydError], None],
+    ) -> None:
+        """Manager.Attach or Manager.Detach (`member`) for policyd's block socket
+        (policyd.bus.blocksocket): exactly the D-Bus method's row of METHODS (its access rule,
+        handler, audit and errors), with the caller's uid and pid from SO_PEERCRED (`peer`)
+        instead of the bus daemon. `send_reply` gets the outcome before the signals the call
+        caused go out on the bus."""
+        route = ROUTES[(MANAGER_IFACE, member)]
+        if route.access is not Access.ROOT or route.in_signature != "s":
+            raise AssertionError(f"{member} is not a block-socket method")
+
+        async def authorize() -> Authorized:
+            authz.require_root(peer.uid, route.name, route.action)
+            return Authorized(peer)
+
+        bus = self.bus if isinstance(self.bus, PolicydBus) else None
+        if bus is not None:
+            bus.hold_signals()
+        try:
+            args = [MANAGER_PATH, untrusted_path]
+            send_reply(await self.perform(route, authorize, args, ReceivedFds([])))
+        finally:
+            if bus is not None:
+                bus.send_held()
 
     # -- handlers: args = [object path, *body] --------------------------------------------------
 
@@ -311,6 +377,22 @@ class Service:
             self.callers.forget(msg.body[0])
             self.requests.requester_gone(msg.body[0])
         return False
+
+
+@dataclass(frozen=True)
+class Authorized:
+    """What a transport's authorization established: who calls, and the error the call ends
+    in after all, if it is already known (D-Bus: its object could not be described)."""
+
+    caller: audit.Caller
+    refusal: errors.PolicydError | None = None
+
+
+def _peer(caller: audit.Caller | None) -> dict[str, object]:
+    """The log fields naming a block-socket caller (a D-Bus caller is logged by uid only)."""
+    if caller is None or caller.pid is None:
+        return {}
+    return {"pid": caller.pid, "via": "block-socket"}
 
 
 Handler = Callable[[Service, list[Any], ReceivedFds], Awaitable[list[Any]]]
