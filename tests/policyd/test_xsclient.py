@@ -458,6 +458,33 @@ def test_real_transaction_ahead_serves_the_first_attempt_only(stack: Stack, node
 
 @pytest.mark.root
 @pytest.mark.daemon
+def test_real_transaction_ahead_leaves_the_turn_and_survives_a_dropped_connection(
+    stack: Stack, node: str
+) -> None:
+    """While an ahead transaction waits for its body (the broker's request in flight), other
+    operations run (the turn is not held: a watch's read must not fail "busy" behind a slow
+    broker). If the connection drops meanwhile, the transact() runs in a fresh transaction
+    on a new connection: nothing of the body had been sent in the old one."""
+
+    async def scenario() -> None:
+        xs = XenStore(str(stack.xenstore_path), timeout_s=SHORT_TIMEOUT_S)
+        try:
+            async with xs.transaction_ahead() as ahead:
+                assert await read(xs) == "Domain-0"  # would wait for the turn and fail
+                conn = xs._conn
+                assert conn is not None
+                conn.abort(XenStoreError("dropped under the ahead transaction"))
+                await xs.transact(lambda tx: tx.write(f"{node}/x", "fresh"), ahead)
+            assert xs._conn is not conn and xs.connected
+        finally:
+            xs.close()
+
+    run_clean(scenario)
+    assert stack.xs_read(f"{node}/x") == "fresh"
+
+
+@pytest.mark.root
+@pytest.mark.daemon
 def test_real_unused_transaction_ahead_is_rolled_back(stack: Stack, node: str) -> None:
     """Attach failed between the start and the body (the broker refused): the transaction is
     rolled back on the same connection, which stays up; cancelled instead, the connection is
@@ -689,6 +716,39 @@ def test_a_cancelled_transaction_drops_the_connection(
         assert not xs.connected
         server.script = lambda *_: NotImplemented
         assert await read(xs) == "value"
+
+    hostile(tmp_path, case)
+
+
+@pytest.mark.parametrize("online", [b"1", None, "EACCES"], ids=["one", "missing", "error"])
+def test_pre_detach_removes_nothing_unless_online_reads_0(
+    tmp_path: Path, online: bytes | str | None
+) -> None:
+    """remove_physical_device(if_offline=True): `online` is read in the removals' batch; not
+    "0" (or missing) the transaction is rolled back (False), an error reading it is
+    Error.XenStore, also rolled back: never committed, so the export stays as it was."""
+    be = "/local/domain/0/backend/vbd/1/51712"
+
+    async def case(server: HostileXenstored, xs: XenStore) -> None:
+        def answer(op: int, req_id: int, tx_id: int, payload: bytes) -> object:
+            if op == Op.READ and payload == f"{be}/online".encode() + b"\0":
+                if online is None:
+                    return frame(Op.ERROR, req_id, tx_id, b"ENOENT\0")
+                if isinstance(online, str):
+                    return frame(Op.ERROR, req_id, tx_id, online.encode() + b"\0")
+                return frame(op, req_id, tx_id, online)
+            return NotImplemented
+
+        server.script = answer
+        if online == "EACCES":
+            with pytest.raises(XenStoreError):
+                await xs.remove_physical_device(be, if_offline=True)
+        else:
+            assert await xs.remove_physical_device(be, if_offline=True) is False
+        ends = [p for op, p in server.requests if op == Op.TRANSACTION_END]
+        assert ends == [b"F\0"]  # rolled back, never committed
+        server.script = lambda *_: NotImplemented
+        assert await xs.remove_physical_device(be, if_offline=True) is False  # "value"
 
     hostile(tmp_path, case)
 

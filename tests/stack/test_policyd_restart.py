@@ -256,6 +256,41 @@ def test_without_a_store_a_device_still_bound_is_adopted_again(
     wait_until(lambda: stack.leaked_loops() == [], "loop device released")
 
 
+def test_a_pre_attach_killed_before_its_claim_is_adopted_and_claimed(
+    systemd_stack: Stack,
+) -> None:
+    """policyd pre-attached a backend (trio written, its fd in the store) and is killed before
+    the script's Attach: the restart adopts the export from the store, the script's `add` gets
+    that same export (no second loop device), and libxl's removal detaches it."""
+    stack = systemd_stack
+    assert stack.manager is not None
+    image = stack.make_image("pre-kill.img", 1 << 20, b"pre-kill\n")
+    be = xenstore.write_libxl_vbd(
+        stack.xs, 1, XVDK, str(image), "r", {"script": "/etc/xen/scripts/blockbroker-block"}
+    )
+    wait_until(lambda: stack.xs_read(f"{be}/physical-device") is not None, "the pre-attach")
+    [before] = [e for e in listing(stack).values() if e["backend_path"] == be]
+
+    old = stack.manager.main_pid(Stack.POLICYD_UNIT)
+    stack.manager.kill(Stack.POLICYD_UNIT, signal.SIGKILL)
+    new_main_pid(stack, old)
+    wait_until(lambda: stack.has_owner("org.qubes.BlockBroker1"), "policyd on the bus")
+    assert_same_exports(stack, {before["export"]: before})
+
+    done = block_script(stack, "add", be)
+    assert done.returncode == 0, done.stderr
+    assert_same_exports(stack, {before["export"]: before})  # that export, no second one
+    assert stack.xs_read(f"{be}/hotplug-status") == "connected"
+    assert bound_to(before["loop_device"]) == str(image)
+
+    xenstore.begin_libxl_remove(stack.xs, be)
+    wait_until(lambda: stack.xs_read(f"{be}/physical-device") is None, "the pre-detach")
+    assert block_script(stack, "remove", be).returncode == 0
+    stack.xs_rm(be)
+    assert listing(stack) == {}
+    wait_until(lambda: stack.leaked_loops() == [], "loop device released")
+
+
 def test_exports_survive_a_dbus_daemon_restart(systemd_stack: Stack) -> None:
     """policyd exits when it loses the bus; systemd brings it back through the store."""
     stack = systemd_stack

@@ -379,8 +379,7 @@ class Exporter:
                 modes.is_writable(nodes.mode),
             )
             self.custody.check_room()
-            # the trio's transaction starts while the broker opens the device (no other
-            # XenStore operation in between: the context holds XenStore's turn)
+            # the trio's transaction starts while the broker opens the device
             async with self.xenstore.transaction_ahead() as ahead:
                 backing = await self.sources.open_path(
                     nodes.params, modes.is_writable(nodes.mode), False, undo, pinned=pinned
@@ -482,8 +481,11 @@ class Exporter:
             if self.registry.get(record.number) is not record:
                 return  # detached meanwhile
             status = record.backend_path in self.unclaimed
-            if await self._detach(record, status=status, if_offline=True):
-                logfmt.info("libxl is removing the backend", backend=record.backend_path)
+            try:
+                if await self._detach(record, status=status, if_offline=True):
+                    logfmt.info("libxl is removing the backend", backend=record.backend_path)
+            except errors.XenStoreError as e:  # nothing changed: the script's Detach will
+                logfmt.warning("pre-detach failed", backend=record.backend_path, error=e)
 
     def _claim_expired(self, be_path: str) -> None:
         why = f"no hotplug script claimed it in {self.claim_s:g} s"
@@ -583,6 +585,8 @@ class Exporter:
                 ):
                     return False
             except errors.XenStoreError as e:
+                if if_offline and not isinstance(e, errors.CommitUnknown):
+                    raise  # rolled back before `online` was seen to be 0: nothing changed
                 # libxl removes the backend dir itself (libxl's remove must not fail over
                 # it), but until then the trio may still name the device: its fd is kept
                 logfmt.warning(

@@ -368,37 +368,51 @@ class XsClient:
 
     @contextlib.asynccontextmanager
     async def transaction_ahead(self) -> AsyncIterator[TxAhead]:
-        """Take the turn and start a transaction at once, for a transact(body, ahead) inside
-        this context: its TRANSACTION_START round trip overlaps what the caller awaits in
-        between (Attach: the broker's request). The turn is held throughout, so the caller
-        makes no other XenStore operation inside. Not taken by a transact(), it is rolled back
-        on the way out; on a cancellation or a bug, the connection is dropped instead (which
-        ends the transaction in xenstored)."""
+        """Start a transaction at once, for a transact(body, ahead) inside this context: its
+        TRANSACTION_START round trip overlaps what the caller awaits in between (Attach: the
+        broker's request). The turn is taken only to send the START: other operations go on
+        meanwhile (replies are matched by request id), and transact() takes it again for the
+        body and the commit. Not taken by a transact(), the transaction is rolled back on the
+        way out (one request on its connection, outside the turn: it touches nothing); on a
+        cancellation or a bug, the connection is dropped instead, which ends it."""
         async with self._turn_taken():
             deadline = self._deadline()
             conn = await self._connection(deadline)
             start = asyncio.ensure_future(conn.request([(Op.TRANSACTION_START, NUL)], 0, deadline))
-            ahead = TxAhead(conn, start)
-            try:
-                yield ahead
-            except PolicydError:
-                if not ahead.taken:
-                    await self._end_unused(ahead)
-                raise
-            except BaseException:
-                if not ahead.taken:
-                    start.cancel()
-                    conn.abort(XenStoreError("a XenStore transaction was abandoned"))
-                raise
+        ahead = TxAhead(conn, start)
+        try:
+            yield ahead
+        except PolicydError:
             if not ahead.taken:
                 await self._end_unused(ahead)
+            raise
+        except BaseException:
+            if not ahead.taken:
+                _forget(start)
+                conn.abort(XenStoreError("a XenStore transaction was abandoned"))
+            raise
+        if not ahead.taken:
+            await self._end_unused(ahead)
 
     async def _end_unused(self, ahead: TxAhead) -> None:
+        ahead.taken = True
         try:
             tx_id = self._started(ahead.conn, (await ahead.start)[0])
         except XenStoreError:
             return  # no transaction (refused, or the connection failed and ended it)
         await self._rollback(ahead.conn, tx_id, self._deadline())
+
+    async def _take_ahead(self, ahead: TxAhead) -> int | None:
+        """The ahead transaction's id, or None when its connection failed before anything
+        was sent in it (the caller starts a fresh one, on a new connection)."""
+        ahead.taken = True
+        if ahead.conn.closed:
+            _forget(ahead.start)
+            return None
+        try:
+            return self._started(ahead.conn, (await ahead.start)[0])
+        except XenStoreError:
+            return None  # refused or dropped: nothing of the body was sent in it
 
     async def transact(self, body: Callable[[Tx], Awaitable[T]], ahead: TxAhead | None = None) -> T:
         """Run body in a transaction; retried when the commit conflicts. Error.XenStore when
@@ -406,18 +420,24 @@ class XsClient:
         the commit's deadline passes after it was sent (it may have been applied). Cancelled
         at any point, the connection is dropped, which ends the transaction in xenstored; a
         commit cancelled in flight may have been applied (callers holding fds keep them).
-        `ahead` (from transaction_ahead(), whose context holds the turn): the first attempt
-        runs in that transaction."""
-        async with contextlib.nullcontext() if ahead is not None else self._turn_taken():
+        `ahead` (from transaction_ahead()): the first attempt runs in that transaction, if
+        its connection still stands (else in a fresh one)."""
+        async with self._turn_taken():
             for _attempt in range(MAX_TX_ATTEMPTS):
                 deadline = self._deadline()
                 first, ahead = ahead, None  # an ahead transaction serves the first attempt
-                conn = first.conn if first is not None else await self._connection(deadline)
+                tx_id = None
+                if first is not None:
+                    try:
+                        tx_id = await self._take_ahead(first)
+                    except BaseException:  # cancelled waiting for its START: end it
+                        first.conn.abort(XenStoreError("a XenStore transaction was abandoned"))
+                        raise
+                conn = first.conn if first is not None and tx_id is not None else None
+                if conn is None:
+                    conn = await self._connection(deadline)
                 try:
-                    if first is not None:
-                        first.taken = True
-                        tx_id = self._started(conn, (await first.start)[0])
-                    else:
+                    if tx_id is None:
                         tx_id = await self._start(conn, deadline)
                     tx = Tx(conn, tx_id, deadline)
                     try:
@@ -494,6 +514,14 @@ class XsClient:
                 f"XenStore failed during a commit ({reply!r}); it may have been applied"
             )
         return True
+
+
+def _forget(start: asyncio.Future[list[Reply]]) -> None:
+    """An ahead START no one will await: cancelled, or its failure taken (no asyncio warning)."""
+    if not start.done():
+        start.cancel()
+    elif not start.cancelled():
+        start.exception()
 
 
 def watch_payload(path: str, token: str) -> bytes:

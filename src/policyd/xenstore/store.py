@@ -290,7 +290,8 @@ class XenStore(XsClient):
         already gone, or the whole backend, is no error). With `if_offline`, only if the
         backend's `online` node is 0 (libxl is removing the device): read in the same
         transaction and batch as the removals, which is rolled back if it is not (False:
-        nothing was removed)."""
+        nothing was removed); an error before that is an Error.XenStore with nothing removed,
+        and only once it was 0 can the outcome be unknown (CommitUnknown)."""
         names = [n for n, _ in physical_nodes(None)] + [EXPORT_NODE, SOURCE_NODE]
         names += ["hotplug-status"] if status else []
         paths = [f"{be_path}/{n}" for n in names]
@@ -302,11 +303,13 @@ class XenStore(XsClient):
             online, *removed = await tx.batch(
                 [read_request(f"{be_path}/online"), *(rm_request(p) for p in paths)]
             )
+            if isinstance(online, PyXSError) and not is_enoent(online):
+                raise online  # Error.XenStore, rolled back: nothing removed
+            if online != b"0":
+                raise _StillOnline(be_path)  # missing or not 0: rolled back
             for reply in removed:
                 if isinstance(reply, PyXSError) and not is_enoent(reply):
                     raise reply  # Error.XenStore, rolled back
-            if online != b"0":
-                raise _StillOnline(be_path)  # rolled back: nothing removed
 
         try:
             await self.transact(body)
