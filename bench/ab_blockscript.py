@@ -6,6 +6,7 @@ iterations so a change in machine load hits both alike. Each iteration is bench_
 "blockbroker-block" candidate: libxl's backend write (one transaction, `script` naming the
 install's blockbroker-block, so policyd pre-attaches), `add` timed from that commit to the
 script's exit, libxl's online = 0 write, `remove` timed the same way. Prints p50 per install.
+An install whose policyd has no --block-socket runs without one (its script uses D-Bus).
 
     bench/ab_blockscript.py /opt/bb-a/venv /opt/bb-b/venv   # AB_N=200 iterations each
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,14 @@ def run(argv: list[str], env: dict[str, str]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def has_block_socket(venv: str) -> bool:
+    """Whether that install's policyd has --block-socket (older ones: D-Bus only)."""
+    usage = subprocess.run(
+        [f"{venv}/bin/blockbroker-policyd", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--block-socket" in usage.stdout
+
+
 def main(venvs: list[str]) -> int:
     if os.geteuid() != 0 or len(venvs) != 2:
         print(__doc__, file=sys.stderr)
@@ -48,7 +58,10 @@ def main(venvs: list[str]) -> int:
     with contextlib.ExitStack() as stacks:
         setups = []
         for venv in venvs:
-            stack = stacks.enter_context(Stack(StackConfig(domains={"work": FE}, venv=Path(venv))))
+            config = StackConfig(
+                domains={"work": FE}, venv=Path(venv), block_socket=has_block_socket(venv)
+            )
+            stack = stacks.enter_context(Stack(config))
             env = stack.env({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
             env.update(XENBUS_TYPE="vbd", XENBUS_BASE_PATH="backend")
             setups.append((venv, stack, stack.make_image("ab.img", 16 << 20), env))
