@@ -16,6 +16,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -190,36 +191,20 @@ def _decode(buf: bytes) -> tuple[Call, int] | None:
     return Call(serial, fields, buf[body_at : body_at + body_len]), body_at + body_len
 
 
-@dataclass
-class FakeBus:
-    """A stand-in for dbus-daemon, for one client connection, used only because the real
-    dbus-daemon never sends malformed replies: it reads the client's AUTH line, answers `auth`
-    (closing unless that starts with OK), then reads BEGIN and the three method calls (Hello,
-    Attach/Detach, GetNameOwner) into `calls`, sends `replies`, and then closes (`hold=False`)
-    or stays silent until the client hangs up (`hold=True`). Listens on `path`, or on the
-    abstract socket name `abstract` if that is given."""
+class OneConnection:
+    """What both stand-ins share: listen at `path`, serve one client connection on a thread
+    (`_exchange`), with 20 s bounds; __exit__ joins it and raises what it raised."""
 
     path: Path
-    replies: bytes = b""
-    auth: bytes = b"OK 0123456789abcdef0123456789abcdef\r\n"
-    hold: bool = False
-    abstract: str | None = None
-    calls: list[Call] = field(default_factory=list)
-    auth_line: bytes = b""
-    received_after: bytes = b""  # what the client sent after the calls (hold=True)
-    error: BaseException | None = None
+    error: BaseException | None
 
-    def __post_init__(self) -> None:
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind("\0" + self.abstract if self.abstract else str(self.path))
+    def _listen(self, kind: int, address: str) -> None:
+        self._listener = socket.socket(socket.AF_UNIX, kind)
+        self._listener.bind(address)
         self._listener.listen(1)
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
-    @property
-    def address(self) -> str:
-        return f"unix:abstract={self.abstract}" if self.abstract else f"unix:path={self.path}"
-
-    def __enter__(self) -> FakeBus:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -239,6 +224,36 @@ class FakeBus:
                 self._exchange(conn)
         except BaseException as e:  # reported by __exit__
             self.error = e
+
+    def _exchange(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class FakeBus(OneConnection):
+    """A stand-in for dbus-daemon, for one client connection, used only because the real
+    dbus-daemon never sends malformed replies: it reads the client's AUTH line, answers `auth`
+    (closing unless that starts with OK), then reads BEGIN and the three method calls (Hello,
+    Attach/Detach, GetNameOwner) into `calls`, sends `replies`, and then closes (`hold=False`)
+    or stays silent until the client hangs up (`hold=True`). Listens on `path`, or on the
+    abstract socket name `abstract` if that is given."""
+
+    path: Path
+    replies: bytes = b""
+    auth: bytes = b"OK 0123456789abcdef0123456789abcdef\r\n"
+    hold: bool = False
+    abstract: str | None = None
+    calls: list[Call] = field(default_factory=list)
+    auth_line: bytes = b""
+    received_after: bytes = b""  # what the client sent after the calls (hold=True)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self._listen(socket.SOCK_STREAM, "\0" + self.abstract if self.abstract else str(self.path))
+
+    @property
+    def address(self) -> str:
+        return f"unix:abstract={self.abstract}" if self.abstract else f"unix:path={self.path}"
 
     def _exchange(self, conn: socket.socket) -> None:
         buf = b""
@@ -279,7 +294,7 @@ class FakeBus:
 
 
 @dataclass
-class FakeBlockSocket:
+class FakeBlockSocket(OneConnection):
     """A stand-in for policyd's block socket (SOCK_SEQPACKET), for one client connection, used
     only because policyd never sends malformed replies: it reads the request packet into
     `request`, sends `reply` as one packet (None: sends nothing, `close`: closes at once), then
@@ -293,40 +308,19 @@ class FakeBlockSocket:
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._listener.bind(str(self.path))
-        self._listener.listen(1)
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._listen(socket.SOCK_SEQPACKET, str(self.path))
 
-    def __enter__(self) -> FakeBlockSocket:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.join(timeout=30)
-        self._listener.close()
-        self.path.unlink(missing_ok=True)
-        if self.error is not None:
-            raise self.error
-
-    def _serve(self) -> None:
-        try:
-            self._listener.settimeout(20)
-            conn, _ = self._listener.accept()
-            conn.settimeout(20)
-            with conn:
-                if self.close:
-                    return
-                self.request = conn.recv(65536)
-                if self.reply is not None:
-                    big = max(len(self.reply) + 4096, 1 << 16)
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, big)
-                    conn.send(self.reply)
-                if self.hold:
-                    while conn.recv(65536):
-                        pass
-        except BaseException as e:  # reported by __exit__
-            self.error = e
+    def _exchange(self, conn: socket.socket) -> None:
+        if self.close:
+            return
+        self.request = conn.recv(65536)
+        if self.reply is not None:
+            big = max(len(self.reply) + 4096, 1 << 16)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, big)
+            conn.send(self.reply)
+        if self.hold:
+            while conn.recv(65536):
+                pass
 
 
 def run_script(

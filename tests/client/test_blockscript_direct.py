@@ -22,10 +22,8 @@ from harness.stack import Stack
 from vbd import (
     XVDA,
     backend_path,
-    leaked_loops,
+    libxl_vbds,
     loop_backing_file,
-    remove_libxl_vbd,
-    write_libxl_vbd,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
@@ -50,17 +48,9 @@ def via_socket(stack: Stack) -> int:
 
 
 @pytest.fixture
-def vbd(stack: Stack) -> Iterator[Callable[[str, str, int], str]]:
-    made: list[int] = []
-
-    def make(params: str, mode: str = "r", devid: int = XVDA) -> str:
-        made.append(devid)
-        return write_libxl_vbd(stack, WORK, devid, params, mode)
-
-    yield make
-    for devid in made:
-        remove_libxl_vbd(stack, WORK, devid)
-    assert leaked_loops(stack) == []
+def vbd(stack: Stack) -> Iterator[Callable[..., str]]:
+    """libxl-like nodes for (params, mode, devid); removed again after the test."""
+    yield from libxl_vbds(stack, WORK)
 
 
 def add_then_remove(stack: Stack, be: str, image: Path, **env: str) -> None:

@@ -23,6 +23,7 @@ from vbd import (
     block_script,
     cli_json,
     leaked_loops,
+    libxl_vbds,
     loop_backing_file,
     loop_diskseq,
     loop_readonly,
@@ -38,18 +39,9 @@ WORK = 1
 
 
 @pytest.fixture
-def vbd(stack: Stack) -> Iterator[Callable[[str, str, int], str]]:
-    """Write libxl-like nodes for (params, mode, devid); removed again after the test."""
-    made: list[int] = []
-
-    def make(params: str, mode: str = "r", devid: int = XVDA) -> str:
-        made.append(devid)
-        return write_libxl_vbd(stack, WORK, devid, params, mode)
-
-    yield make
-    for devid in made:
-        remove_libxl_vbd(stack, WORK, devid)
-    assert leaked_loops(stack) == []
+def vbd(stack: Stack) -> Iterator[Callable[..., str]]:
+    """libxl-like nodes for (params, mode, devid); removed again after the test."""
+    yield from libxl_vbds(stack, WORK)
 
 
 def test_add_then_remove(stack: Stack, vbd: Callable[..., str]) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,21 @@ def wait_loop_released(device: str, diskseq: int, timeout: float = 5.0) -> bool:
 
 def physical_device(major: int, minor: int) -> str:
     return f"{major:x}:{minor:x}"
+
+
+def libxl_vbds(stack: Stack, frontend_domid: int) -> Iterator[Callable[..., str]]:
+    """For a fixture: make(params, mode="r", devid=XVDA) writes libxl-like nodes and returns
+    the backend path; afterwards every one is removed and no loop device may be left."""
+    made: list[int] = []
+
+    def make(params: str, mode: str = "r", devid: int = XVDA) -> str:
+        made.append(devid)
+        return write_libxl_vbd(stack, frontend_domid, devid, params, mode)
+
+    yield make
+    for devid in made:
+        remove_libxl_vbd(stack, frontend_domid, devid)
+    assert leaked_loops(stack) == []
 
 
 def leaked_loops(stack: Stack) -> list[loops.LoopDevice]:
