@@ -19,6 +19,15 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/usr/lib/xen-4.17/bin
 
 now() { cut -d' ' -f1 /proc/uptime; }
 elapsed_ms() { awk -v a="$(now)" -v b="$1" 'BEGIN {printf "%d", (a - b) * 1000}'; }
+# COMMAND's arguments are expanded once, by the caller: to poll a value, pass
+# eval '[ "$(...)" ... ]' (single quotes: expanded again on each try)
+wait_until() {  # wait_until SECONDS COMMAND...: poll every 0.2 s
+  deadline=$(awk -v t="$(now)" -v s="$1" 'BEGIN {print t + s}'); shift
+  until "$@" >/dev/null 2>&1; do
+    awk -v t="$(now)" -v d="$deadline" 'BEGIN {exit !(t > d)}' && return 1
+    sleep 0.2
+  done
+}
 
 # check NAME PASS|FAIL DETAIL...: the one result line per check; names are [a-z0-9-]
 check() {

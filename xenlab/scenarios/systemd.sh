@@ -4,20 +4,8 @@
 # daemon. A newer build of the same package in $RUN/debs-next is installed over it under load
 # (part 8). Check names start with sd-; docs/xenlab.md lists them.
 . /run/xenlab/scenarios/lib.sh
-in_host() { "$@"; }     # no chroot: this dom0 is a Debian system of its own
-IMAGE_DIR=/var/lib/blockbroker/images   # the packaged broker.toml's file root
-export DEBIAN_FRONTEND=noninteractive
-bb() { blockbroker "$@"; }
+. /run/xenlab/scenarios/sdlib.sh
 active() { [ "$(systemctl is-active "$1" 2>/dev/null)" = active ]; }
-# COMMAND's arguments are expanded once, by the caller: to poll a value, pass
-# eval '[ "$(...)" ... ]' (single quotes: expanded again on each try)
-wait_until() {  # wait_until SECONDS COMMAND...: poll every 0.2 s
-  deadline=$(awk -v t="$(now)" -v s="$1" 'BEGIN {print t + s}'); shift
-  until "$@" >/dev/null 2>&1; do
-    awk -v t="$(now)" -v d="$deadline" 'BEGIN {exit !(t > d)}' && return 1
-    sleep 0.2
-  done
-}
 
 # -- 1. the system: systemd is PID 1, Debian's xen unit brought up xenstored, dbus runs
 expect sd-pid1-systemd "pid 1 is $(cat /proc/1/comm); system $(systemctl is-system-running); failed: $(systemctl --failed --no-legend --plain | awk '{printf "%s ", $1}')" \
@@ -98,14 +86,7 @@ wait_until 30 connected
 
 # -- 6. SIGKILL of policyd under PID 1: back with its export through the fd store
 before=$(bb list --json | sort)
-pid0=$(systemctl show -p MainPID --value blockbroker-policyd.service)
-t0=$(now)
-systemctl kill -s KILL blockbroker-policyd.service
-back() {
-  pid=$(systemctl show -p MainPID --value blockbroker-policyd.service)
-  [ "$pid" != 0 ] && [ "$pid" != "$pid0" ] && systemctl is-active -q blockbroker-policyd.service
-}
-wait_until 60 back; back_ms=$(elapsed_ms $t0)
+kill_policyd 60
 after=$(bb list --json | sort)
 rec=$(journalctl -b -q -u blockbroker-policyd.service -o cat | grep reconciled | tail -1)
 expect sd-kill-policyd-back "active again (Type=dbus: name owned) $back_ms ms after SIGKILL; $rec" \
