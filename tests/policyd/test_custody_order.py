@@ -19,11 +19,12 @@ from policyd.brokerclient import AsyncBrokerClient, Identity
 from policyd.exports import exporter as exporter_module
 from policyd.exports.brokercalls import BrokerCalls
 from policyd.exports.custody import Custody
-from policyd.exports.exporter import Exporter, backing_name
+from policyd.exports.exporter import Exporter, Resolver, backing_name
 from policyd.exports.fdstore import FdStore
 from policyd.exports.reconcile import resolve_kept
 from policyd.exports.registry import Registry, file_key
 from policyd.exports.sources import Sources
+from policyd.xenstore.connection import XS_TIMEOUT_S
 from policyd.xenstore.store import XenStore
 
 
@@ -36,6 +37,30 @@ class Listener:
 
 async def no_policy(*_: object) -> None:
     return None
+
+
+def offline_exporter(
+    tmp_path: Path,
+    registry: Registry,
+    custody: Custody,
+    *,
+    xs_timeout_s: float = XS_TIMEOUT_S,
+    resolver: Resolver | None = None,
+) -> Exporter:
+    """An Exporter whose XenStore and broker sockets do not exist (every request fails)."""
+    calls = BrokerCalls(AsyncBrokerClient(str(tmp_path / "no-broker")))
+    return Exporter(
+        xenstore=XenStore(str(tmp_path / "no-xenstored"), timeout_s=xs_timeout_s),
+        broker=calls,
+        registry=registry,
+        sources=Sources(registry, calls),
+        policy_check=no_policy,
+        listener=Listener(),
+        custody=custody,
+        backend_domid=0,
+        sysfs_root=str(tmp_path),
+        resolver=resolver,
+    )
 
 
 def notes(sock: socket.socket) -> list[str]:
@@ -59,21 +84,10 @@ def test_the_fd_is_stored_before_the_commit_and_unstored_if_it_fails(
     server.bind(str(notify))
     server.setblocking(False)
     registry = Registry()
-    calls = BrokerCalls(AsyncBrokerClient(str(tmp_path / "no-broker")))
     custody = Custody(FdStore(str(notify)))
 
     async def scenario() -> None:
-        exporter = Exporter(
-            xenstore=XenStore(str(tmp_path / "no-xenstored")),
-            broker=calls,
-            registry=registry,
-            sources=Sources(registry, calls),
-            policy_check=no_policy,
-            listener=Listener(),
-            custody=custody,
-            backend_domid=0,
-            sysfs_root=str(tmp_path),
-        )
+        exporter = offline_exporter(tmp_path, registry, custody)
         fd = os.open("/dev/null", os.O_RDONLY)
         backing = registry.new_backing(
             file_key(1, 2), fd, Identity(7, 3, 42, 0, 1, 2), "file", False, (), "/dev/loop3"
@@ -118,21 +132,11 @@ def test_a_kept_fd_stays_kept_while_xenstore_stays_away(
     monkeypatch.setattr(exporter_module, "RESOLVE_MAX_PAUSE_S", 0.05)
     monkeypatch.setattr(exporter_module, "RESOLVE_WAIT_S", 0.3)
     registry = Registry()
-    calls = BrokerCalls(AsyncBrokerClient(str(tmp_path / "no-broker")))
     custody = Custody(FdStore(""))  # no service manager
 
     async def scenario() -> str:
-        exporter = Exporter(
-            xenstore=XenStore(str(tmp_path / "no-xenstored"), timeout_s=0.1),
-            broker=calls,
-            registry=registry,
-            sources=Sources(registry, calls),
-            policy_check=no_policy,
-            listener=Listener(),
-            custody=custody,
-            backend_domid=0,
-            sysfs_root=str(tmp_path),
-            resolver=resolve_kept,
+        exporter = offline_exporter(
+            tmp_path, registry, custody, xs_timeout_s=0.1, resolver=resolve_kept
         )
         fd = os.open("/dev/null", os.O_RDONLY)
         custody.hold("bb1-file-7-3-2a", fd)

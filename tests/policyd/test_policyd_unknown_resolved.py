@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 from harness.stack import Stack, StackConfig
-from policydlab import XVDB, Api, assert_clean, held_block_fds, vbd_nodes, write_libxl_vbd
+from policydlab import (
+    XVDB,
+    Api,
+    assert_clean,
+    held_block_fds,
+    remove_libxl_vbd,
+    vbd_nodes,
+    write_libxl_vbd,
+)
 from xsrelay import RelayThread, ReplyLosingRelay
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon]
@@ -69,6 +77,14 @@ def lab() -> Iterator[Lab]:
     assert not problems, problems
 
 
+def libxl_removes(stack: Stack, be: str) -> None:
+    """An Attach's backend that names no device (nor the export's tag), removed as libxl
+    removes it."""
+    assert not stack.xs_exists(f"{be}/physical-device")
+    assert not stack.xs_exists(f"{be}/blockbroker-export")
+    remove_libxl_vbd(stack, be)
+
+
 def export_lost(lab: Lab, image: Path) -> str:
     lab.relay.arm(drop_request=False)
     return lab.api.export_err(image)
@@ -102,12 +118,7 @@ def test_landed_commit_is_adopted_and_detachable(lab: Lab, inject: Inject) -> No
     lab.api.detach(export)
     assert lab.api.managed() == {}
     if lab.stack.xs_exists(be):  # an Attach's dir is libxl's: only its trio and tag went
-        assert not lab.stack.xs_exists(f"{be}/physical-device")
-        assert not lab.stack.xs_exists(f"{be}/blockbroker-export")
-        fe = lab.stack.xs_read(f"{be}/frontend")
-        lab.stack.xs_rm(be)
-        if fe:
-            lab.stack.xs_rm(fe)
+        libxl_removes(lab.stack, be)
     assert_clean(lab.stack, image)
 
 
@@ -118,12 +129,7 @@ def test_lost_commit_request_releases_the_fd(lab: Lab, inject: Inject) -> None:
         be = write_libxl_vbd(lab.stack, 1, XVDB, str(image))
         lab.relay.arm(drop_request=True)
         assert lab.api.err("Attach", "s", [be]) == "XenStore"
-        assert not lab.stack.xs_exists(f"{be}/physical-device")
-        assert not lab.stack.xs_exists(f"{be}/blockbroker-export")
-        fe = lab.stack.xs_read(f"{be}/frontend")
-        lab.stack.xs_rm(be)
-        if fe:
-            lab.stack.xs_rm(fe)
+        libxl_removes(lab.stack, be)
     else:
         lab.relay.arm(drop_request=True)
         assert lab.api.export_err(image) == "XenStore"
