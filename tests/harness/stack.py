@@ -8,6 +8,7 @@ serves scripts/devstack and the pytest fixtures in harness.fixtures.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -23,6 +24,7 @@ from types import TracebackType
 
 from pyxs import Client
 from pyxs._internal import Op
+from pyxs.exceptions import PyXSError
 
 from harness import loops, polkit, xenstore
 from harness.bus import BusDaemon, BusProbe
@@ -505,7 +507,14 @@ class Stack:
         return self._xs
 
     def xs_read(self, path: str) -> str | None:
-        return None if not self.xs_exists(path) else bytes(self.xs.read(path.encode())).decode()
+        """The node's value, None if it does not exist (one READ: a node removed while a test
+        polls for that is None, not an error between an exists and a read)."""
+        try:
+            return bytes(self.xs.read(path.encode())).decode()
+        except PyXSError as e:
+            if e.args and e.args[0] == errno.ENOENT:
+                return None
+            raise
 
     def xs_exists(self, path: str) -> bool:
         return bool(self.xs.exists(path.encode()))
