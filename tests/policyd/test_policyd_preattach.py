@@ -2,9 +2,10 @@
 
 The nodes are written as libxl's device_disk_add writes them (one transaction); the script's
 Attach then gets that same export (one loop device, one held fd). A pre-attach no script claims
-is released when its backend goes or after --pre-attach-claim seconds; a backend for another
-script is left alone. libxl's removal (online = 0) detaches an Attach export before the script's
-`remove`, whose Detach then finds nothing (NotFound, which the script takes as success).
+is released when its backend goes or after --pre-attach-claim seconds, a claimed one when its
+backend goes without a Detach (after a grace); a backend for another script is left alone.
+libxl's removal (online = 0) detaches an Attach export before the script's `remove`, whose
+Detach then finds nothing (NotFound, which the script takes as success).
 Runs as root against the real stack; policyd runs as user blockbroker.
 """
 
@@ -107,6 +108,37 @@ def test_frontend_subtree_removed_releases_every_pre_attach(stack: Stack, api: A
     be_b = write_libxl_vbd(stack, 2, XVDB, str(b))
     wait_for("both pre-attaches", lambda: len(held_block_fds(stack)) == 2)
     for be in (be_a, be_b):
+        fe = stack.xs_read(f"{be}/frontend")
+        assert fe is not None
+        stack.xs_rm(fe)
+    stack.xs_rm("/local/domain/0/backend/vbd/2")  # the whole frontend's dir at once
+    wait_for("the release", lambda: not held_block_fds(stack))
+    assert loops_released(a) and loops_released(b)
+    assert_clean(stack, a, b)
+
+
+def test_a_claimed_export_whose_backend_goes_without_a_detach_is_released(
+    stack: Stack, api: Api
+) -> None:
+    """libxl deletes the backend after a `remove` that failed or was killed (or never reached
+    policyd): no Detach comes, and after the grace policyd detaches the export itself."""
+    image = stack.make_image("orphan.img")
+    be = write_libxl_vbd(stack, 1, XVDA, str(image))
+    [export] = [str(api.ok("Attach", "s", [be]))]  # claimed: no claim deadline
+    assert exports_at(api, be) == [export]
+    remove_libxl_vbd(stack, be)
+    wait_for("the release", lambda: not held_block_fds(stack) and loops_released(image))
+    assert exports_at(api, be) == []
+    assert api.err("Detach", "s", [be]) == "NotFound"  # the script takes it as success
+    assert_clean(stack, image)
+
+
+def test_claimed_exports_of_a_removed_frontend_subtree_are_released(stack: Stack, api: Api) -> None:
+    a, b = stack.make_image("orphan-a.img"), stack.make_image("orphan-b.img")
+    be_a = write_libxl_vbd(stack, 2, XVDA, str(a))
+    be_b = write_libxl_vbd(stack, 2, XVDB, str(b))
+    for be in (be_a, be_b):
+        api.ok("Attach", "s", [be])
         fe = stack.xs_read(f"{be}/frontend")
         assert fe is not None
         stack.xs_rm(fe)

@@ -53,6 +53,10 @@ PRE_ATTACH_SCRIPT = "blockbroker-block"
 # how long a pre-attached export waits for its script's Attach before it is released: libxl
 # spawns the script within its device-init timeout (10 s) of writing the nodes
 DEFAULT_CLAIM_S = 60.0
+# an Attach export whose backend dir is gone with no Detach (libxl deletes the dir after a
+# `remove` that failed or was killed, or the script never ran) is detached after this long: a
+# Detach that comes right after the deletion still gets its own answer
+GONE_GRACE_S = 2.0
 # an fd kept after a commit of unknown outcome is resolved once XenStore answers again: first
 # try after RESOLVE_FIRST_S (the dropped connection's commit, if xenstored got it, is applied
 # by then), pauses doubling up to RESOLVE_MAX_PAUSE_S, given up after RESOLVE_WAIT_S (the fd
@@ -117,6 +121,8 @@ class Exporter:
         # when a pre-attach's trio commit was sent (time.monotonic()), until its claim
         self._checked_at: dict[str, float] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        # Attach exports whose backend dir may be gone: backend path -> check timer
+        self._gone_checks: dict[str, asyncio.TimerHandle] = {}
         self._resolving: set[asyncio.Task[str]] = set()  # fds kept after unknown commits
         self._lock = asyncio.Lock()
 
@@ -124,7 +130,7 @@ class Exporter:
         for task in self._resolving:
             task.cancel()  # their fds stay in the store: the next start reconciles them
         self.backends.stop()
-        for handle in self.unclaimed.values():
+        for handle in [*self.unclaimed.values(), *self._gone_checks.values()]:
             handle.cancel()
         self.frontends.stop()
         self.custody.close_all()
@@ -459,8 +465,11 @@ class Exporter:
             await self.release_unclaimed(be_dir, "its backend was removed", only_if_gone=True)
         record = self.registry.by_backend_path(be_dir)
         if record is not None:
-            if flags & ONLINE and not record.wrote_vbd:
-                await self._detach_offline(record)
+            if not record.wrote_vbd:
+                if flags & AT_DIR:
+                    self._check_gone_later(be_dir)
+                if flags & ONLINE:
+                    await self._detach_offline(record)
             return  # claimed, or an Export's vbd
         if not flags & AT_DIR:
             return  # only a new backend (libxl makes its dir) is pre-attached, not one whose
@@ -470,10 +479,47 @@ class Exporter:
         except errors.InvalidArgument:
             return  # not a disk's backend path (a devid that is no vbd's)
 
-    async def _subtree_event(self) -> None:
-        """An event on the tree's root or a frontend's dir: whole backends may be gone."""
+    async def _subtree_event(self, path: str) -> None:
+        """An event on the tree's root (also the watch's first event, after reconciliation) or
+        on a frontend's dir: whole backends below `path` may be gone."""
         for be_path in list(self.unclaimed):
             await self.release_unclaimed(be_path, "its backend was removed", only_if_gone=True)
+        for record in list(self.registry):
+            if not record.wrote_vbd and record.backend_path.startswith(path + "/"):
+                self._check_gone_later(record.backend_path)
+
+    def _check_gone_later(self, be_path: str) -> None:
+        if be_path not in self._gone_checks:
+            self._gone_checks[be_path] = asyncio.get_running_loop().call_later(
+                GONE_GRACE_S, self._gone_check_due, be_path
+            )
+
+    def _gone_check_due(self, be_path: str) -> None:
+        del self._gone_checks[be_path]
+        task = asyncio.get_running_loop().create_task(self._release_gone(be_path))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_gone(self, be_path: str) -> None:
+        """Detach the Attach export at `be_path` if its backend dir no longer exists: no
+        script's Detach came (libxl deletes the dir after a `remove` that failed or was
+        killed, and policyd may have been away when it ran). blkback lets go of a device when
+        its backend goes; the loop device is freed on its last close."""
+        try:
+            async with self._lock:
+                record = self.registry.by_backend_path(be_path)
+                if record is None or record.wrote_vbd or await self.xenstore.exists(be_path):
+                    return  # detached, or there (re-created: its Attach replaces the export)
+                self._claim(be_path)
+                logfmt.warning(
+                    "backend removed without a Detach; detaching its export",
+                    export=record.object_path,
+                    backend=be_path,
+                )
+                await self._detach(record)
+        except errors.PolicydError as e:
+            logfmt.warning("detaching the export of a removed backend failed", backend=be_path,
+                           error=e)  # fmt: skip
 
     async def _detach_offline(self, record: ExportRecord) -> None:
         """libxl began removing an Attach export's backend (online = 0): its Detach, now."""

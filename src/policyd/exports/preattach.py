@@ -20,6 +20,8 @@ The same watch starts the Detach of libxl's remove: libxl begins it by writing `
 `remove` (whose failure it ignores) and deletes the backend. An Attach export whose backend's
 `online` turns 0 is detached then, so the script's Detach finds it done (NotFound: success).
 The loop device stays bound while blkback still holds it (AUTOCLEAR frees it on the last close).
+An Attach export whose backend dir goes with no Detach at all (libxl deletes it after a `remove`
+that failed or was killed) is detached after a short grace (exporter, `_release_gone`).
 
 Events: a watch on the tree fires for every node written below it (libxl's nodes, policyd's own
 trio, blkback's state): each is reduced to its backend directory, deduplicated, and handled by
@@ -45,19 +47,19 @@ BackendHandler = Callable[[str, int], Awaitable[None]]
 class BackendWatch:
     """One XenStore watch on /local/domain/<backend>/backend/vbd. Events below a backend dir go
     to `on_backend(dir, flags)`; events on the root or a frontend's dir (a whole subtree
-    removed) to `on_subtree()`."""
+    removed) to `on_subtree(path)`."""
 
     def __init__(
         self,
         backend_domid: int,
         on_backend: BackendHandler,
-        on_subtree: Callable[[], Awaitable[None]],
+        on_subtree: Callable[[str], Awaitable[None]],
     ) -> None:
         self.root = f"/local/domain/{backend_domid}/backend/vbd"
         self._on_backend = on_backend
         self._on_subtree = on_subtree
         self._dirty: dict[str, int] = {}  # backend dir -> AT_DIR | ONLINE bits
-        self._subtree = False
+        self._subtrees: set[str] = set()
         self._sweep_task: asyncio.Task[None] | None = None
         self._overflowed = False
 
@@ -70,7 +72,10 @@ class BackendWatch:
             return  # a sibling such as .../backend/vbd2
         parts = rest.split("/", 3)[1:]  # [fe, devid, node]
         if len(parts) < 2:
-            self._subtree = True
+            if len(parts) == 1 and not (parts[0].isdecimal() and len(parts[0]) < 6):
+                return
+            if len(self._subtrees) < MAX_PENDING:
+                self._subtrees.add(path)
         else:
             fe, devid = parts[0], parts[1]
             if not (fe.isdecimal() and devid.isdecimal() and len(fe) < 6 and len(devid) < 10):
@@ -87,14 +92,13 @@ class BackendWatch:
             self._sweep_task = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        while self._dirty or self._subtree:
+        while self._dirty or self._subtrees:
             try:
                 if self._dirty:
                     be_dir = next(iter(self._dirty))
                     await self._on_backend(be_dir, self._dirty.pop(be_dir))
                 else:
-                    self._subtree = False
-                    await self._on_subtree()
+                    await self._on_subtree(self._subtrees.pop())
             except errors.PolicydError as e:
                 # the script's own Attach runs the same steps and reports this to libxl
                 logfmt.info("no pre-attach", error=e)
