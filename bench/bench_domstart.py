@@ -4,7 +4,9 @@ Xen's stock `block` hotplug script and through blockbroker's `blockbroker-block`
 Runs as root on the host (measurement only, never a pass/fail test): boots the lab once
 (xenlab/run.sh domstart) and reads its `XENLAB BENCH domstart` lines. Per variant it reports the
 median `xl create -p` time; the per-disk cost is (median(4 disks) - median(no disks)) / 4, since
-libxl returns only when every disk's hotplug script has finished. See docs/benchmarks.md.
+libxl returns only when every disk's hotplug script has finished. It also reports where dom0's
+CPU went during the creates (policyd, the broker, xenstored, dbus-daemon, all of dom0's busy
+time), from the scenario's `domstart-cpu` lines. See docs/benchmarks.md.
 
     bench/bench_domstart.py [--reps N] [--variants none,stock,blockbroker,blockbroker_nopre]
     (blockbroker_nopre: the same script under another name, which policyd does not pre-attach)
@@ -27,6 +29,10 @@ BENCH_LINE = re.compile(
     r"^XENLAB BENCH domstart variant=(?P<variant>\w+) rep=(?P<rep>\d+) "
     r"(?:create_ms=(?P<ms>\d+) disks=\d+|error=(?P<error>\S+))"
 )
+CPU_LINE = re.compile(
+    r"^XENLAB BENCH domstart-cpu variant=(?P<variant>\w+) rep=\d+ (?P<fields>.*)$"
+)
+CPU_FIELDS = ("policyd", "broker", "xenstored", "dbus", "busy")
 
 
 def default_variants() -> str:
@@ -54,7 +60,15 @@ def main(argv: list[str]) -> int:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     times: dict[str, list[int]] = {v: [] for v in variants}
     errors: list[str] = []
+    cpu: dict[str, dict[str, list[int]]] = {v: {f: [] for f in CPU_FIELDS} for v in variants}
     for line in proc.stdout.splitlines():
+        cpu_match = CPU_LINE.match(line.strip())
+        if cpu_match and cpu_match["variant"] in cpu:
+            for field in cpu_match["fields"].split():
+                name, _, value = field.partition("=")
+                if name in CPU_FIELDS and value.lstrip("-").isdecimal():
+                    cpu[cpu_match["variant"]][name].append(int(value))
+            continue
         match = BENCH_LINE.match(line.strip())
         if not match:
             continue
@@ -89,8 +103,29 @@ def main(argv: list[str]) -> int:
         speedup = per_disk["stock"] / per_disk["blockbroker_nopre"]
         result["per_disk_speedup_no_pre_attach"] = round(speedup, 2)
         print(f"per-disk speedup (stock / blockbroker without pre-attach): {speedup:.2f}x")
+    report_cpu(cpu, result)
     print("BENCH_RESULT " + json.dumps(result, sort_keys=True), flush=True)
     return 0
+
+
+def report_cpu(cpu: dict[str, dict[str, list[int]]], result: dict[str, object]) -> None:
+    """Where dom0's CPU went: per variant, the median CPU ms of each daemon during a create,
+    and per disk, (median - the no-disk median) / 4."""
+    medians = {
+        v: {f: statistics.median(ts) for f, ts in fields.items() if ts} for v, fields in cpu.items()
+    }
+    base = medians.get("none", {})
+    for variant, fields in medians.items():
+        if not fields:
+            continue
+        result[f"{variant}_cpu_median_ms"] = fields
+        row = "  ".join(f"{f} {fields[f]:6.0f}" for f in CPU_FIELDS if f in fields)
+        print(f"{variant:12} dom0 CPU ms per create (median): {row}")
+        if variant != "none" and base:
+            per_disk = {f: round((fields[f] - base[f]) / DISKS, 1) for f in fields if f in base}
+            result[f"{variant}_cpu_per_disk_ms"] = per_disk
+            row = "  ".join(f"{f} {ms:6.1f}" for f, ms in per_disk.items())
+            print(f"{variant:12} dom0 CPU ms per disk: {row}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@
 # Per-disk cost = (median(variant) - median(none)) / 4. Paused guests keep the measurement
 # free of guest boot CPU (TCG runs everything on 2 host cores).
 # Prints: XENLAB BENCH domstart variant=<v> rep=<n> create_ms=<ms> disks=<n>
+# and where dom0's CPU went during that create (ms of CPU from /proc, 10 ms ticks):
+#   XENLAB BENCH domstart-cpu variant=<v> rep=<n> policyd=<ms> broker=<ms> xenstored=<ms>
+#     dbus=<ms> busy=<ms>  (busy: every CPU's non-idle time, kernel and xl included)
 . /run/xenlab/scenarios/lib.sh
 REPS=$(cat $RUN/domstart.reps 2>/dev/null || echo 5)
 DISKS="a b c d"
@@ -20,6 +23,20 @@ case " $VARIANTS " in *" blockbroker_nopre "*)
   cp /etc/xen/scripts/blockbroker-block /etc/xen/scripts/blockbroker-block-nopre ;; esac
 
 for d in $DISKS; do make_image $IMAGE_DIR/bench-$d.img "BENCH-$d" 4 >/dev/null; done
+
+# cpu_ticks: "policyd broker xenstored dbus busy", CPU ticks so far (processes by their comm; a
+# script started by a console entry point has its own name as comm)
+cpu_ticks() {
+  awk 'FILENAME == "/proc/stat" { if ($1 == "cpu") busy = $2 + $3 + $4 + $7 + $8 + $9; next }
+    { i = index($0, "("); j = 0; for (k = length($0); k > 0; k--) if (substr($0, k, 1) == ")") { j = k; break }
+      comm = substr($0, i + 1, j - i - 1); split(substr($0, j + 2), f, " "); t = f[12] + f[13]
+      if (comm ~ /^blockbroker-pol/) p += t; else if (comm ~ /^blockbroker-bro/) b += t
+      else if (comm ~ /xenstored/) x += t; else if (comm == "dbus-daemon") d += t }
+    END { printf "%d %d %d %d %d\n", p, b, x, d, busy }' /proc/stat /proc/[0-9]*/stat 2>/dev/null
+}
+cpu_line() {  # cpu_line VARIANT REP "BEFORE": the domstart-cpu line for the ticks since BEFORE
+  echo "$3 $(cpu_ticks)" | awk -v v=$1 -v r=$2 '{ printf "XENLAB BENCH domstart-cpu variant=%s rep=%s policyd=%d broker=%d xenstored=%d dbus=%d busy=%d\n", v, r, ($6-$1)*10, ($7-$2)*10, ($8-$3)*10, ($9-$4)*10, ($10-$5)*10 }'
+}
 
 run_variant() {  # run_variant VARIANT REP: one timed create and its destroy
   variant=$1; rep=$2; spec=""; n=0
@@ -32,10 +49,13 @@ run_variant() {  # run_variant VARIANT REP: one timed create and its destroy
     done
   fi
   name=bench-$variant-$rep
+  ticks0=$(cpu_ticks)
   t0=$(now)
   if guest_create $name "$spec" "" -p; then
     ms=$(elapsed_ms $t0)
+    cpu=$(cpu_line $variant $rep "$ticks0")
     echo "XENLAB BENCH domstart variant=$variant rep=$rep create_ms=$ms disks=$n" | tee -a $RUN/results
+    echo "$cpu" | tee -a $RUN/results
   else
     echo "XENLAB BENCH domstart variant=$variant rep=$rep error=create-failed" | tee -a $RUN/results
     tail -5 $RUN/xl-create-$name.log
