@@ -8,8 +8,9 @@ libxl returns only when every disk's hotplug script has finished. It also report
 CPU went during the creates (policyd, the broker, xenstored, dbus-daemon, all of dom0's busy
 time), from the scenario's `domstart-cpu` lines. See docs/benchmarks.md.
 
-    bench/bench_domstart.py [--reps N] [--variants none,stock,blockbroker,blockbroker_nopre]
-    (blockbroker_nopre: the same script under another name, which policyd does not pre-attach)
+    bench/bench_domstart.py [--reps N] [--variants none,stock,blockbroker,blockbroker_nopre,floor]
+    (blockbroker_nopre: the same script under another name, which policyd does not pre-attach;
+    floor: a static script that only exits 0, the cost of a disk with no hotplug work at all)
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> int:
         result[f"{variant}_create_median_ms"] = medians[variant]
         print(f"{variant:12} xl create -p median {medians[variant]:8.0f} ms  runs {ts}")
     per_disk: dict[str, float] = {}
-    for variant in ("stock", "blockbroker", "blockbroker_nopre"):
+    for variant in ("stock", "blockbroker", "blockbroker_nopre", "floor"):
         if variant in medians and "none" in medians:
             per_disk[variant] = (medians[variant] - medians["none"]) / DISKS
             result[f"{variant}_per_disk_ms"] = round(per_disk[variant], 1)
@@ -103,9 +104,34 @@ def main(argv: list[str]) -> int:
         speedup = per_disk["stock"] / per_disk["blockbroker_nopre"]
         result["per_disk_speedup_no_pre_attach"] = round(speedup, 2)
         print(f"per-disk speedup (stock / blockbroker without pre-attach): {speedup:.2f}x")
+    if per_disk.get("floor", 0) > 0 and "stock" in per_disk:
+        bound = per_disk["stock"] / per_disk["floor"]
+        result["per_disk_speedup_bound"] = round(bound, 2)
+        print(f"bound (stock / floor: a script that only exits 0): {bound:.2f}x")
+    report_paired(times, result)
     report_cpu(cpu, result)
     print("BENCH_RESULT " + json.dumps(result, sort_keys=True), flush=True)
     return 0
+
+
+def report_paired(times: dict[str, list[int]], result: dict[str, object]) -> None:
+    """Per disk, paired by round: the median of (this round's create - this round's create
+    with no disks) / 4. The rounds are interleaved, so this follows the lab's drifting load
+    better than a difference of two medians; the ratios to Xen's `block` from it."""
+    if "none" not in times:
+        return
+    paired: dict[str, float] = {}
+    for variant, ts in times.items():
+        if variant != "none" and len(ts) == len(times["none"]):
+            diffs = [t - base for t, base in zip(ts, times["none"], strict=True)]
+            paired[variant] = statistics.median(diffs) / DISKS
+            result[f"{variant}_per_disk_paired_ms"] = round(paired[variant], 1)
+            print(f"{variant:12} per disk, paired by round {paired[variant]:8.1f} ms")
+    for variant, ms in paired.items():
+        if variant != "stock" and ms > 0 and "stock" in paired:
+            ratio = paired["stock"] / ms
+            result[f"{variant}_speedup_paired"] = round(ratio, 2)
+            print(f"paired per-disk ratio stock / {variant}: {ratio:.2f}x")
 
 
 def report_cpu(cpu: dict[str, dict[str, list[int]]], result: dict[str, object]) -> None:

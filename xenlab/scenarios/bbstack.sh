@@ -9,10 +9,14 @@
 #   policyd      as user blockbroker (no supplementary groups) against this dom0's xenstored
 #                (its socket handed to group blockbroker) and the real sysfs (xen-blkback);
 #                the export policy is the project's default (policy/policy.d, via the run dir);
-#                its block socket at /run/blockbroker-policyd/block.sock (the script's default)
+#                its block socket at /run/blockbroker-policyd/block.sock (the script's default);
+#                more arguments from `-p bb.policyd_args=...` (e.g. --pre-attach-claim 0)
 # libxl runs hotplug scripts from dom0's own /etc/xen/scripts: blockbroker-block, a static
 # binary, is installed there itself (no chroot), and finds the bus at /run/dbus, dom0's /run.
 BB_DIR=/run/xenlab-bb
+# where policyd's and the broker's logs go: the run directory (9p, the host sees them live),
+# or dom0's tmpfs for the domstart benchmark (no 9p write in the timed path; copied after)
+BB_LOG_DIR=${BB_LOG_DIR:-$RUN}
 
 bb_wait() {  # bb_wait WHAT SECONDS COMMAND...: poll until COMMAND succeeds
   what=$1; deadline=$(awk -v t="$(now)" -v s="$2" 'BEGIN {print t + s}'); shift 2
@@ -45,7 +49,7 @@ bb_has_name() {
 
 bb_broker_listening() { [ -S $BB_DIR/broker.sock ]; }
 
-# bb_policyd_start: start policyd (its log appended to $RUN/policyd.log) and wait for its name.
+# bb_policyd_start: start policyd (its log appended to $BB_LOG_DIR/policyd.log) and wait for its name.
 # Its block socket is where the packaged unit puts it (RuntimeDirectory=, 0700), the block
 # script's default BLOCKBROKER_BLOCK_SOCKET: the script finds it without being told.
 bb_policyd_start() {
@@ -54,10 +58,10 @@ bb_policyd_start() {
   (in_host setsid setpriv --reuid=blockbroker --regid=blockbroker --clear-groups \
     /usr/bin/env PYTHONUNBUFFERED=1 $VENV/bin/blockbroker-policyd \
     --broker-socket $BB_DIR/broker.sock --sysfs-root /sys --policy-dir $RUN/policy.d \
-    --block-socket /run/blockbroker-policyd/block.sock \
-    >>$RUN/policyd.log 2>&1 &)
+    --block-socket /run/blockbroker-policyd/block.sock $(cat $RUN/bb.policyd_args 2>/dev/null) \
+    >>$BB_LOG_DIR/policyd.log 2>&1 &)
   bb_wait "policyd to own org.qubes.BlockBroker1" 120 bb_has_name || {
-    tail -20 $RUN/policyd.log >&2; return 1
+    tail -20 $BB_LOG_DIR/policyd.log >&2; return 1
   }
 }
 
@@ -85,10 +89,10 @@ bb_policyd_restart() {
   kill -KILL $pid
   bb_wait "policyd ($pid) to die" 30 bb_dead $pid || return 1
   bb_wait "the bus to drop policyd's name" 30 eval "! bb_has_name" || return 1
-  echo "bbstack: policyd $pid killed (SIGKILL); starting it again" >>$RUN/policyd.log
+  echo "bbstack: policyd $pid killed (SIGKILL); starting it again" >>$BB_LOG_DIR/policyd.log
   bb_policyd_start || return 1
   BB_RESTART_MS=$(elapsed_ms $t_restart)
-  BB_RECONCILED=$(grep 'msg=reconciled ' $RUN/policyd.log | tail -1 | sed 's/.*msg=reconciled //')
+  BB_RECONCILED=$(grep 'msg=reconciled ' $BB_LOG_DIR/policyd.log | tail -1 | sed 's/.*msg=reconciled //')
 }
 
 # bb_stack_start: start the three daemons; returns non-zero (and says why) if one did not come up
@@ -106,11 +110,11 @@ bb_stack_start() {
     >$BB_DIR/broker.toml
   chmod 0644 $BB_DIR/broker.toml
   (in_host setsid $VENV/bin/blockbroker-broker --config $BB_DIR/broker.toml \
-    --socket $BB_DIR/broker.sock >$RUN/broker.log 2>&1 &)
+    --socket $BB_DIR/broker.sock >$BB_LOG_DIR/broker.log 2>&1 &)
   bb_wait "the broker's socket" 60 bb_broker_listening || return 1
   # policyd needs XenStore: the socket goes to its group, as a packaged dom0 would set it up
   in_host chgrp blockbroker /run/xenstored/socket && chmod 0660 /run/xenstored/socket
-  : >$RUN/policyd.log
+  : >$BB_LOG_DIR/policyd.log
   bb_policyd_start || return 1
   # the hotplug script is a static binary: installed into dom0's own /etc/xen/scripts as a
   # package would, no chroot; it reaches the stack's bus at /run/dbus (the chroot's /run is

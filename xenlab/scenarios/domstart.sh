@@ -8,6 +8,12 @@
 #   blockbroker  4 file-backed disks through script=blockbroker-block (when the stack is up)
 #   blockbroker_nopre  the same script installed as blockbroker-block-nopre: policyd does not
 #                pre-attach for that name, so the script's own Attach does all the work
+#   floor        4 disks whose hotplug script is a static program that only exits 0: libxl's,
+#                xenstored's and the kernel's share of a disk with no hotplug work at all (the
+#                backends never get a device; libxl does not wait for one). No script can cost
+#                less; a bound on any script's ratio to Xen's `block`
+# xl's -vvv log and policyd's and the broker's logs go to dom0's tmpfs (copied to $RUN after),
+# not through 9p: a real dom0 logs to its own disk or journald.
 # Per-disk cost = (median(variant) - median(none)) / 4. Paused guests keep the measurement
 # free of guest boot CPU (TCG runs everything on 2 host cores).
 # Prints: XENLAB BENCH domstart variant=<v> rep=<n> create_ms=<ms> disks=<n>
@@ -18,10 +24,17 @@
 REPS=$(cat $RUN/domstart.reps 2>/dev/null || echo 5)
 DISKS="a b c d"
 VARIANTS=$(cat $RUN/domstart.variants 2>/dev/null || echo "none stock")
+BB_LOG_DIR=/run/xenlab-bb-logs; mkdir -p $BB_LOG_DIR
 case " $VARIANTS " in *" blockbroker"*) . $RUN/scenarios/bbstack.sh; bb_stack_start ;; esac
 case " $VARIANTS " in *" blockbroker_nopre "*)
   cp /etc/xen/scripts/blockbroker-block /etc/xen/scripts/blockbroker-block-nopre ;; esac
 
+case " $VARIANTS " in *" floor "*)
+  printf 'int main(void) { return 0; }\n' >/run/xenlab-floor.c
+  in_host gcc -static -Os -o /run/xenlab-floor /run/xenlab-floor.c &&
+    cp /run/xenlab-floor /etc/xen/scripts/floor-block || echo "domstart: cannot build floor" >&2 ;;
+esac
+XL_LOG_DIR=/tmp/xl-logs; mkdir -p $XL_LOG_DIR
 for d in $DISKS; do make_image $IMAGE_DIR/bench-$d.img "BENCH-$d" 4 >/dev/null; done
 
 # cpu_ticks: "policyd broker xenstored dbus busy", CPU ticks so far (processes by their comm; a
@@ -44,6 +57,7 @@ run_variant() {  # run_variant VARIANT REP: one timed create and its destroy
     for d in $DISKS; do
       script=""; [ "$variant" = blockbroker ] && script="script=blockbroker-block, "
       [ "$variant" = blockbroker_nopre ] && script="script=blockbroker-block-nopre, "
+      [ "$variant" = floor ] && script="script=floor-block, "
       spec="$spec;format=raw, vdev=xvd$d, access=ro, ${script}target=$IMAGE_DIR/bench-$d.img"
       n=$((n + 1))
     done
@@ -60,9 +74,17 @@ run_variant() {  # run_variant VARIANT REP: one timed create and its destroy
     echo "XENLAB BENCH domstart variant=$variant rep=$rep error=create-failed" | tee -a $RUN/results
     tail -5 $RUN/xl-create-$name.log
   fi
+  mv $XL_LOG_DIR/xl-create-$name.log $RUN/ 2>/dev/null
   xl destroy $name 2>/dev/null
   i=0; while [ "$(loop_count)" != 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 }
+# -p domstart.pyspy=PATH (py-spy in the host's root): sample policyd through all rounds into
+# $RUN/policyd.pyspy (collapsed stacks, for a flame graph); it perturbs the timings
+PYSPY=$(cat $RUN/domstart.pyspy 2>/dev/null)
+if [ -n "$PYSPY" ] && [ -n "$(command -v bb_policyd_pid)" ]; then
+  (in_host $PYSPY record --nonblocking --rate 20 --format raw -o $RUN/policyd.pyspy \
+    --pid $(bb_policyd_pid) >$RUN/pyspy.log 2>&1 &)
+fi
 # interleaved: one create of each variant per round, so the lab's drifting load (TCG on shared
 # host cores) hits every variant alike
 rep=1
@@ -70,3 +92,7 @@ while [ $rep -le $REPS ]; do
   for variant in $VARIANTS; do run_variant $variant $rep; done
   rep=$((rep + 1))
 done
+if [ -n "$PYSPY" ]; then
+  pkill -INT -f "py-spy record"; wait_until 120 eval '! pgrep -f "py-spy record"'
+fi
+cp $BB_LOG_DIR/*.log $RUN/ 2>/dev/null || :

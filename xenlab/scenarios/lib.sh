@@ -74,7 +74,7 @@ on_poweroff = "destroy"
 on_crash = "destroy"
 EOF
   rm -f $CONSOLE_DIR/guest-$name.log
-  xl -vvv -t create "$@" /tmp/$name.cfg >$RUN/xl-create-$name.log 2>&1
+  xl -vvv -t create "$@" /tmp/$name.cfg >${XL_LOG_DIR:-$RUN}/xl-create-$name.log 2>&1
 }
 
 guest_console() { cat $CONSOLE_DIR/guest-$1.log 2>/dev/null | tr -d '\r'; }
