@@ -78,13 +78,6 @@ run_variant() {  # run_variant VARIANT REP: one timed create and its destroy
   xl destroy $name 2>/dev/null
   i=0; while [ "$(loop_count)" != 0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 }
-# -p domstart.pyspy=PATH (py-spy in the host's root): sample policyd through all rounds into
-# $RUN/policyd.pyspy (collapsed stacks, for a flame graph); it perturbs the timings
-PYSPY=$(cat $RUN/domstart.pyspy 2>/dev/null)
-if [ -n "$PYSPY" ] && [ -n "$(command -v bb_policyd_pid)" ]; then
-  (in_host $PYSPY record --nonblocking --rate 20 --format raw -o $RUN/policyd.pyspy \
-    --pid $(bb_policyd_pid) >$RUN/pyspy.log 2>&1 &)
-fi
 # interleaved: one create of each variant per round, so the lab's drifting load (TCG on shared
 # host cores) hits every variant alike
 rep=1
@@ -92,7 +85,4 @@ while [ $rep -le $REPS ]; do
   for variant in $VARIANTS; do run_variant $variant $rep; done
   rep=$((rep + 1))
 done
-if [ -n "$PYSPY" ]; then
-  pkill -INT -f "py-spy record"; wait_until 120 eval '! pgrep -f "py-spy record"'
-fi
 cp $BB_LOG_DIR/*.log $RUN/ 2>/dev/null || :
