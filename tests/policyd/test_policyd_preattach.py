@@ -11,6 +11,9 @@ Runs as root against the real stack; policyd runs as user blockbroker.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -68,6 +71,42 @@ def test_pre_attach_then_the_scripts_attach_gets_it(stack: Stack, api: Api) -> N
     props = api.props(pre)
     assert stack.xs_read(f"{be}/physical-device") == f"{props['Major']:x}:{props['Minor']:x}"
 
+    api.ok("Detach", "s", [be])
+    remove_libxl_vbd(stack, be)
+    assert_clean(stack, image)
+
+
+def test_the_scripts_add_during_the_pre_attach_gets_that_export(stack: Stack, api: Api) -> None:
+    """The broker is stopped, so the pre-attach waits in its open, holding the exporter's lock;
+    the script's `add` comes then and waits for it. The pre-attach's commit is sent after the
+    request came, so the script gets that export without reading the nodes again (the claim
+    without a re-read): one export, one loop device, the device XenStore names, and claimed
+    (the claim deadline no longer applies)."""
+    image = stack.make_image("during.img", content=b"DURING")
+    broker = stack.daemons["broker"].pid
+    script = str(stack.config.venv / "bin/blockbroker-block")
+    os.kill(broker, signal.SIGSTOP)
+    try:
+        be = write_libxl_vbd(stack, 1, XVDA, str(image))
+        env = {
+            **stack.env(),
+            "XENBUS_PATH": be,
+            "XENBUS_TYPE": "vbd",
+            "XENBUS_BASE_PATH": "backend",
+        }
+        time.sleep(0.5)  # the pre-attach is in the broker's open
+        assert stack.xs_read(f"{be}/physical-device") is None
+        add = subprocess.Popen([script, "add"], env=env, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # the script's Attach waits for the lock
+    finally:
+        os.kill(broker, signal.SIGCONT)
+    assert add.wait(timeout=30) == 0, add.communicate()[1]
+    [export] = exports_at(api, be)
+    assert len(loops_of(image)) == 1 and len(held_block_fds(stack)) == 1
+    props = api.props(export)
+    assert stack.xs_read(f"{be}/physical-device") == f"{props['Major']:x}:{props['Minor']:x}"
+    time.sleep(CLAIM_S + 0.5)  # claimed by the script's Attach: not released
+    assert exports_at(api, be) == [export]
     api.ok("Detach", "s", [be])
     remove_libxl_vbd(stack, be)
     assert_clean(stack, image)
