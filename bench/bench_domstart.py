@@ -39,7 +39,7 @@ CPU_FIELDS = ("policyd", "broker", "xenstored", "dbus", "busy")
 def default_variants() -> str:
     """blockbroker's variant only once its hotplug script is installed (`make install`)."""
     installed = Path("/opt/blockbroker/venv/bin/blockbroker-block").exists()
-    return "none,stock,blockbroker" if installed else "none,stock"
+    return "none,floor,stock,blockbroker" if installed else "none,floor,stock"
 
 
 def main(argv: list[str]) -> int:
