@@ -141,21 +141,6 @@ def test_backend_removed_before_the_script_releases_everything(stack: Stack, api
     assert_clean(stack, image)
 
 
-def test_frontend_subtree_removed_releases_every_pre_attach(stack: Stack, api: Api) -> None:
-    a, b = stack.make_image("sub-a.img"), stack.make_image("sub-b.img")
-    be_a = write_libxl_vbd(stack, 2, XVDA, str(a))
-    be_b = write_libxl_vbd(stack, 2, XVDB, str(b))
-    wait_for("both pre-attaches", lambda: len(held_block_fds(stack)) == 2)
-    for be in (be_a, be_b):
-        fe = stack.xs_read(f"{be}/frontend")
-        assert fe is not None
-        stack.xs_rm(fe)
-    stack.xs_rm("/local/domain/0/backend/vbd/2")  # the whole frontend's dir at once
-    wait_for("the release", lambda: not held_block_fds(stack))
-    assert loops_released(a) and loops_released(b)
-    assert_clean(stack, a, b)
-
-
 def test_a_claimed_export_whose_backend_goes_without_a_detach_is_released(
     stack: Stack, api: Api
 ) -> None:
@@ -172,16 +157,24 @@ def test_a_claimed_export_whose_backend_goes_without_a_detach_is_released(
     assert_clean(stack, image)
 
 
-def test_claimed_exports_of_a_removed_frontend_subtree_are_released(stack: Stack, api: Api) -> None:
-    a, b = stack.make_image("orphan-a.img"), stack.make_image("orphan-b.img")
+@pytest.mark.parametrize("claimed", [False, True], ids=["pre-attached", "claimed"])
+def test_a_removed_frontend_subtree_releases_its_exports(
+    stack: Stack, api: Api, claimed: bool
+) -> None:
+    """The whole frontend's dir removed at once: pre-attaches no script claimed are released,
+    and claimed exports (no Detach came) after the grace."""
+    a, b = stack.make_image(f"sub-a-{claimed}.img"), stack.make_image(f"sub-b-{claimed}.img")
     be_a = write_libxl_vbd(stack, 2, XVDA, str(a))
     be_b = write_libxl_vbd(stack, 2, XVDB, str(b))
+    if claimed:
+        for be in (be_a, be_b):
+            api.ok("Attach", "s", [be])
+    wait_for("both exports", lambda: len(held_block_fds(stack)) == 2)
     for be in (be_a, be_b):
-        api.ok("Attach", "s", [be])
         fe = stack.xs_read(f"{be}/frontend")
         assert fe is not None
         stack.xs_rm(fe)
-    stack.xs_rm("/local/domain/0/backend/vbd/2")  # the whole frontend's dir at once
+    stack.xs_rm("/local/domain/0/backend/vbd/2")
     wait_for("the release", lambda: not held_block_fds(stack))
     assert loops_released(a) and loops_released(b)
     assert_clean(stack, a, b)
