@@ -20,8 +20,9 @@ The same watch starts the Detach of libxl's remove: libxl begins it by writing `
 `remove` (whose failure it ignores) and deletes the backend. An Attach export whose backend's
 `online` turns 0 is detached then, so the script's Detach finds it done (NotFound: success).
 The loop device stays bound while blkback still holds it (AUTOCLEAR frees it on the last close).
-An Attach export whose backend dir goes with no Detach at all (libxl deletes it after a `remove`
-that failed or was killed) is detached after a short grace (exporter, `_release_gone`).
+An Attach export whose backend dir goes with no Detach and no pre-detach (`online` = 0 came
+while policyd was away, or the dir was deleted without it) is detached after a short grace
+(exporter, `_release_gone`).
 
 Events: a watch on the tree fires for every node written below it (libxl's nodes, policyd's own
 trio, blkback's state): each is reduced to its backend directory, deduplicated, and handled by
